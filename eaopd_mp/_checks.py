@@ -1,0 +1,135 @@
+"""Argument checks shared by every entry point: clear errors before any work."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+def tensor(name: str, x: object, *, floating: bool = True, min_dim: int = 0) -> torch.Tensor:
+    """``x`` must be a tensor (floating point if asked) with at least ``min_dim`` dims."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dims, got shape {tuple(x.shape)}")
+    return x
+
+
+def options(temperature: object, reduction: object, chunk_size: object = None) -> float:
+    """Check temperature, reduction and chunk size; return the temperature as a float."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    temperature = float(temperature)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    return temperature
+
+
+def same_device(**tensors: torch.Tensor | None) -> None:
+    """All given tensors live on one device."""
+    devices = {k: v.device for k, v in tensors.items() if v is not None}
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{k} on {d}" for k, d in devices.items())
+        raise ValueError(f"all tensors must be on the same device, got {where}")
+
+
+def labels(x: object, token_shape: torch.Size) -> torch.Tensor | None:
+    """A 0/1 or float weight mask with the token shape, or None."""
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor or None, got {type(x).__name__}")
+    if x.is_complex():
+        raise TypeError(f"labels must be a real (0/1 or weight) mask, got dtype {x.dtype}")
+    if tuple(x.shape) != tuple(token_shape):
+        raise ValueError(
+            f"labels shape {tuple(x.shape)} != token shape {tuple(token_shape)} "
+            "(the logits' shape without the vocabulary dim)"
+        )
+    return x
+
+
+def logits_pair(student: object, teacher: object, name_t: str = "teacher_logits"):
+    """Student and teacher logits: floating tensors of one shape ``(..., V)``."""
+    tensor("student_logits", student, min_dim=1)
+    tensor(name_t, teacher, min_dim=1)
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student_logits shape {tuple(student.shape)} != {name_t} shape "
+            f"{tuple(teacher.shape)}"
+        )
+
+
+def linear(prefix: str, hidden: object, weight: object, bias: object) -> None:
+    """Hidden ``(..., H)``, weight ``(V, H)``, bias ``(V,)`` of one linear head."""
+    tensor(f"{prefix}_hidden", hidden, min_dim=1)
+    tensor(f"{prefix}_weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(
+            f"{prefix}_weight must be (vocab, hidden), got shape {tuple(weight.shape)}"
+        )
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{prefix}_hidden width {hidden.shape[-1]} (shape {tuple(hidden.shape)}) != "
+            f"{prefix}_weight width {weight.shape[1]} (shape {tuple(weight.shape)})"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(
+            f"{prefix}_hidden dtype {hidden.dtype} != {prefix}_weight dtype {weight.dtype}"
+        )
+    if bias is not None:
+        tensor(f"{prefix}_bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(
+                f"{prefix}_bias shape {tuple(bias.shape)} != ({weight.shape[0]},) "
+                f"(rows of {prefix}_weight)"
+            )
+
+
+def teacher_source(
+    teacher_hidden, teacher_weight, teacher_logits, teacher_bias, token_shape, vocab: int
+) -> None:
+    """The teacher is given as hidden + weight (+ bias) or as logits: exactly one."""
+    has_linear = teacher_hidden is not None or teacher_weight is not None
+    if has_linear and teacher_logits is not None:
+        raise ValueError("give the teacher as teacher_hidden + teacher_weight OR teacher_logits, "
+                         "not both")
+    if not has_linear and teacher_logits is None:
+        raise ValueError("the teacher is missing: give teacher_hidden + teacher_weight, "
+                         "or teacher_logits")
+    if teacher_logits is not None:
+        if teacher_bias is not None:
+            raise ValueError("teacher_bias only applies with teacher_hidden + teacher_weight")
+        tensor("teacher_logits", teacher_logits, min_dim=1)
+        want = (*token_shape, vocab)
+        if tuple(teacher_logits.shape) != want:
+            raise ValueError(
+                f"teacher_logits shape {tuple(teacher_logits.shape)} != {want} "
+                "(student token shape + student vocabulary)"
+            )
+        return
+    if teacher_hidden is None or teacher_weight is None:
+        raise ValueError("teacher_hidden and teacher_weight must be given together")
+    linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    if tuple(teacher_hidden.shape[:-1]) != tuple(token_shape):
+        raise ValueError(
+            f"teacher_hidden token shape {tuple(teacher_hidden.shape[:-1])} != student_hidden "
+            f"token shape {tuple(token_shape)}"
+        )
+    if teacher_weight.shape[0] != vocab:
+        raise ValueError(
+            f"teacher_weight vocab {teacher_weight.shape[0]} (shape "
+            f"{tuple(teacher_weight.shape)}) != student_weight vocab {vocab}"
+        )

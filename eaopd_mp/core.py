@@ -1,0 +1,237 @@
+"""The per-chunk maths every path shares, written once.
+
+For a chunk of ``n`` tokens whose student logits ``z`` and teacher logits ``y`` cover a
+set of vocabulary columns (the whole vocabulary on one device, a shard under tensor
+parallelism):
+
+1. :func:`partial_stats` reduces the columns to six numbers per token: the local
+   log-sum-exp of ``z/tau``, ``y/tau`` and ``y``, and the locally normalised sums
+   ``F = sum q_r (t_r - s_r)``, ``R = sum p_r (s_r - t_r)``, ``E = sum u_r exp(u_r)``.
+2. :func:`combine_stats` merges the partial statistics of ``k`` column sets (``k = 1``
+   on one device; the all-gathered shards under tensor parallelism) into the global
+   log-sum-exps, ``KL_fwd``, ``KL_rev`` and the teacher entropy ``H``, and applies the
+   gate (:func:`eaopd_mp.gates.gate_weights`).
+3. :func:`grad_logits` is the closed-form gradient with respect to the local student
+   logits, ``[a (p - q) + b p (s - t - KL_rev)] / tau``, scaled per token.
+
+Conventions: a column that is ``-inf`` for both student and teacher contributes nothing
+(no NaN); all maths is float32 whatever the input dtype. Derivation: docs in README.
+
+Per-token statistics are packed in a float32 ``(n, NSTATS)`` tensor, columns below.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from .gates import Gate, gate_weights
+
+# Columns of the packed per-token statistics returned by combine_stats.
+LSE_S, LSE_T, KL_FWD, KL_REV, ENTROPY, A, B = range(7)
+NSTATS = 7
+# Columns of partial_stats.
+_LS, _LT, _LU, _F, _R, _E = range(6)
+NPARTIAL = 6
+
+
+def _shifted(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x - max(x)`` over the last dim and the max; a row of all ``-inf`` gets max 0."""
+    m = x.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return x - m, m.squeeze(-1)
+
+
+def partial_stats(z: torch.Tensor, y: torch.Tensor, params: torch.Tensor,
+                  untempered: bool) -> torch.Tensor:
+    """Per-token statistics of one set of vocabulary columns.
+
+    Args:
+        z: ``(n, v)`` student logits, any float dtype.
+        y: ``(n, v)`` teacher logits, same shape.
+        params: float32 ``[1/tau, p1, p2]`` (see :func:`make_params`).
+        untempered: ``tau == 1`` (the gate's softmax is then the tempered teacher's).
+    Returns:
+        ``(n, 6)`` float32: ``[lse(z/tau), lse(y/tau), lse(y), F, R, E]`` where, with
+        ``s, t, u`` the log-softmax of ``z/tau, y/tau, y`` over these columns only,
+        ``F = sum q (t - s)``, ``R = sum p (s - t)``, ``E = sum exp(u) u``.
+        Columns with no finite logit give ``lse = -inf`` and sums 0.
+    """
+    torch._check(z.shape[0] == y.shape[0])
+    inv_tau = params[0]
+    dz, mz = _shifted(z.float() * inv_tau)
+    dy, my = _shifted(y.float() * inv_tau)
+    ez, ey = dz.exp(), dy.exp()
+    sz, sy = ez.sum(-1), ey.sum(-1)
+    log_sz, log_sy = sz.log(), sy.log()
+    zero = torch.zeros((), dtype=torch.float32, device=z.device)
+    # where(e > 0, ...) drops columns that are -inf here (0 * -inf would be NaN).
+    fwd = torch.where(ey > 0, ey * (dy - dz), zero).sum(-1) / sy - log_sy + log_sz
+    rev = torch.where(ez > 0, ez * (dz - dy), zero).sum(-1) / sz - log_sz + log_sy
+    if untempered:
+        du, mu, eu, su, log_su = dy, my, ey, sy, log_sy
+    else:
+        du, mu = _shifted(y.float())
+        eu = du.exp()
+        su = eu.sum(-1)
+        log_su = su.log()
+    ent = torch.where(eu > 0, eu * du, zero).sum(-1) / su - log_su
+    fwd = torch.where(sy > 0, fwd, zero)
+    rev = torch.where(sz > 0, rev, zero)
+    ent = torch.where(su > 0, ent, zero)
+    return torch.stack([mz + log_sz, my + log_sy, mu + log_su, fwd, rev, ent], dim=-1)
+
+
+def _lse_shards(lse: torch.Tensor) -> torch.Tensor:
+    """Log-sum-exp over dim 0 (the column sets); all ``-inf`` gives ``-inf``, not NaN."""
+    d, m = _shifted(lse.t())
+    return m + d.exp().sum(-1).log()
+
+
+def _log_share(lse: torch.Tensor, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Share ``pi_r = exp(lse_r - L)`` of each column set and ``log pi_r`` (0 where pi = 0)."""
+    log_pi = lse - total
+    pi = log_pi.exp()
+    return pi, torch.where(pi > 0, log_pi, torch.zeros_like(log_pi))
+
+
+def combine_stats(parts: torch.Tensor, params: torch.Tensor, kind: str) -> torch.Tensor:
+    """Merge the partial statistics of ``k`` column sets and apply the gate.
+
+    Args:
+        parts: ``(k, n, 6)`` float32, :func:`partial_stats` of each column set.
+        params: float32 ``[1/tau, p1, p2]``; kind: the gate.
+    Returns:
+        ``(n, 7)`` float32 ``[lse_s, lse_t, KL_fwd, KL_rev, H, a, b]``.
+    """
+    ls, lt, lu, fwd, rev, ent = parts.unbind(-1)
+    tot_s, tot_t, tot_u = (_lse_shards(x) for x in (ls, lt, lu))
+    pi_s, log_pi_s = _log_share(ls, tot_s)
+    pi_t, log_pi_t = _log_share(lt, tot_t)
+    pi_u, log_pi_u = _log_share(lu, tot_u)
+    kl_fwd = (pi_t * (fwd + log_pi_t - log_pi_s)).sum(0).clamp_min(0.0)
+    kl_rev = (pi_s * (rev + log_pi_s - log_pi_t)).sum(0).clamp_min(0.0)
+    entropy = (-(pi_u * (ent + log_pi_u)).sum(0)).clamp_min(0.0)
+    a, b = gate_weights(entropy, kind, params[1], params[2])
+    return torch.stack([tot_s, tot_t, kl_fwd, kl_rev, entropy, a, b], dim=-1)
+
+
+def token_loss(stats: torch.Tensor) -> torch.Tensor:
+    """``(n, 7)`` statistics -> ``(n,)`` per-token loss ``a * KL_fwd + b * KL_rev``."""
+    # 0 * inf is NaN: a weight of exactly 0 ignores an infinite divergence.
+    fwd = torch.where(stats[:, A] > 0, stats[:, A] * stats[:, KL_FWD], 0.0)
+    rev = torch.where(stats[:, B] > 0, stats[:, B] * stats[:, KL_REV], 0.0)
+    return fwd + rev
+
+
+def grad_logits(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    stats: torch.Tensor,
+    scale: torch.Tensor,
+    params: torch.Tensor,
+) -> torch.Tensor:
+    """Closed-form gradient of ``scale * L`` with respect to the student logits ``z``.
+
+    ``dL/dz = [a (p - q) + b p (s - t - KL_rev)] / tau`` on the columns held here, with
+    ``s, t`` the global log-softmax of ``z/tau`` and ``y/tau``.
+
+    Args:
+        z, y: ``(n, v)`` student and teacher logits (the columns held here).
+        stats: ``(n, 7)`` from :func:`combine_stats` (global over all columns).
+        scale: ``(n,)`` float32 per-token factor (mask weight x reduction x grad_output).
+        params: float32 ``[1/tau, p1, p2]``.
+    Returns:
+        ``(n, v)`` float32.
+    """
+    torch._check(z.shape[0] == y.shape[0])
+    torch._check(z.shape[0] == stats.shape[0])
+    torch._check(z.shape[0] == scale.shape[0])
+    inv_tau = params[0]
+    s = z.float() * inv_tau - stats[:, LSE_S, None]
+    t = y.float() * inv_tau - stats[:, LSE_T, None]
+    p, q = s.exp(), t.exp()
+    ca = (scale * stats[:, A] * inv_tau)[:, None]
+    cb = (scale * stats[:, B] * inv_tau)[:, None]
+    rev = torch.where(p > 0, p * (s - t - stats[:, KL_REV, None]), torch.zeros_like(p))
+    return ca * (p - q) + cb * rev
+
+
+def single_stats(z, y, params, kind: str, untempered: bool) -> torch.Tensor:
+    """One device, no gradient: ``(n, 7)`` statistics of a chunk."""
+    return combine_stats(partial_stats(z, y, params, untempered).unsqueeze(0), params, kind)
+
+
+def single_grad(z, y, scale, params, kind: str, untempered: bool):
+    """One device: ``(n, 7)`` statistics and the ``(n, v)`` gradient of a chunk."""
+    stats = single_stats(z, y, params, kind, untempered)
+    return stats, grad_logits(z, y, stats, scale, params)
+
+
+def shard_grad(z, y, parts, scale, params, kind: str):
+    """Column shards: combine the gathered ``(k, n, 6)`` partials, then the local gradient."""
+    torch._check(parts.shape[1] == z.shape[0])
+    stats = combine_stats(parts, params, kind)
+    return stats, grad_logits(z, y, stats, scale, params)
+
+
+def make_params(temperature: float, gate: Gate, device) -> torch.Tensor:
+    """The kernels' continuous parameters as a float32 tensor ``[1/tau, p1, p2]``.
+
+    A tensor rather than Python floats, so new values never trigger a recompilation.
+    """
+    return torch.tensor([1.0 / temperature, gate.p1, gate.p2], dtype=torch.float32,
+                        device=device)
+
+
+# --------------------------------------------------------------------------- compile
+
+
+def compile_enabled() -> bool:
+    """False when ``EAOPD_COMPILE=0`` (or ``false``/``off``) is set."""
+    return os.environ.get("EAOPD_COMPILE", "1").lower() not in ("0", "false", "off", "no")
+
+
+class Kernel:
+    """A core function run under ``torch.compile`` with a dynamic token dimension.
+
+    The token dimension of the tensor arguments listed in ``dynamic`` (position -> dim)
+    is marked *unbacked*: chunks of any length, 0 and 1 included, share one graph per
+    (gate, tempered) pair. If compilation fails, one warning is issued and the eager
+    function is used from then on.
+    """
+
+    def __init__(self, fn: Callable, dynamic: dict[int, int]):
+        self.fn = fn
+        self.dynamic = dynamic
+        self._compiled: Callable | None = None
+        self._failed = False
+
+    def __call__(self, *args):
+        if self._failed or not compile_enabled():
+            return self.fn(*args)
+        if self._compiled is None:
+            self._compiled = torch.compile(self.fn, fullgraph=True)
+        for pos, dim in self.dynamic.items():
+            torch._dynamo.decorators.mark_unbacked(args[pos], dim)
+        try:
+            return self._compiled(*args)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure falls back
+            self._failed = True
+            warnings.warn(
+                f"eaopd_mp: torch.compile failed ({type(exc).__name__}: {exc}); "
+                "falling back to eager for the rest of this process",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return self.fn(*args)
+
+
+stats_kernel = Kernel(single_stats, {0: 0, 1: 0})
+fwd_grad_kernel = Kernel(single_grad, {0: 0, 1: 0, 2: 0})
+partial_kernel = Kernel(partial_stats, {0: 0, 1: 0})
+shard_grad_kernel = Kernel(shard_grad, {0: 0, 1: 0, 2: 1, 3: 0})
+grad_kernel = Kernel(grad_logits, {0: 0, 1: 0, 2: 0, 3: 0})

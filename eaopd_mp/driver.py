@@ -1,0 +1,341 @@
+"""The chunk loop and the autograd function shared by every path.
+
+A *head* turns rows of tokens into logits (a slice of given logits, or ``h @ W.T + b``)
+and takes the gradient of those logits back. The driver walks the tokens chunk by chunk,
+asks both heads for a chunk of logits, runs the core kernel on it, and hands the student
+head its gradient. Tensor parallelism only adds a *combiner* (``eaopd_mp.parallel``):
+one collective per chunk between the partial and the combined statistics.
+
+Gradient modes:
+  * scalar reductions: each chunk's gradient is computed in the forward pass (scaled by
+    mask weight and reduction) and backward only multiplies by ``grad_output``;
+  * ``reduction="none"``: forward keeps ``(n, 7)`` per-token statistics and backward
+    recomputes each chunk's logits, scaled by the per-token ``grad_output``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from . import core
+from .gates import Gate
+
+# Working-set target of one chunk: about this many bytes of float32 (chunk, V) tensors.
+CHUNK_BYTES = 32 * 2**20
+MAX_CHUNK = 4096
+
+
+def default_chunk_size(vocab: int, dtype: torch.dtype) -> int:
+    """Tokens per chunk so that one ``(chunk, V)`` float32 tensor is about 32 MiB.
+
+    The live set of a chunk is about four such tensors (student and teacher logits in
+    the input dtype, the float32 gradient and its copy in the input dtype), so the
+    working memory is bounded by ~4 x 32 MiB whatever the number of tokens. A power of
+    two between 16 and 4096.
+    """
+    del dtype  # the kernels work in float32 whatever the input dtype
+    rows = max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
+    size = 16
+    while size * 2 <= min(rows, MAX_CHUNK):
+        size *= 2
+    return size
+
+
+class Head(Protocol):
+    """Makes ``(rows, v)`` logits and accumulates their gradient."""
+
+    def logits(self, rows) -> torch.Tensor: ...
+    def start_grad(self) -> None: ...
+    def add_grad(self, grad: torch.Tensor, rows) -> None: ...
+    def grads(self, factor: torch.Tensor | None) -> tuple: ...
+
+
+class LogitsHead:
+    """Given logits ``(N, V)``; only the first ``cols`` columns are real vocabulary."""
+
+    def __init__(self, logits: torch.Tensor, cols: int | None = None, need_grad=False):
+        self.x = logits
+        self.cols = logits.shape[-1] if cols is None else cols
+        self.need_grad = need_grad
+        self.grad: torch.Tensor | None = None
+
+    def logits(self, rows) -> torch.Tensor:
+        return self.x[rows, : self.cols]
+
+    def start_grad(self) -> None:
+        self.grad = torch.zeros_like(self.x) if self.need_grad else None
+
+    def add_grad(self, grad: torch.Tensor, rows) -> None:
+        if self.grad is not None:
+            self.grad[rows, : self.cols] = grad.to(self.grad.dtype)
+
+    def grads(self, factor: torch.Tensor | None) -> tuple:
+        return (_scaled(self.grad, factor),)
+
+
+class LinearHead:
+    """Logits ``h @ W[:cols].T + b[:cols]`` from hidden ``(N, H)`` and weight ``(V, H)``.
+
+    ``need`` says which of (hidden, weight, bias) want a gradient. The weight and bias
+    gradients are accumulated in float32 across chunks.
+    """
+
+    def __init__(self, hidden, weight, bias=None, cols=None, need=(False, False, False)):
+        self.h, self.w, self.b = hidden, weight, bias
+        self.cols = weight.shape[0] if cols is None else cols
+        self.need = need
+        self.grad_h = self.grad_w = self.grad_b = None
+
+    def logits(self, rows) -> torch.Tensor:
+        w = self.w[: self.cols]
+        if self.b is None:
+            return self.h[rows] @ w.t()
+        return torch.addmm(self.b[: self.cols], self.h[rows], w.t())
+
+    def start_grad(self) -> None:
+        need_h, need_w, need_b = self.need
+        f32 = dict(dtype=torch.float32, device=self.w.device)
+        self.grad_h = torch.zeros_like(self.h) if need_h else None
+        self.grad_w = torch.zeros(self.w.shape, **f32) if need_w else None
+        self.grad_b = torch.zeros(self.w.shape[0], **f32) if need_b and self.b is not None else None
+
+    def add_grad(self, grad: torch.Tensor, rows) -> None:
+        g = grad.to(self.w.dtype)
+        if self.grad_h is not None:
+            if isinstance(rows, slice):
+                torch.mm(g, self.w[: self.cols], out=self.grad_h[rows])
+            else:
+                self.grad_h[rows] = g @ self.w[: self.cols]
+        if self.grad_w is not None:
+            gw = self.grad_w[: self.cols]
+            if g.dtype == torch.float32:
+                gw.addmm_(g.t(), self.h[rows])
+            else:
+                gw.add_(g.t() @ self.h[rows])
+        if self.grad_b is not None:
+            self.grad_b[: self.cols].add_(grad.sum(0))
+
+    def grads(self, factor: torch.Tensor | None) -> tuple:
+        return (
+            _scaled(self.grad_h, factor),
+            _scaled(self.grad_w, factor, self.w.dtype),
+            _scaled(self.grad_b, factor, None if self.b is None else self.b.dtype),
+        )
+
+
+def _scaled(x, factor, dtype=None):
+    """Scale an accumulated gradient in place (it is ours, used once) and cast it."""
+    if x is None:
+        return None
+    if factor is not None:
+        x.mul_(factor.to(x.dtype))
+    return x if dtype is None else x.to(dtype)
+
+
+class Combiner(Protocol):
+    """How the partial statistics of a chunk are combined across vocabulary shards."""
+
+    def gather(self, parts: torch.Tensor) -> torch.Tensor: ...
+    def reduce_grads(self, grads: tuple) -> tuple: ...
+
+
+@dataclass
+class Plan:
+    """Everything one loss evaluation needs besides the student tensors.
+
+    Attributes:
+        student, teacher: heads over the same ``n_tokens`` flattened tokens.
+        token_shape: shape of the token dims (for ``reduction="none"``).
+        rows: indices of tokens with a non-zero mask weight, or None for all tokens.
+        weight: ``(N,)`` float32 mask weights, or None.
+        gate, inv_tau, chunk, reduction: loss options.
+        combiner: None on one device; a tensor-parallel combiner otherwise.
+    """
+
+    student: Head
+    teacher: Head
+    token_shape: tuple
+    rows: torch.Tensor | None
+    weight: torch.Tensor | None
+    gate: Gate
+    inv_tau: float
+    chunk: int
+    reduction: str
+    combiner: Combiner | None = None
+    n_kept: int = field(init=False)
+
+    def __post_init__(self):
+        n = 1
+        for d in self.token_shape:
+            n *= d
+        self.n_tokens = n
+        self.n_kept = n if self.rows is None else int(self.rows.numel())
+        self.params = core.make_params(1.0 / self.inv_tau, self.gate, _device(self.student))
+
+    def reduction_scale(self) -> float:
+        """The seed's divisor: 1 (sum), numel (mean), first token dim (batchmean)."""
+        if self.reduction == "mean":
+            return 1.0 / max(1, self.n_tokens)
+        if self.reduction == "batchmean":
+            return 1.0 / max(1, self.token_shape[0] if self.token_shape else 1)
+        return 1.0
+
+    def kept_weight(self) -> torch.Tensor | None:
+        if self.weight is None:
+            return None
+        return self.weight if self.rows is None else self.weight[self.rows]
+
+    def chunks(self):
+        """Yield ``(lo, hi, rows)``: positions in the kept tokens and the row selector."""
+        for lo in range(0, self.n_kept, self.chunk):
+            hi = min(lo + self.chunk, self.n_kept)
+            yield lo, hi, (slice(lo, hi) if self.rows is None else self.rows[lo:hi])
+
+
+def _empty_partial(n: int, device) -> torch.Tensor:
+    """Partial statistics of a shard with no real vocabulary column."""
+    out = torch.zeros(n, core.NPARTIAL, dtype=torch.float32, device=device)
+    out[:, :3] = float("-inf")
+    return out
+
+
+def _chunk(plan: Plan, z, y, scale):
+    """Statistics ``(n, 7)`` and the gradient (None without ``scale``) of one chunk."""
+    kind, untempered, params = plan.gate.kind, plan.inv_tau == 1.0, plan.params
+    if plan.combiner is None:
+        if scale is None:
+            return core.stats_kernel(z, y, params, kind, untempered), None
+        return core.fwd_grad_kernel(z, y, scale, params, kind, untempered)
+    if z.shape[1] == 0:
+        parts = _empty_partial(z.shape[0], z.device)
+    else:
+        parts = core.partial_kernel(z, y, params, untempered)
+    gathered = plan.combiner.gather(parts)
+    if scale is None or z.shape[1] == 0:
+        stats = core.combine_stats(gathered, params, kind)
+        return stats, (None if scale is None else torch.zeros_like(z, dtype=torch.float32))
+    return core.shard_grad_kernel(z, y, gathered, scale, params, kind)
+
+
+def run_forward(plan: Plan, scale: torch.Tensor | None) -> torch.Tensor:
+    """Per-token statistics ``(n_kept, 7)``; with ``scale`` also the student gradient."""
+    student, teacher = plan.student, plan.teacher
+    device = _device(student)
+    stats = torch.empty(plan.n_kept, core.NSTATS, dtype=torch.float32, device=device)
+    for lo, hi, rows in plan.chunks():
+        z, y = student.logits(rows), teacher.logits(rows)
+        s = None if scale is None else scale[lo:hi]
+        stats[lo:hi], grad = _chunk(plan, z, y, s)
+        if grad is not None:
+            student.add_grad(grad, rows)
+    return stats
+
+
+def run_backward(plan: Plan, stats: torch.Tensor, scale: torch.Tensor) -> None:
+    """Recompute each chunk's logits and hand the student its gradient (no collective)."""
+    student, teacher = plan.student, plan.teacher
+    for lo, hi, rows in plan.chunks():
+        z, y = student.logits(rows), teacher.logits(rows)
+        if z.shape[1] == 0:
+            continue
+        grad = core.grad_kernel(z, y, stats[lo:hi], scale[lo:hi], plan.params)
+        student.add_grad(grad, rows)
+
+
+def _device(head) -> torch.device:
+    return head.x.device if isinstance(head, LogitsHead) else head.w.device
+
+
+def reduce_loss(plan: Plan, stats: torch.Tensor) -> torch.Tensor:
+    """Per-token loss of the kept tokens -> the reduced (or token-shaped) float32 loss."""
+    per_tok = core.token_loss(stats)
+    w = plan.kept_weight()
+    if w is not None:
+        per_tok = per_tok * w
+    if plan.reduction == "none":
+        if plan.rows is None:
+            return per_tok.reshape(plan.token_shape)
+        out = per_tok.new_zeros(plan.n_tokens)
+        out[plan.rows] = per_tok
+        return out.reshape(plan.token_shape)
+    return per_tok.sum() * plan.reduction_scale()
+
+
+class _EAOPDFunction(torch.autograd.Function):
+    """Autograd glue: inputs are the student tensors; everything else is in the plan."""
+
+    @staticmethod
+    def forward(ctx, plan: Plan, *student_tensors):
+        ctx.plan = plan
+        ctx.scalar = plan.reduction != "none"
+        scale = None
+        if ctx.scalar:
+            plan.student.start_grad()
+            scale = torch.full(
+                (plan.n_kept,), plan.reduction_scale(), dtype=torch.float32,
+                device=_device(plan.student),
+            )
+            w = plan.kept_weight()
+            if w is not None:
+                scale = scale * w
+        stats = run_forward(plan, scale)
+        ctx.stats = None if ctx.scalar else stats
+        loss = reduce_loss(plan, stats)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_stats):
+        plan = ctx.plan
+        if ctx.scalar:
+            grads = plan.student.grads(grad_loss)
+        else:
+            flat = grad_loss.reshape(-1).float()
+            scale = flat if plan.rows is None else flat[plan.rows]
+            w = plan.kept_weight()
+            if w is not None:
+                scale = scale * w
+            plan.student.start_grad()
+            run_backward(plan, ctx.stats, scale)
+            grads = plan.student.grads(None)
+        if plan.combiner is not None:
+            grads = plan.combiner.reduce_grads(grads)
+        ctx.plan = ctx.stats = None
+        return (None, *grads)
+
+
+def evaluate(plan: Plan, student_tensors: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss (reduced as asked) and per-token statistics ``(n_kept, 7)``.
+
+    Runs through autograd only when a student tensor requires a gradient.
+    """
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in student_tensors
+    ):
+        return _EAOPDFunction.apply(plan, *student_tensors)
+    stats = run_forward(plan, None)
+    return reduce_loss(plan, stats), stats
+
+
+def summarize(plan: Plan, stats: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mask-weighted means of the per-token statistics, detached, for logging."""
+    w = plan.kept_weight()
+    cols = {
+        "teacher_entropy": core.ENTROPY,
+        "fkl_weight": core.A,
+        "rkl_weight": core.B,
+        "kl_fwd": core.KL_FWD,
+        "kl_rev": core.KL_REV,
+    }
+    stats = stats.detach()
+    if w is None:
+        w = torch.ones(stats.shape[0], dtype=torch.float32, device=stats.device)
+    total = w.sum()
+    denom = torch.where(total != 0, total, torch.ones_like(total))
+    out = {name: (stats[:, c] * w).sum() / denom for name, c in cols.items()}
+    out["tokens"] = total
+    return out

@@ -1,0 +1,131 @@
+"""The gate: how forward and reverse KL are mixed for each token.
+
+Every gate writes the per-token loss as ``L = a * KL_fwd + b * KL_rev`` where ``a`` and
+``b`` depend on the *untempered* teacher entropy ``H`` only (no gradient flows through
+them). This module is the single implementation used by every path.
+
+| gate        | a                                  | b              |
+|-------------|------------------------------------|----------------|
+| "linear"    | clamp(H / h_max, 0, 1)  (the seed) | 1 - a          |
+| "threshold" | fkl_coef * 1[H >= gate_threshold]  | 1              |
+| "fixed"     | fkl_weight                         | 1 - fkl_weight |
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+GATES = ("linear", "threshold", "fixed")
+
+_PARAMS = {
+    "linear": ("h_max",),
+    "threshold": ("gate_threshold", "fkl_coef"),
+    "fixed": ("fkl_weight",),
+}
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A resolved gate: its kind and two float parameters.
+
+    ``p1``/``p2`` are ``1/h_max`` and unused for "linear", ``gate_threshold`` and
+    ``fkl_coef`` for "threshold", ``fkl_weight`` and unused for "fixed". Plain floats so
+    that the compiled kernels specialise on them once.
+    """
+
+    kind: str
+    p1: float
+    p2: float = 0.0
+
+    def describe(self) -> dict[str, float | str]:
+        """The gate and its parameters as a user would write them."""
+        if self.kind == "linear":
+            return {"gate": "linear", "h_max": 1.0 / self.p1}
+        if self.kind == "threshold":
+            return {"gate": "threshold", "gate_threshold": self.p1, "fkl_coef": self.p2}
+        return {"gate": "fixed", "fkl_weight": self.p1}
+
+
+def default_h_max(vocab_size: int) -> float:
+    """log(V), the entropy of the uniform distribution; 1.0 when V == 1 (H is then 0)."""
+    return math.log(vocab_size) if vocab_size > 1 else 1.0
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def resolve_gate(
+    gate: str,
+    vocab_size: int,
+    *,
+    h_max: float | None = None,
+    gate_threshold: float | None = None,
+    fkl_coef: float | None = None,
+    fkl_weight: float | None = None,
+) -> Gate:
+    """Validate the gate arguments and return a :class:`Gate`.
+
+    Raises ``ValueError`` for an unknown gate, a parameter out of range, or a parameter
+    that belongs to another gate (for example ``h_max`` with ``gate="fixed"``).
+    """
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    given = {
+        "h_max": h_max,
+        "gate_threshold": gate_threshold,
+        "fkl_coef": fkl_coef,
+        "fkl_weight": fkl_weight,
+    }
+    foreign = [k for k, v in given.items() if v is not None and k not in _PARAMS[gate]]
+    if foreign:
+        raise ValueError(
+            f"{', '.join(foreign)} does not apply to gate={gate!r} "
+            f"(it takes {', '.join(_PARAMS[gate])})"
+        )
+    if gate == "linear":
+        h = default_h_max(vocab_size) if h_max is None else _number("h_max", h_max)
+        if h <= 0:
+            raise ValueError(f"h_max must be > 0, got {h}")
+        return Gate("linear", 1.0 / h)
+    if gate == "threshold":
+        thr = 0.8 if gate_threshold is None else _number("gate_threshold", gate_threshold)
+        coef = 1.0 if fkl_coef is None else _number("fkl_coef", fkl_coef)
+        if thr < 0:
+            raise ValueError(f"gate_threshold must be >= 0, got {thr}")
+        if coef < 0:
+            raise ValueError(f"fkl_coef must be >= 0, got {coef}")
+        return Gate("threshold", thr, coef)
+    weight = 0.5 if fkl_weight is None else _number("fkl_weight", fkl_weight)
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"fkl_weight must be in [0, 1], got {weight}")
+    return Gate("fixed", weight)
+
+
+def gate_weights(
+    entropy: torch.Tensor, kind: str, p1: float, p2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token mixing weights ``(a, b)`` from the untempered teacher entropy.
+
+    Args:
+        entropy: ``(n,)`` float32 teacher entropy in nats.
+        kind, p1, p2: the fields of a :class:`Gate` (plain values, so this traces well).
+    Returns:
+        ``a`` (forward-KL weight) and ``b`` (reverse-KL weight), each ``(n,)`` float32.
+    """
+    if kind == "linear":
+        a = (entropy * p1).clamp(0.0, 1.0)
+        return a, 1.0 - a
+    if kind == "threshold":
+        a = (entropy >= p1).to(entropy.dtype) * p2
+        return a, torch.ones_like(entropy)
+    a = torch.full_like(entropy, p1)
+    return a, 1.0 - a
