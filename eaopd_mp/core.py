@@ -15,9 +15,10 @@ parallelism):
    logits, ``[a (p - q) + b p (s - t - KL_rev)] / tau``, scaled per token.
 
 Conventions: a column that is ``-inf`` for both student and teacher contributes nothing
-(no NaN); all maths is float32 whatever the input dtype. Derivation: docs in README.
+(no NaN). All maths runs in ``params.dtype``: float32 for half, bfloat16 and float32
+inputs, float64 for float64 inputs (:func:`compute_dtype`).
 
-Per-token statistics are packed in a float32 ``(n, NSTATS)`` tensor, columns below.
+Per-token statistics are packed in an ``(n, NSTATS)`` tensor, columns below.
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ _LS, _LT, _LU, _F, _R, _E = range(6)
 NPARTIAL = 6
 
 
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float32 for half/bfloat16/float32 inputs, float64 for float64 inputs."""
+    out = torch.float32
+    for d in dtypes:
+        out = torch.promote_types(out, d)
+    return out
+
+
 def _shifted(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x - max(x)`` over the last dim and the max; a row of all ``-inf`` gets max 0."""
     m = x.amax(dim=-1, keepdim=True)
@@ -55,26 +64,27 @@ def partial_stats(z: torch.Tensor, y: torch.Tensor, params: torch.Tensor,
         params: float32 ``[1/tau, p1, p2]`` (see :func:`make_params`).
         untempered: ``tau == 1`` (the gate's softmax is then the tempered teacher's).
     Returns:
-        ``(n, 6)`` float32: ``[lse(z/tau), lse(y/tau), lse(y), F, R, E]`` where, with
+        ``(n, 6)`` in the compute dtype: ``[lse(z/tau), lse(y/tau), lse(y), F, R, E]`` where, with
         ``s, t, u`` the log-softmax of ``z/tau, y/tau, y`` over these columns only,
         ``F = sum q (t - s)``, ``R = sum p (s - t)``, ``E = sum exp(u) u``.
         Columns with no finite logit give ``lse = -inf`` and sums 0.
     """
     torch._check(z.shape[0] == y.shape[0])
     inv_tau = params[0]
-    dz, mz = _shifted(z.float() * inv_tau)
-    dy, my = _shifted(y.float() * inv_tau)
+    z, y = z.to(params.dtype), y.to(params.dtype)
+    dz, mz = _shifted(z * inv_tau)
+    dy, my = _shifted(y * inv_tau)
     ez, ey = dz.exp(), dy.exp()
     sz, sy = ez.sum(-1), ey.sum(-1)
     log_sz, log_sy = sz.log(), sy.log()
-    zero = torch.zeros((), dtype=torch.float32, device=z.device)
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
     # where(e > 0, ...) drops columns that are -inf here (0 * -inf would be NaN).
     fwd = torch.where(ey > 0, ey * (dy - dz), zero).sum(-1) / sy - log_sy + log_sz
     rev = torch.where(ez > 0, ez * (dz - dy), zero).sum(-1) / sz - log_sz + log_sy
     if untempered:
         du, mu, eu, su, log_su = dy, my, ey, sy, log_sy
     else:
-        du, mu = _shifted(y.float())
+        du, mu = _shifted(y)
         eu = du.exp()
         su = eu.sum(-1)
         log_su = su.log()
@@ -151,8 +161,8 @@ def grad_logits(
     torch._check(z.shape[0] == stats.shape[0])
     torch._check(z.shape[0] == scale.shape[0])
     inv_tau = params[0]
-    s = z.float() * inv_tau - stats[:, LSE_S, None]
-    t = y.float() * inv_tau - stats[:, LSE_T, None]
+    s = z.to(params.dtype) * inv_tau - stats[:, LSE_S, None]
+    t = y.to(params.dtype) * inv_tau - stats[:, LSE_T, None]
     p, q = s.exp(), t.exp()
     ca = (scale * stats[:, A] * inv_tau)[:, None]
     cb = (scale * stats[:, B] * inv_tau)[:, None]
@@ -178,13 +188,13 @@ def shard_grad(z, y, parts, scale, params, kind: str):
     return stats, grad_logits(z, y, stats, scale, params)
 
 
-def make_params(temperature: float, gate: Gate, device) -> torch.Tensor:
-    """The kernels' continuous parameters as a float32 tensor ``[1/tau, p1, p2]``.
+def make_params(temperature: float, gate: Gate, dtype: torch.dtype, device) -> torch.Tensor:
+    """The kernels' parameters ``[1/tau, p1, p2]`` in the compute dtype.
 
-    A tensor rather than Python floats, so new values never trigger a recompilation.
+    A tensor rather than Python floats, so new values never trigger a recompilation; its
+    dtype (:func:`compute_dtype`) is the dtype all the maths runs in.
     """
-    return torch.tensor([1.0 / temperature, gate.p1, gate.p2], dtype=torch.float32,
-                        device=device)
+    return torch.tensor([1.0 / temperature, gate.p1, gate.p2], dtype=dtype, device=device)
 
 
 # --------------------------------------------------------------------------- compile

@@ -28,15 +28,16 @@ CHUNK_BYTES = 32 * 2**20
 MAX_CHUNK = 4096
 
 
-def default_chunk_size(vocab: int, dtype: torch.dtype) -> int:
+def default_chunk_size(vocab: int) -> int:
     """Tokens per chunk so that one ``(chunk, V)`` float32 tensor is about 32 MiB.
+
+    The kernels work in float32 whatever the input dtype, so only ``V`` matters.
 
     The live set of a chunk is about four such tensors (student and teacher logits in
     the input dtype, the float32 gradient and its copy in the input dtype), so the
     working memory is bounded by ~4 x 32 MiB whatever the number of tokens. A power of
     two between 16 and 4096.
     """
-    del dtype  # the kernels work in float32 whatever the input dtype
     rows = max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
     size = 16
     while size * 2 <= min(rows, MAX_CHUNK):
@@ -58,7 +59,9 @@ class LogitsHead:
 
     def __init__(self, logits: torch.Tensor, cols: int | None = None, need_grad=False):
         self.x = logits
-        self.cols = logits.shape[-1] if cols is None else cols
+        self.dtype = logits.dtype
+        self.width = logits.shape[-1]
+        self.cols = self.width if cols is None else cols
         self.need_grad = need_grad
         self.grad: torch.Tensor | None = None
 
@@ -80,12 +83,14 @@ class LinearHead:
     """Logits ``h @ W[:cols].T + b[:cols]`` from hidden ``(N, H)`` and weight ``(V, H)``.
 
     ``need`` says which of (hidden, weight, bias) want a gradient. The weight and bias
-    gradients are accumulated in float32 across chunks.
+    gradients are accumulated in float32 (float64 for float64 weights) across chunks.
     """
 
     def __init__(self, hidden, weight, bias=None, cols=None, need=(False, False, False)):
         self.h, self.w, self.b = hidden, weight, bias
-        self.cols = weight.shape[0] if cols is None else cols
+        self.dtype = weight.dtype
+        self.width = weight.shape[0]
+        self.cols = self.width if cols is None else cols
         self.need = need
         self.grad_h = self.grad_w = self.grad_b = None
 
@@ -97,10 +102,10 @@ class LinearHead:
 
     def start_grad(self) -> None:
         need_h, need_w, need_b = self.need
-        f32 = dict(dtype=torch.float32, device=self.w.device)
+        acc = dict(dtype=core.compute_dtype(self.w.dtype), device=self.w.device)
         self.grad_h = torch.zeros_like(self.h) if need_h else None
-        self.grad_w = torch.zeros(self.w.shape, **f32) if need_w else None
-        self.grad_b = torch.zeros(self.w.shape[0], **f32) if need_b and self.b is not None else None
+        self.grad_w = torch.zeros(self.w.shape, **acc) if need_w else None
+        self.grad_b = torch.zeros(self.w.shape[0], **acc) if need_b and self.b is not None else None
 
     def add_grad(self, grad: torch.Tensor, rows) -> None:
         g = grad.to(self.w.dtype)
@@ -111,7 +116,7 @@ class LinearHead:
                 self.grad_h[rows] = g @ self.w[: self.cols]
         if self.grad_w is not None:
             gw = self.grad_w[: self.cols]
-            if g.dtype == torch.float32:
+            if g.dtype == gw.dtype:
                 gw.addmm_(g.t(), self.h[rows])
             else:
                 gw.add_(g.t() @ self.h[rows])
@@ -127,11 +132,14 @@ class LinearHead:
 
 
 def _scaled(x, factor, dtype=None):
-    """Scale an accumulated gradient in place (it is ours, used once) and cast it."""
+    """An accumulated gradient times ``factor`` (None: as is), cast to ``dtype``.
+
+    Out of place: backward may run more than once on the same graph.
+    """
     if x is None:
         return None
     if factor is not None:
-        x.mul_(factor.to(x.dtype))
+        x = x * factor.to(x.dtype)
     return x if dtype is None else x.to(dtype)
 
 
@@ -150,7 +158,7 @@ class Plan:
         student, teacher: heads over the same ``n_tokens`` flattened tokens.
         token_shape: shape of the token dims (for ``reduction="none"``).
         rows: indices of tokens with a non-zero mask weight, or None for all tokens.
-        weight: ``(N,)`` float32 mask weights, or None.
+        weight: ``(N,)`` mask weights in the compute dtype, or None.
         gate, inv_tau, chunk, reduction: loss options.
         combiner: None on one device; a tensor-parallel combiner otherwise.
     """
@@ -173,7 +181,9 @@ class Plan:
             n *= d
         self.n_tokens = n
         self.n_kept = n if self.rows is None else int(self.rows.numel())
-        self.params = core.make_params(1.0 / self.inv_tau, self.gate, _device(self.student))
+        self.dtype = core.compute_dtype(self.student.dtype, self.teacher.dtype)
+        self.params = core.make_params(1.0 / self.inv_tau, self.gate, self.dtype,
+                                       _device(self.student))
 
     def reduction_scale(self) -> float:
         """The seed's divisor: 1 (sum), numel (mean), first token dim (batchmean)."""
@@ -195,9 +205,9 @@ class Plan:
             yield lo, hi, (slice(lo, hi) if self.rows is None else self.rows[lo:hi])
 
 
-def _empty_partial(n: int, device) -> torch.Tensor:
+def _empty_partial(n: int, dtype, device) -> torch.Tensor:
     """Partial statistics of a shard with no real vocabulary column."""
-    out = torch.zeros(n, core.NPARTIAL, dtype=torch.float32, device=device)
+    out = torch.zeros(n, core.NPARTIAL, dtype=dtype, device=device)
     out[:, :3] = float("-inf")
     return out
 
@@ -210,13 +220,13 @@ def _chunk(plan: Plan, z, y, scale):
             return core.stats_kernel(z, y, params, kind, untempered), None
         return core.fwd_grad_kernel(z, y, scale, params, kind, untempered)
     if z.shape[1] == 0:
-        parts = _empty_partial(z.shape[0], z.device)
+        parts = _empty_partial(z.shape[0], plan.dtype, z.device)
     else:
         parts = core.partial_kernel(z, y, params, untempered)
     gathered = plan.combiner.gather(parts)
     if scale is None or z.shape[1] == 0:
         stats = core.combine_stats(gathered, params, kind)
-        return stats, (None if scale is None else torch.zeros_like(z, dtype=torch.float32))
+        return stats, (None if scale is None else torch.zeros_like(z, dtype=plan.dtype))
     return core.shard_grad_kernel(z, y, gathered, scale, params, kind)
 
 
@@ -224,7 +234,7 @@ def run_forward(plan: Plan, scale: torch.Tensor | None) -> torch.Tensor:
     """Per-token statistics ``(n_kept, 7)``; with ``scale`` also the student gradient."""
     student, teacher = plan.student, plan.teacher
     device = _device(student)
-    stats = torch.empty(plan.n_kept, core.NSTATS, dtype=torch.float32, device=device)
+    stats = torch.empty(plan.n_kept, core.NSTATS, dtype=plan.dtype, device=device)
     for lo, hi, rows in plan.chunks():
         z, y = student.logits(rows), teacher.logits(rows)
         s = None if scale is None else scale[lo:hi]
@@ -274,10 +284,8 @@ class _EAOPDFunction(torch.autograd.Function):
         scale = None
         if ctx.scalar:
             plan.student.start_grad()
-            scale = torch.full(
-                (plan.n_kept,), plan.reduction_scale(), dtype=torch.float32,
-                device=_device(plan.student),
-            )
+            scale = torch.full((plan.n_kept,), plan.reduction_scale(), dtype=plan.dtype,
+                               device=_device(plan.student))
             w = plan.kept_weight()
             if w is not None:
                 scale = scale * w
@@ -292,9 +300,10 @@ class _EAOPDFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_stats):
         plan = ctx.plan
         if ctx.scalar:
-            grads = plan.student.grads(grad_loss)
+            unit = torch.equal(grad_loss, torch.ones_like(grad_loss))
+            grads = plan.student.grads(None if unit else grad_loss)
         else:
-            flat = grad_loss.reshape(-1).float()
+            flat = grad_loss.reshape(-1).to(plan.dtype)
             scale = flat if plan.rows is None else flat[plan.rows]
             w = plan.kept_weight()
             if w is not None:
@@ -302,9 +311,8 @@ class _EAOPDFunction(torch.autograd.Function):
             plan.student.start_grad()
             run_backward(plan, ctx.stats, scale)
             grads = plan.student.grads(None)
-        if plan.combiner is not None:
+        if plan.combiner is not None and isinstance(plan.student, LinearHead):
             grads = plan.combiner.reduce_grads(grads)
-        ctx.plan = ctx.stats = None
         return (None, *grads)
 
 
@@ -333,7 +341,7 @@ def summarize(plan: Plan, stats: torch.Tensor) -> dict[str, torch.Tensor]:
     }
     stats = stats.detach()
     if w is None:
-        w = torch.ones(stats.shape[0], dtype=torch.float32, device=stats.device)
+        w = torch.ones(stats.shape[0], dtype=stats.dtype, device=stats.device)
     total = w.sum()
     denom = torch.where(total != 0, total, torch.ones_like(total))
     out = {name: (stats[:, c] * w).sum() / denom for name, c in cols.items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks
+from .core import compute_dtype
 from .driver import LinearHead, LogitsHead, Plan, default_chunk_size, evaluate, summarize
 from .gates import Gate, resolve_gate
 
@@ -25,17 +26,17 @@ def teacher_entropy(teacher_logits: torch.Tensor) -> torch.Tensor:
         probability 0 (no NaN).
     """
     _checks.tensor("teacher_logits", teacher_logits, min_dim=1)
-    u = torch.log_softmax(teacher_logits.float(), dim=-1)
+    u = torch.log_softmax(teacher_logits.to(compute_dtype(teacher_logits.dtype)), dim=-1)
     u_finite = torch.where(torch.isfinite(u), u, torch.zeros_like(u))
     return (-(u.exp() * u_finite).sum(-1)).to(teacher_logits.dtype)
 
 
-def mask_rows(labels: torch.Tensor | None, n_tokens: int):
+def mask_rows(labels: torch.Tensor | None, n_tokens: int, dtype: torch.dtype):
     """``(rows, weight)``: indices of tokens with non-zero weight (None if all) and the
-    ``(N,)`` float32 weights (None without labels)."""
+    ``(N,)`` weights in ``dtype`` (None without labels)."""
     if labels is None:
         return None, None
-    weight = labels.reshape(-1).float()
+    weight = labels.reshape(-1).to(dtype)
     keep = weight != 0
     if int(keep.sum()) == n_tokens:
         return None, weight
@@ -50,9 +51,9 @@ def make_plan(
     n_tokens = 1
     for d in token_shape:
         n_tokens *= d
-    rows, weight = mask_rows(labels, n_tokens)
+    rows, weight = mask_rows(labels, n_tokens, compute_dtype(student.dtype, teacher.dtype))
     if chunk_size is None:
-        chunk_size = default_chunk_size(student.cols, torch.float32)
+        chunk_size = default_chunk_size(student.width)
     return Plan(
         student=student, teacher=teacher, token_shape=tuple(token_shape), rows=rows,
         weight=weight, gate=gate, inv_tau=1.0 / temperature, chunk=chunk_size,

@@ -1,0 +1,194 @@
+"""Tiny megatron-core GPT models on CPU (gloo) or GPU (NCCL), for examples and tests.
+
+megatron-core 0.16 assumes CUDA in a few places; :func:`init_parallel` works around them
+on a machine without a GPU (nothing here is needed, or done, when CUDA is available):
+
+* ``torch.cuda.current_device()`` (sequence-parallel gather buffers, GPTModel) is
+  redirected to the CPU;
+* the model-parallel RNG tracker is created without CUDA RNG states (dropout is off in
+  the tiny models, so the tracker's forks never matter);
+* the local layer spec's torch norm refuses ``sequence_parallel=True`` (it would not mark
+  its parameters), so the models use :class:`LayerNorm`, which does;
+* the causal mask that megatron builds on its own is a CUDA tensor, so callers pass
+  :func:`causal_mask`.
+
+Usage (every rank, under ``torchrun`` or with a process group already initialised)::
+
+    device = init_parallel(tp_size=2)
+    model = tiny_gpt(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2,
+                     max_seq_len=16, sequence_parallel=True).to(device)
+    hidden = gpt_hidden_states(model, tokens, positions(tokens), causal_mask(16, device))
+
+``gpt_hidden_states`` and ``output_layer_weight`` are :mod:`eaopd_mp.megatron`'s,
+re-exported. Tests import this file with ``sys.path.insert(0, "examples")``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+
+# Environment notices, not problems: no Transformer Engine / Apex here, no CUDA streams to
+# tune, and torch 2.13 deprecating collectives that megatron-core 0.16 calls.
+for _message in ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                 ".*CUDA_DEVICE_MAX_CONNECTIONS", "full scope is deprecated"):
+    warnings.filterwarnings("ignore", message=_message, category=UserWarning)
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated",
+                        category=FutureWarning)
+
+from megatron.core import parallel_state, tensor_parallel  # noqa: E402
+from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
+from megatron.core.transformer.transformer_block import (  # noqa: E402
+    TransformerBlock,
+    TransformerBlockSubmodules,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+
+from eaopd_mp.megatron import gpt_hidden_states, output_layer_weight  # noqa: E402
+
+__all__ = [
+    "LayerNorm",
+    "allreduce_sequence_parallel_grads",
+    "broadcast_tp",
+    "causal_mask",
+    "destroy_parallel",
+    "gpt_hidden_states",
+    "init_parallel",
+    "output_layer_weight",
+    "positions",
+    "tiny_gpt",
+]
+
+
+def use_cpu() -> None:
+    """Point ``torch.cuda.current_device()`` at the CPU, for this whole process, when there
+    is no GPU: megatron allocates its gather buffers and a few tensors with it."""
+    if not torch.cuda.is_available():
+        torch.cuda.current_device = lambda: "cpu"
+
+
+def init_parallel(tp_size: int = 2, seed: int = 0) -> torch.device:
+    """Initialise torch.distributed (if needed), megatron's parallel state and RNG.
+
+    Uses NCCL and this rank's GPU when CUDA is available, gloo and the CPU otherwise; the
+    process group is read from torchrun's environment unless one already exists.
+
+    Args:
+        tp_size: the tensor-parallel size; must divide the world size (the rest is data
+            parallelism).
+        seed: seeds torch (identically on every rank, so ``use_cpu_initialization``
+            builds the same full weights everywhere before sharding them).
+    Returns:
+        The device this rank computes on.
+    """
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        use_cpu()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size)
+    torch.manual_seed(seed)
+    if cuda:
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True,
+                                                      force_reset=True)
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+
+def destroy_parallel() -> None:
+    """Undo :func:`init_parallel`'s megatron state (the process group is left alone)."""
+    parallel_state.destroy_model_parallel()
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """``torch.nn.LayerNorm`` with megatron's norm constructor; sequence-parallel aware.
+
+    Under sequence parallelism each rank normalises its slice of the sequence, so the
+    gradients of the (replicated) weight and bias are partial sums: they are marked
+    ``sequence_parallel`` for the all-reduce over the tensor-parallel group, as
+    megatron's fused and Transformer Engine norms do.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
+                 **unused):
+        super().__init__(hidden_size, eps=eps)
+        for param in self.parameters():
+            param.sequence_parallel = config.sequence_parallel
+
+
+def block_spec(num_layers: int) -> ModuleSpec:
+    """The local (megatron-core only) GPT block spec with :class:`LayerNorm` everywhere."""
+    layer = get_gpt_layer_local_spec()
+    layer = dataclasses.replace(layer, submodules=dataclasses.replace(
+        layer.submodules, input_layernorm=LayerNorm, pre_mlp_layernorm=LayerNorm))
+    return ModuleSpec(
+        module=TransformerBlock,
+        submodules=TransformerBlockSubmodules(layer_specs=[layer] * num_layers,
+                                              layer_norm=LayerNorm),
+    )
+
+
+def tiny_gpt(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
+             max_seq_len: int, sequence_parallel: bool = False) -> GPTModel:
+    """A float32 GPT, no dropout, learned absolute positions, untied output layer.
+
+    Built on the CPU from the global torch seed (``use_cpu_initialization``), so the same
+    seed gives the same full model whatever the tensor-parallel size. Call after
+    :func:`init_parallel`; ``vocab_size`` (the padded one) must divide by the
+    tensor-parallel size, and so must the sequence length under sequence parallelism.
+    """
+    config = TransformerConfig(
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        num_attention_heads=num_heads,
+        ffn_hidden_size=4 * hidden_size,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        sequence_parallel=sequence_parallel,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+    )
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec(num_layers),
+        vocab_size=vocab_size,
+        max_sequence_length=max_seq_len,
+        share_embeddings_and_output_weights=False,
+    )
+
+
+def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
+    """megatron's ``[1, 1, s, s]`` boolean attention mask (True = not attended)."""
+    return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)[None, None]
+
+
+def positions(tokens: torch.Tensor) -> torch.Tensor:
+    """``[b, s]`` position ids ``0 .. s-1`` for ``[b, s]`` tokens."""
+    return torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+
+
+def broadcast_tp(tensor: torch.Tensor) -> torch.Tensor:
+    """Give every rank of the tensor-parallel group its first rank's ``tensor`` (in place)."""
+    dist.broadcast(tensor, parallel_state.get_tensor_model_parallel_src_rank(),
+                   group=parallel_state.get_tensor_model_parallel_group())
+    return tensor
+
+
+def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
+    """Sum, over the tensor-parallel group, the partial gradients of the parameters marked
+    ``sequence_parallel`` (norms, row-parallel biases), as megatron's
+    ``finalize_model_grads`` does; a no-op without sequence parallelism."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    for param in model.parameters():
+        if getattr(param, "sequence_parallel", False) and param.grad is not None:
+            dist.all_reduce(param.grad, group=group)

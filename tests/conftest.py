@@ -1,0 +1,18 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def eager(monkeypatch):
+    """Run the maths core without torch.compile."""
+    monkeypatch.setenv("EAOPD_COMPILE", "0")

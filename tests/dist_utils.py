@@ -1,0 +1,57 @@
+"""Spawn a gloo process group on this machine and run a test body in every rank."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, fn, world, port, compile_, args):
+    os.environ["EAOPD_COMPILE"] = "1" if compile_ else "0"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world: int, *args, compile_: bool = False) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` gloo processes; re-raise any failure."""
+    mp.spawn(_entry, args=(fn, world, _free_port(), compile_, args), nprocs=world, join=True)
+
+
+class CollectiveCounter:
+    """Counts the torch.distributed collectives called while active."""
+
+    NAMES = ("all_gather_into_tensor", "all_gather", "all_reduce", "reduce_scatter_tensor",
+             "broadcast", "reduce_scatter", "all_to_all_single")
+
+    def __enter__(self):
+        self.calls: list[str] = []
+        self._saved = {n: getattr(dist, n) for n in self.NAMES}
+        for name, fn in self._saved.items():
+            setattr(dist, name, self._wrap(name, fn))
+        return self
+
+    def _wrap(self, name, fn):
+        def counted(*a, **k):
+            self.calls.append(name)
+            return fn(*a, **k)
+        return counted
+
+    def __exit__(self, *exc):
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+        return False

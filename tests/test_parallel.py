@@ -1,0 +1,197 @@
+"""Vocab-parallel paths on gloo process groups against the single-device loss.
+
+Few spawns, each covering a grid: TP=4 on an explicit group, TP=2 through megatron-core's
+parallel_state (with sequence parallelism), TP=2 x DP=2.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_utils import CollectiveCounter, spawn
+from eaopd_mp import entropy_aware_opd_loss, fused_linear_eaopd_loss
+from eaopd_mp.parallel import fused_linear_vocab_parallel_eaopd_loss, vocab_parallel_eaopd_loss
+
+
+def _close(a, b, rtol=1e-5, atol=1e-6, msg=""):
+    scale = b.detach().abs().max().item() if b.numel() else 0.0
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol + rtol * scale, msg=lambda m: msg + m)
+
+
+def _data(seed, tokens=(4, 3), hid=8, t_hid=6, width=7, tp=4):
+    """The same full-size tensors on every rank (vocab = tp * width)."""
+    g = torch.Generator().manual_seed(seed)
+    v = tp * width
+    h = torch.randn(*tokens, hid, generator=g)
+    w = torch.randn(v, hid, generator=g)
+    b = torch.randn(v, generator=g)
+    th = torch.randn(*tokens, t_hid, generator=g)
+    tw = torch.randn(v, t_hid, generator=g) * 1.5
+    labels = (torch.rand(tokens, generator=g) > 0.3).float()
+    return h, w, b, th, tw, labels
+
+
+def _grad_out(loss):
+    return torch.ones(()) * 0.9 if loss.dim() == 0 else torch.linspace(-1, 1, loss.numel()).view(
+        loss.shape)
+
+
+def check_fused_case(rank, tp, group, *, reduction, tau, mask, vocab_size, bias, gate,
+                     teacher, seed=0, sp=False, chunk=4):
+    """One fused TP case against the single-device fused loss on the real vocabulary."""
+    h, w, b, th, tw, labels = _data(seed, tp=tp)
+    width = w.shape[0] // tp
+    real = vocab_size or w.shape[0]
+    labels = labels if mask else None
+    shard = slice(rank * width, (rank + 1) * width)
+    opts = dict(labels=labels, temperature=tau, reduction=reduction, chunk_size=chunk, **gate)
+    s_bias = b if bias else None
+
+    hl = (h.chunk(tp, 0)[rank] if sp else h).clone().requires_grad_()
+    wl, bl = w[shard].clone().requires_grad_(), b[shard].clone().requires_grad_()
+    t_kw = dict(teacher_hidden=th.chunk(tp, 0)[rank] if sp else th, teacher_weight=tw[shard]) \
+        if teacher == "linear" else dict(teacher_logits=(th @ tw.T)[..., shard])
+    loss = fused_linear_vocab_parallel_eaopd_loss(
+        hl, wl, student_bias=bl if bias else None, tp_group=group, vocab_size=vocab_size,
+        sequence_parallel=sp, **t_kw, **opts)
+    loss.backward(_grad_out(loss))
+
+    hr, wr, br = h.clone().requires_grad_(), w[:real].clone().requires_grad_(), \
+        b[:real].clone().requires_grad_()
+    ref = fused_linear_eaopd_loss(hr, wr, student_bias=br if bias else None,
+                                  teacher_logits=(th @ tw.T)[..., :real], **opts)
+    ref.backward(_grad_out(ref))
+    tag = f"[{reduction} tau={tau} mask={mask} V={vocab_size} bias={bias} {gate} {teacher}] "
+    _close(loss, ref, msg=tag)
+    _close(hl.grad, hr.grad.chunk(tp, 0)[rank] if sp else hr.grad, msg=tag + "grad h ")
+    want_w = torch.zeros_like(w)
+    want_w[:real] = wr.grad
+    _close(wl.grad, want_w[shard], msg=tag + "grad W ")
+    if bias:
+        want_b = torch.zeros_like(b)
+        want_b[:real] = br.grad
+        _close(bl.grad, want_b[shard], msg=tag + "grad b ")
+    del s_bias
+
+
+def check_logits_case(rank, tp, group, *, reduction, tau, mask, vocab_size, gate, seed=0):
+    """Logits-in TP against the single-device logits-in loss on the gathered logits."""
+    h, w, _, th, tw, labels = _data(seed, tp=tp)
+    width = w.shape[0] // tp
+    real = vocab_size or w.shape[0]
+    z_full, y_full = h @ w.T, th @ tw.T
+    shard = slice(rank * width, (rank + 1) * width)
+    opts = dict(labels=labels if mask else None, temperature=tau, reduction=reduction, **gate)
+    z = z_full[..., shard].clone().requires_grad_()
+    loss = vocab_parallel_eaopd_loss(z, y_full[..., shard], tp_group=group,
+                                     vocab_size=vocab_size, chunk_size=3, **opts)
+    with CollectiveCounter() as counter:
+        loss.backward(_grad_out(loss))
+    assert counter.calls == [], "logits-in backward must not communicate"
+    zr = z_full[..., :real].clone().requires_grad_()
+    ref = entropy_aware_opd_loss(zr, y_full[..., :real], **opts)
+    ref.backward(_grad_out(ref))
+    _close(loss, ref)
+    want = torch.zeros_like(z_full)
+    want[..., :real] = zr.grad
+    _close(z.grad, want[..., shard])
+
+
+GATES = [{}, {"h_max": 1.1}, {"gate": "threshold", "gate_threshold": 2.5},
+         {"gate": "fixed", "fkl_weight": 0.3}]
+
+
+def _tp4_worker(rank, world):
+    group = dist.new_group(list(range(world)))
+    grid = itertools.product(["batchmean", "sum", "mean", "none"], [1.0, 0.7], [False, True])
+    for i, (reduction, tau, mask) in enumerate(grid):
+        gate = GATES[i % len(GATES)]
+        vocab_size = 25 if i % 2 else None  # 28 padded to 25: the last shard has 4 real
+        check_fused_case(rank, world, group, reduction=reduction, tau=tau, mask=mask,
+                         vocab_size=vocab_size, bias=bool(i % 3), gate=gate,
+                         teacher="linear" if i % 4 < 2 else "logits")
+        check_logits_case(rank, world, group, reduction=reduction, tau=tau, mask=mask,
+                          vocab_size=vocab_size, gate=gate)
+    # A rank holding only padding (vocab 20 of 28: rank 3 has no real column).
+    check_fused_case(rank, world, group, reduction="sum", tau=0.8, mask=True, vocab_size=20,
+                     bias=True, gate={}, teacher="linear")
+    _check_collectives(rank, world, group)
+    _check_disagreement(rank, world, group)
+
+
+def _check_collectives(rank, world, group):
+    """Forward: a header + ONE all-gather per chunk. Backward: one all-reduce (fused)."""
+    h, w, _, th, tw, _ = _data(1, tokens=(10,), tp=world)
+    width = w.shape[0] // world
+    shard = slice(rank * width, (rank + 1) * width)
+    for reduction, chunk in (("sum", 4), ("none", 3)):
+        hl, wl = h.clone().requires_grad_(), w[shard].clone().requires_grad_()
+        with CollectiveCounter() as fwd:
+            loss = fused_linear_vocab_parallel_eaopd_loss(
+                hl, wl, teacher_hidden=th, teacher_weight=tw[shard], tp_group=group,
+                reduction=reduction, chunk_size=chunk)
+        with CollectiveCounter() as bwd:
+            loss.sum().backward()
+        n_chunks = -(-10 // chunk)
+        assert fwd.calls == ["all_gather_into_tensor"] * (1 + n_chunks), fwd.calls
+        assert bwd.calls == ["all_reduce"], bwd.calls
+
+
+def _check_disagreement(rank, world, group):
+    """Ranks with different token counts or shard widths all raise, none hangs."""
+    h, w, _, th, tw, _ = _data(2, tokens=(6,), tp=world)
+    n = 6 if rank else 5
+    with pytest.raises(ValueError, match="ranks disagree on tokens"):
+        fused_linear_vocab_parallel_eaopd_loss(h[:n], w[:7], teacher_hidden=th[:n],
+                                               teacher_weight=tw[:7], tp_group=group)
+    width = 7 if rank else 6
+    with pytest.raises(ValueError, match="shard width"):
+        vocab_parallel_eaopd_loss(torch.randn(4, width), torch.randn(4, width),
+                                  tp_group=group)
+
+
+def test_tp4_explicit_group():
+    spawn(_tp4_worker, 4)
+
+
+# --------------------------------------------------------------------- megatron-core
+
+
+def _megatron_worker(rank, world, tp, use_sp, compile_check):
+    from megatron.core import parallel_state
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    try:
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        dp_rank = parallel_state.get_data_parallel_rank()
+        group = None  # megatron-core's tensor-parallel group
+        for i, reduction in enumerate(["batchmean", "none", "sum"]):
+            check_fused_case(tp_rank, tp, group, reduction=reduction, tau=0.9, mask=True,
+                             vocab_size=13 if i == 1 else None, bias=i == 2, gate=GATES[i],
+                             teacher="linear", seed=10 + dp_rank, sp=use_sp)
+        if compile_check:
+            check_logits_case(tp_rank, tp, group, reduction="mean", tau=1.0, mask=True,
+                              vocab_size=None, gate={}, seed=dp_rank)
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_tp2_megatron_sequence_parallel():
+    """TP=2 through parallel_state with sequence parallelism, compiled kernels."""
+    pytest.importorskip("megatron.core")
+    spawn(_megatron_worker, 2, 2, True, True, compile_=True)
+
+
+def test_tp2_dp2_megatron():
+    """Two TP=2 groups side by side, each with its own data."""
+    pytest.importorskip("megatron.core")
+    spawn(_megatron_worker, 4, 2, False, False)
+
+
+def test_default_group_needs_megatron_initialised():
+    h, w = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(RuntimeError, match="not initialised|not installed"):
+        fused_linear_vocab_parallel_eaopd_loss(h, w, teacher_logits=torch.randn(3, 5))
