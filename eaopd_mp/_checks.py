@@ -39,7 +39,7 @@ def options(temperature: object, reduction: object, chunk_size: object = None) -
 
 def same_device(**tensors: torch.Tensor | None) -> None:
     """All given tensors live on one device."""
-    devices = {k: v.device for k, v in tensors.items() if v is not None}
+    devices = {k: v.device for k, v in tensors.items() if isinstance(v, torch.Tensor)}
     if len(set(devices.values())) > 1:
         where = ", ".join(f"{k} on {d}" for k, d in devices.items())
         raise ValueError(f"all tensors must be on the same device, got {where}")

@@ -209,8 +209,10 @@ class Kernel:
     """A core function run under ``torch.compile`` with a dynamic token dimension.
 
     The token dimension of the tensor arguments listed in ``dynamic`` (position -> dim)
-    is marked *unbacked*: chunks of any length, 0 and 1 included, share one graph per
-    (gate, tempered) pair. If compilation fails, one warning is issued and the eager
+    is marked dynamic, so chunks of any length share one graph per (gate, tempered)
+    pair. Sizes 0 and 1 would be specialised by the compiler: an empty chunk runs eagerly
+    and a one-token chunk is padded to two (its duplicate is dropped). Every output has
+    the token dimension first. If compilation fails, one warning is issued and the eager
     function is used from then on.
     """
 
@@ -221,12 +223,23 @@ class Kernel:
         self._failed = False
 
     def __call__(self, *args):
-        if self._failed or not compile_enabled():
+        pos, dim = next(iter(self.dynamic.items()))
+        n = args[pos].shape[dim]
+        if self._failed or not compile_enabled() or n == 0:
             return self.fn(*args)
+        if n == 1:
+            args = tuple(
+                torch.cat([a, a], d) if (d := self.dynamic.get(i)) is not None else a
+                for i, a in enumerate(args)
+            )
+            out = self(*args)
+            if isinstance(out, tuple):
+                return tuple(None if o is None else o[:1] for o in out)
+            return out[:1]
         if self._compiled is None:
             self._compiled = torch.compile(self.fn, fullgraph=True)
-        for pos, dim in self.dynamic.items():
-            torch._dynamo.decorators.mark_unbacked(args[pos], dim)
+        for i, d in self.dynamic.items():
+            torch._dynamo.maybe_mark_dynamic(args[i], d)
         try:
             return self._compiled(*args)
         except Exception as exc:  # noqa: BLE001 - any compiler failure falls back

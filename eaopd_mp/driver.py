@@ -303,7 +303,7 @@ class _EAOPDFunction(torch.autograd.Function):
             unit = torch.equal(grad_loss, torch.ones_like(grad_loss))
             grads = plan.student.grads(None if unit else grad_loss)
         else:
-            flat = grad_loss.reshape(-1).to(plan.dtype)
+            flat = grad_loss.reshape(-1).to(plan.dtype).contiguous()  # may be an expand
             scale = flat if plan.rows is None else flat[plan.rows]
             w = plan.kept_weight()
             if w is not None:

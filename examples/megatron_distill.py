@@ -103,9 +103,10 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 def pretrain_teacher(teacher, chain: torch.Tensor, args, device, generator) -> float:
     """Next-token cross entropy on chain samples (megatron's vocab-parallel CE).
-    Returns the last step's loss (nats per token)."""
+    Returns the last step's loss (nats per token), NaN when there are no steps."""
     optimizer = torch.optim.Adam(teacher.parameters(), lr=1e-2)
     mask = causal_mask(args.seq_len, device)
+    loss = torch.tensor(float("nan"))
     for _ in range(args.teacher_steps):
         seq = broadcast_tp(sample_chain(chain, args.batch_size, args.seq_len + 1,
                                         generator).to(device))

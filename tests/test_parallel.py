@@ -12,14 +12,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import formulas
 from dist_utils import CollectiveCounter, spawn
 from eaopd_mp import entropy_aware_opd_loss, fused_linear_eaopd_loss
 from eaopd_mp.parallel import fused_linear_vocab_parallel_eaopd_loss, vocab_parallel_eaopd_loss
+from formulas import close
 
-
-def _close(a, b, rtol=1e-5, atol=1e-6, msg=""):
-    scale = b.detach().abs().max().item() if b.numel() else 0.0
-    torch.testing.assert_close(a, b, rtol=rtol, atol=atol + rtol * scale, msg=lambda m: msg + m)
+_close = close
 
 
 def _data(seed, tokens=(4, 3), hid=8, t_hid=6, width=7, tp=4):
@@ -94,6 +93,12 @@ def check_logits_case(rank, tp, group, *, reduction, tau, mask, vocab_size, gate
     assert counter.calls == [], "logits-in backward must not communicate"
     zr = z_full[..., :real].clone().requires_grad_()
     ref = entropy_aware_opd_loss(zr, y_full[..., :real], **opts)
+    gate_kw = {"gate": "linear", **gate}
+    per_tok = formulas.per_token(z_full[..., :real], y_full[..., :real], temperature=tau,
+                                 **{k: v for k, v in gate_kw.items() if k != "gate"},
+                                 gate=gate_kw["gate"])
+    want_loss = formulas.reduce(per_tok, opts["labels"], reduction)
+    _close(loss.double(), want_loss, msg="independent formula: ")
     ref.backward(_grad_out(ref))
     _close(loss, ref)
     want = torch.zeros_like(z_full)

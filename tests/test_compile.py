@@ -1,0 +1,67 @@
+"""The compiled kernels: parity with eager, and no recompilation as lengths change."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch._dynamo.utils import counters
+
+from eaopd_mp import core, fused_linear_eaopd_loss
+from formulas import close
+
+
+def _step(n, reduction, chunk):
+    g = torch.Generator().manual_seed(n)
+    h = torch.randn(n, 16, generator=g, requires_grad=True)
+    w = torch.randn(300, 16, generator=g, requires_grad=True)
+    loss = fused_linear_eaopd_loss(h, w, teacher_hidden=torch.randn(n, 12, generator=g),
+                                   teacher_weight=torch.randn(300, 12, generator=g),
+                                   temperature=0.9, reduction=reduction, chunk_size=chunk)
+    loss.sum().backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def test_no_recompilation_as_lengths_change(monkeypatch):
+    monkeypatch.setenv("EAOPD_COMPILE", "1")
+    torch._dynamo.reset()
+    for reduction in ("sum", "none"):
+        _step(40, reduction, 16)  # warm-up: one graph per kernel
+    counters.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to eager would warn
+        for n in (1, 2, 3, 17, 33, 64, 100, 129):
+            for reduction in ("sum", "none"):
+                _step(n, reduction, 16 if n % 2 else 32)
+    assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
+    assert counters["frames"]["ok"] == 0 or counters["stats"]["unique_graphs"] == 0
+
+
+def test_compiled_equals_eager(monkeypatch):
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("EAOPD_COMPILE", flag)
+        results.append(_step(37, "sum", 8) + _step(21, "none", 8))
+    for a, b in zip(*results, strict=True):
+        close(a, b)
+
+
+def test_compile_failure_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setenv("EAOPD_COMPILE", "1")
+    kernel = core.Kernel(core.single_stats, {0: 0, 1: 0})
+
+    def broken(*a, **k):
+        def fail(*args):
+            raise RuntimeError("no compiler here")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    z, y = torch.randn(4, 9), torch.randn(4, 9)
+    params = torch.tensor([1.0, 0.5, 0.0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = kernel(z, y, params, "linear", True)
+        second = kernel(z, y, params, "linear", True)
+    assert sum("falling back to eager" in str(w.message) for w in caught) == 1
+    torch.testing.assert_close(first, core.single_stats(z, y, params, "linear", True))
+    torch.testing.assert_close(second, first)

@@ -1,0 +1,99 @@
+"""Bad input raises a clear ValueError/TypeError naming the argument, before any work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eaopd_mp import EntropyAwareOPDLoss, entropy_aware_opd_loss, fused_linear_eaopd_loss
+
+Z, Y = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
+H, W, TH, TW = torch.randn(2, 3, 5), torch.randn(11, 5), torch.randn(2, 3, 4), torch.randn(11, 4)
+
+
+def _fused(**kw):
+    args = dict(teacher_hidden=TH, teacher_weight=TW)
+    args.update(kw)
+    h, w = args.pop("h", H), args.pop("w", W)
+    return fused_linear_eaopd_loss(h, w, **args)
+
+
+LOGITS_CASES = [
+    (dict(teacher_logits=torch.randn(2, 3, 12)), ValueError, r"student_logits shape \(2, 3, 11\)"),
+    (dict(student_logits=torch.randint(0, 5, (2, 3, 11))), TypeError, "student_logits.*floating"),
+    (dict(teacher_logits=[1.0]), TypeError, "teacher_logits must be a torch.Tensor"),
+    (dict(labels=torch.ones(3, 2)), ValueError, r"labels shape \(3, 2\) != token shape \(2, 3\)"),
+    (dict(labels=[1, 0]), TypeError, "labels must be a torch.Tensor"),
+    (dict(temperature=0.0), ValueError, "temperature must be finite and > 0"),
+    (dict(temperature=float("inf")), ValueError, "temperature"),
+    (dict(temperature="1"), TypeError, "temperature must be a real number"),
+    (dict(h_max=0.0), ValueError, "h_max must be > 0"),
+    (dict(h_max=-1.0), ValueError, "h_max must be > 0"),
+    (dict(h_max=float("nan")), ValueError, "h_max must be finite"),
+    (dict(reduction="avg"), ValueError, "reduction must be one of"),
+    (dict(chunk_size=0), ValueError, "chunk_size must be > 0"),
+    (dict(chunk_size=2.5), TypeError, "chunk_size must be an int"),
+    (dict(gate="cosine"), ValueError, "gate must be one of"),
+    (dict(gate="fixed", fkl_weight=1.5), ValueError, r"fkl_weight must be in \[0, 1\]"),
+    (dict(gate="fixed", h_max=2.0), ValueError, "h_max does not apply to gate='fixed'"),
+    (dict(gate="threshold", gate_threshold=-0.1), ValueError, "gate_threshold must be >= 0"),
+    (dict(gate="threshold", fkl_coef=-1.0), ValueError, "fkl_coef must be >= 0"),
+    (dict(fkl_weight=0.5), ValueError, "fkl_weight does not apply to gate='linear'"),
+    (dict(gate="threshold", fkl_weight=0.5), ValueError, "does not apply to gate='threshold'"),
+]
+
+
+@pytest.mark.parametrize("kw,exc,match", LOGITS_CASES)
+def test_logits_in_bad_input(kw, exc, match):
+    kw = dict(kw)
+    z, y = kw.pop("student_logits", Z), kw.pop("teacher_logits", Y)
+    with pytest.raises(exc, match=match):
+        entropy_aware_opd_loss(z, y, **kw)
+
+
+FUSED_CASES = [
+    (dict(h=torch.randn(2, 3, 6)), ValueError, r"student_hidden width 6 .* student_weight width 5"),
+    (dict(w=torch.randn(11, 5, 1)), ValueError, r"student_weight must be \(vocab, hidden\)"),
+    (dict(h=H.double()), TypeError, "student_hidden dtype torch.float64 != student_weight"),
+    (dict(student_bias=torch.randn(10)), ValueError, r"student_bias shape \(10,\) != \(11,\)"),
+    (dict(teacher_hidden=None, teacher_weight=None), ValueError, "teacher is missing"),
+    (dict(teacher_logits=Y), ValueError, "not both"),
+    (dict(teacher_weight=None), ValueError, "must be given together"),
+    (dict(teacher_weight=torch.randn(12, 4)), ValueError, "teacher_weight vocab 12"),
+    (dict(teacher_hidden=torch.randn(2, 4, 4)), ValueError, r"teacher_hidden token shape \(2, 4\)"),
+    (dict(teacher_hidden=torch.randn(2, 3, 3)), ValueError, "teacher_hidden width 3"),
+    (dict(teacher_hidden=None, teacher_weight=None, teacher_logits=torch.randn(2, 3, 10)),
+     ValueError, r"teacher_logits shape \(2, 3, 10\) != \(2, 3, 11\)"),
+    (dict(teacher_hidden=None, teacher_weight=None, teacher_logits=Y,
+          teacher_bias=torch.randn(11)), ValueError, "teacher_bias only applies"),
+    (dict(labels=torch.ones(6)), ValueError, r"labels shape \(6,\) != token shape \(2, 3\)"),
+    (dict(temperature=-2), ValueError, "temperature"),
+    (dict(reduction=None), ValueError, "reduction"),
+    (dict(h=torch.randint(0, 3, (2, 3, 5))), TypeError, "student_hidden must be a floating"),
+    (dict(labels=torch.ones(2, 3, device="meta")), ValueError, "same device"),
+]
+
+
+@pytest.mark.parametrize("kw,exc,match", FUSED_CASES)
+def test_fused_bad_input(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        _fused(**kw)
+
+
+def test_errors_come_before_any_work(monkeypatch):
+    """Validation runs before the driver is reached."""
+    import eaopd_mp.loss as loss_mod
+
+    def boom(*a, **k):
+        raise AssertionError("work started before validation")
+
+    monkeypatch.setattr(loss_mod, "finish", boom)
+    with pytest.raises(ValueError):
+        _fused(temperature=0.0)
+    with pytest.raises(ValueError):
+        entropy_aware_opd_loss(Z, Y, reduction="bad")
+
+
+def test_module_validates_too():
+    with pytest.raises(ValueError, match="reduction"):
+        EntropyAwareOPDLoss(reduction="bad")(Z, Y)
