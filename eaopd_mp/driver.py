@@ -49,6 +49,7 @@ class Head(Protocol):
     """Makes ``(rows, v)`` logits and accumulates their gradient."""
 
     def logits(self, rows) -> torch.Tensor: ...
+    def release(self) -> None: ...
     def start_grad(self) -> None: ...
     def add_grad(self, grad: torch.Tensor, rows) -> None: ...
     def grads(self, factor: torch.Tensor | None) -> tuple: ...
@@ -64,9 +65,16 @@ class LogitsHead:
         self.cols = self.width if cols is None else cols
         self.need_grad = need_grad
         self.grad: torch.Tensor | None = None
+        self.buf: torch.Tensor | None = None
 
     def logits(self, rows) -> torch.Tensor:
-        return self.x[rows, : self.cols]
+        if isinstance(rows, slice):
+            return self.x[rows, : self.cols]  # a view, nothing to copy
+        out = _buffer(self, rows.numel(), self.x)
+        return torch.index_select(self.x[:, : self.cols], 0, rows, out=out)
+
+    def release(self) -> None:
+        self.buf = None
 
     def start_grad(self) -> None:
         self.grad = torch.zeros_like(self.x) if self.need_grad else None
@@ -93,12 +101,18 @@ class LinearHead:
         self.cols = self.width if cols is None else cols
         self.need = need
         self.grad_h = self.grad_w = self.grad_b = None
+        self.buf: torch.Tensor | None = None
 
     def logits(self, rows) -> torch.Tensor:
+        h = self.h[rows]
+        out = _buffer(self, h.shape[0], self.w)
         w = self.w[: self.cols]
         if self.b is None:
-            return self.h[rows] @ w.t()
-        return torch.addmm(self.b[: self.cols], self.h[rows], w.t())
+            return torch.mm(h, w.t(), out=out)
+        return torch.addmm(self.b[: self.cols], h, w.t(), out=out)
+
+    def release(self) -> None:
+        self.buf = None
 
     def start_grad(self) -> None:
         need_h, need_w, need_b = self.need
@@ -129,6 +143,17 @@ class LinearHead:
             _scaled(self.grad_w, factor, self.w.dtype),
             _scaled(self.grad_b, factor, None if self.b is None else self.b.dtype),
         )
+
+
+def _buffer(head, n: int, like: torch.Tensor) -> torch.Tensor:
+    """The head's reusable ``(n, cols)`` logits buffer (allocated once per call).
+
+    Fresh ``(chunk, V)`` tensors per chunk cost more than the maths on CPU: buffers this
+    large are mmapped and page-faulted anew on every allocation.
+    """
+    if head.buf is None or head.buf.shape[0] < n:
+        head.buf = like.new_empty((n, head.cols))
+    return head.buf[:n]
 
 
 def _scaled(x, factor, dtype=None):
@@ -241,6 +266,8 @@ def run_forward(plan: Plan, scale: torch.Tensor | None) -> torch.Tensor:
         stats[lo:hi], grad = _chunk(plan, z, y, s)
         if grad is not None:
             student.add_grad(grad, rows)
+    student.release()
+    teacher.release()
     return stats
 
 
@@ -253,6 +280,8 @@ def run_backward(plan: Plan, stats: torch.Tensor, scale: torch.Tensor) -> None:
             continue
         grad = core.grad_kernel(z, y, stats[lo:hi], scale[lo:hi], plan.params)
         student.add_grad(grad, rows)
+    student.release()
+    teacher.release()
 
 
 def _device(head) -> torch.device:

@@ -32,8 +32,8 @@ class Gate:
     """A resolved gate: its kind and two float parameters.
 
     ``p1``/``p2`` are ``1/h_max`` and unused for "linear", ``gate_threshold`` and
-    ``fkl_coef`` for "threshold", ``fkl_weight`` and unused for "fixed". Plain floats so
-    that the compiled kernels specialise on them once.
+    ``fkl_coef`` for "threshold", ``fkl_weight`` and unused for "fixed". The kernels get
+    them as a tensor (``core.make_params``), so new values never recompile.
     """
 
     kind: str
@@ -111,13 +111,13 @@ def resolve_gate(
 
 
 def gate_weights(
-    entropy: torch.Tensor, kind: str, p1: float, p2: float
+    entropy: torch.Tensor, kind: str, p1: float | torch.Tensor, p2: float | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token mixing weights ``(a, b)`` from the untempered teacher entropy.
 
     Args:
         entropy: ``(n,)`` float32 teacher entropy in nats.
-        kind, p1, p2: the fields of a :class:`Gate` (plain values, so this traces well).
+        kind, p1, p2: the fields of a :class:`Gate`; ``p1``/``p2`` floats or 0-d tensors.
     Returns:
         ``a`` (forward-KL weight) and ``b`` (reverse-KL weight), each ``(n,)`` float32.
     """
@@ -127,5 +127,5 @@ def gate_weights(
     if kind == "threshold":
         a = (entropy >= p1).to(entropy.dtype) * p2
         return a, torch.ones_like(entropy)
-    a = torch.full_like(entropy, p1)
+    a = torch.zeros_like(entropy) + p1  # p1 may be a 0-d tensor (traced, no recompiles)
     return a, 1.0 - a

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from eaopd_mp import core, fused_linear_eaopd_loss
+from eaopd_mp import core, entropy_aware_opd_loss, fused_linear_eaopd_loss
 from formulas import close
 
 
@@ -35,6 +36,25 @@ def test_no_recompilation_as_lengths_change(monkeypatch):
                 _step(n, reduction, 16 if n % 2 else 32)
     assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
     assert counters["frames"]["ok"] == 0 or counters["stats"]["unique_graphs"] == 0
+
+
+@pytest.mark.parametrize("gate_kw", [dict(gate="linear", h_max=3.0),
+                                     dict(gate="threshold", gate_threshold=4.0),
+                                     dict(gate="fixed", fkl_weight=0.3)])
+def test_every_gate_compiles_and_matches_eager(monkeypatch, gate_kw):
+    """No silent fallback: compilation warnings are errors here."""
+    z, y = torch.randn(9, 70), torch.randn(9, 70) * 3
+    out = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("EAOPD_COMPILE", flag)
+        zg = z.clone().requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            loss = entropy_aware_opd_loss(zg, y, temperature=0.8, chunk_size=4, **gate_kw)
+            loss.backward()
+        out.append((loss.detach(), zg.grad))
+    for a, b in zip(*out, strict=True):
+        close(a, b)
 
 
 def test_compiled_equals_eager(monkeypatch):
