@@ -205,15 +205,21 @@ def compile_enabled() -> bool:
     return os.environ.get("EAOPD_COMPILE", "1").lower() not in ("0", "false", "off", "no")
 
 
+# Graphs one kernel may legitimately need: gate (3) x tempered (2) x dtype x device.
+RECOMPILE_LIMIT = 64
+
+
 class Kernel:
     """A core function run under ``torch.compile`` with a dynamic token dimension.
 
     The token dimension of the tensor arguments listed in ``dynamic`` (position -> dim)
-    is marked dynamic, so chunks of any length share one graph per (gate, tempered)
-    pair. Sizes 0 and 1 would be specialised by the compiler: an empty chunk runs eagerly
-    and a one-token chunk is padded to two (its duplicate is dropped). Every output has
-    the token dimension first. If compilation fails, one warning is issued and the eager
-    function is used from then on.
+    is marked dynamic, so chunks of any length share one graph per (gate, tempered,
+    dtype, device); dynamo's per-function limit is raised to ``RECOMPILE_LIMIT`` for
+    these calls only, as those combinations can exceed its default of 8. Sizes 0 and 1
+    would be specialised by the compiler: an empty chunk runs eagerly and a one-token
+    chunk is padded to two (its duplicate is dropped). Every output has the token
+    dimension first. If compilation fails, one warning is issued and the eager function
+    is used from then on.
     """
 
     def __init__(self, fn: Callable, dynamic: dict[int, int]):
@@ -241,7 +247,8 @@ class Kernel:
         for i, d in self.dynamic.items():
             torch._dynamo.maybe_mark_dynamic(args[i], d)
         try:
-            return self._compiled(*args)
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                return self._compiled(*args)
         except Exception as exc:  # noqa: BLE001 - any compiler failure falls back
             self._failed = True
             warnings.warn(

@@ -27,6 +27,11 @@ _HEADER = ("tokens", "kept tokens", "shard width", "chunk_size", "vocab_size",
            "1/temperature", "gate p1", "gate p2", "gate", "reduction")
 
 
+def _collective(new: str, old: str):
+    """torch >= 2.13 renamed the single-tensor collectives; older releases have ``old``."""
+    return getattr(dist, new, None) or getattr(dist, old)
+
+
 def default_group():
     """Megatron's tensor-parallel group; a clear error if it is not initialised."""
     try:
@@ -63,7 +68,7 @@ class TPCombiner:
         """``(n, ...)`` on each rank -> ``(tp * n, ...)`` (rank-major)."""
         x = x.contiguous()
         out = x.new_empty((self.size * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x, group=self.group)
+        _collective("all_gather_single", "all_gather_into_tensor")(out, x, group=self.group)
         return out
 
     def gather(self, parts: torch.Tensor) -> torch.Tensor:
@@ -81,7 +86,8 @@ class TPCombiner:
             return grads
         if self.sequence_parallel:
             out = grad_h.new_empty((grad_h.shape[0] // self.size, *grad_h.shape[1:]))
-            dist.reduce_scatter_tensor(out, grad_h.contiguous(), group=self.group)
+            _collective("reduce_scatter_single", "reduce_scatter_tensor")(
+                out, grad_h.contiguous(), group=self.group)
             grad_h = out
         else:
             grad_h = grad_h.clone()  # the saved gradient may be used by another backward

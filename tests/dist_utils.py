@@ -35,12 +35,14 @@ def spawn(fn, world: int, *args, compile_: bool = False) -> None:
 class CollectiveCounter:
     """Counts the torch.distributed collectives called while active."""
 
-    NAMES = ("all_gather_into_tensor", "all_gather", "all_reduce", "reduce_scatter_tensor",
-             "broadcast", "reduce_scatter", "all_to_all_single")
+    NAMES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce",
+             "reduce_scatter_single", "reduce_scatter_tensor", "broadcast", "reduce_scatter",
+             "all_to_all_single")
 
     def __enter__(self):
         self.calls: list[str] = []
-        self._saved = {n: getattr(dist, n) for n in self.NAMES}
+        self._depth = 0
+        self._saved = {n: getattr(dist, n) for n in self.NAMES if hasattr(dist, n)}
         for name, fn in self._saved.items():
             setattr(dist, name, self._wrap(name, fn))
         return self
@@ -48,7 +50,11 @@ class CollectiveCounter:
     def _wrap(self, name, fn):
         def counted(*a, **k):
             self.calls.append(name)
-            return fn(*a, **k)
+            self._depth += 1  # a deprecated alias calling its successor counts once
+            try:
+                return fn(*a, **k) if self._depth == 1 else self._saved[name](*a, **k)
+            finally:
+                self._depth -= 1
         return counted
 
     def __exit__(self, *exc):

@@ -1,0 +1,107 @@
+"""Which cases a run measures.
+
+``main``: time and memory against tokens at two vocabulary sizes, then hidden size and
+chunk size; ``--quick`` keeps a small tokens sweep. ``issue2``: the acceptance numbers
+of the fused loss against the GEMM floor (CPU, fp32, V = 32000).
+
+CPU sweeps use a small hidden size: on two cores the GEMMs of a realistic one (4096)
+would take minutes per step, and a small one shows the overhead of the loss itself
+above the GEMM floor most clearly. CUDA sweeps use H = 4096.
+"""
+
+from __future__ import annotations
+
+from cases import Case
+from impls import IMPLS, TP_IMPL
+
+from eaopd_mp.driver import default_chunk_size
+
+ALL = tuple(IMPLS)
+CHUNKED = ("eaopd_fused", "eaopd_fused_recompute", TP_IMPL, "floor_chunked", "liger_jsd",
+           "liger_eaopd")
+ISSUE2 = ("eaopd_fused", "floor", "floor_chunked", "naive_compiled", "liger_eaopd")
+V32K, V128K = 32000, 128256
+TOKENS_1K_64K = tuple(2**k for k in range(10, 17))
+
+
+def default_chunk(vocab: int) -> int:
+    """The chunk ``eaopd_mp`` picks for this vocabulary; every chunked impl uses it."""
+    return default_chunk_size(vocab)
+
+
+def _sweep(name, x, device, dtype, values, *, tokens=None, hidden=None, vocab=None,
+           chunk=None, impls=ALL) -> list[Case]:
+    """Cases varying ``x`` over ``values``, the other fields fixed."""
+    cases = []
+    for value in values:
+        fields = dict(tokens=tokens, hidden=hidden, vocab=vocab, chunk=chunk)
+        fields[x] = value
+        if fields["chunk"] is None:
+            fields["chunk"] = default_chunk(fields["vocab"])
+        cases.append(Case(sweep=name, x=x, device=device, dtype=dtype, impls=impls, **fields))
+    return cases
+
+
+def main_suite(device: str, dtype: str, quick: bool) -> list[Case]:
+    """The sweeps of the README's Performance section.
+
+    On CPU (estimated at about 40 min on 2 idle cores) the 64k-token point of the
+    V = 32000 sweep runs only the fused loss and the chunked floor: every implementation
+    there would take ~20 min, and the point is to show that the fused loss keeps its
+    ratio to the floor and its flat memory.
+    """
+    cuda = device == "cuda"
+    hidden = 4096 if cuda else 128
+    if quick:
+        tokens = (1024, 4096, 16384) if cuda else (256, 512, 1024)
+        vocab = V128K if cuda else V32K
+        return _sweep(f"tokens-V{vocab}", "tokens", device, dtype, tokens, hidden=hidden,
+                      vocab=vocab)
+    if cuda:
+        return (
+            _sweep(f"tokens-V{V32K}", "tokens", device, dtype, TOKENS_1K_64K, hidden=hidden,
+                   vocab=V32K)
+            + _sweep(f"tokens-V{V128K}", "tokens", device, dtype, TOKENS_1K_64K,
+                     hidden=hidden, vocab=V128K)
+            + _sweep("hidden", "hidden", device, dtype, (1024, 2048, 4096, 8192),
+                     tokens=8192, vocab=V128K)
+            + _sweep("chunk", "chunk", device, dtype, (64, 256, 1024, 4096), tokens=16384,
+                     hidden=hidden, vocab=V128K, impls=CHUNKED)
+        )
+    return (
+        _sweep(f"tokens-V{V32K}", "tokens", device, dtype, (1024, 4096, 16384),
+               hidden=hidden, vocab=V32K)
+        + _sweep(f"tokens-V{V32K}", "tokens", device, dtype, (65536,), hidden=hidden,
+                 vocab=V32K, impls=("eaopd_fused", "floor_chunked"))
+        + _sweep(f"tokens-V{V128K}", "tokens", device, dtype, (1024, 4096), hidden=hidden,
+                 vocab=V128K)
+        + _sweep("hidden", "hidden", device, dtype, (64, 256, 1024), tokens=1024, vocab=V32K)
+        + _sweep("chunk", "chunk", device, dtype, (64, 256, 1024, 4096), tokens=4096,
+                 hidden=hidden, vocab=V32K, impls=CHUNKED)
+    )
+
+
+def issue2_suite() -> list[Case]:
+    """Issue 2's acceptance: CPU, fp32, V = 32000.
+
+    The fused loss, the GEMM floor (whole and chunked), ``torch.compile`` of the naive
+    loss and EAOPD on Liger's base class at (N, H) = (2048, 512) and (4096, 128); then
+    the fused loss's peak memory at H = 64 for N = 4k, 16k, 64k (it must not grow).
+    """
+    cases = []
+    for tokens, hidden in ((2048, 512), (4096, 128)):
+        cases += _sweep(f"issue2-H{hidden}", "tokens", "cpu", "fp32", (tokens,),
+                        hidden=hidden, vocab=V32K, impls=ISSUE2)
+    cases += _sweep("issue2-flat-H64", "tokens", "cpu", "fp32", (4096, 16384, 65536),
+                    hidden=64, vocab=V32K, impls=("eaopd_fused",))
+    return cases
+
+
+def custom_sweep(device: str, dtype: str, tokens: tuple[int, ...], hidden: int, vocab: int,
+                 chunk: int | None = None) -> list[Case]:
+    """One tokens sweep at the given shapes (``--tokens``), every implementation."""
+    return _sweep(f"tokens-V{vocab}", "tokens", device, dtype, tokens, hidden=hidden,
+                  vocab=vocab, chunk=chunk)
+
+
+SUITES = {"main": main_suite, "issue2": issue2_suite}
