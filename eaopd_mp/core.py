@@ -175,17 +175,26 @@ def single_stats(z, y, params, kind: str, untempered: bool) -> torch.Tensor:
     return combine_stats(partial_stats(z, y, params, untempered).unsqueeze(0), params, kind)
 
 
-def single_grad(z, y, scale, params, kind: str, untempered: bool):
-    """One device: ``(n, 7)`` statistics and the ``(n, v)`` gradient of a chunk."""
+def single_grad_(z, y, scale, params, kind: str, untempered: bool) -> torch.Tensor:
+    """One device: ``(n, 7)`` statistics; the gradient overwrites ``z`` (a buffer of ours)."""
     stats = single_stats(z, y, params, kind, untempered)
-    return stats, grad_logits(z, y, stats, scale, params)
+    z.copy_(grad_logits(z, y, stats, scale, params))
+    return stats
 
 
-def shard_grad(z, y, parts, scale, params, kind: str):
-    """Column shards: combine the gathered ``(k, n, 6)`` partials, then the local gradient."""
+def shard_grad_(z, y, parts, scale, params, kind: str) -> torch.Tensor:
+    """Column shards: combine the gathered ``(k, n, 6)`` partials into ``(n, 7)``
+    statistics; the local gradient overwrites ``z``."""
     torch._check(parts.shape[1] == z.shape[0])
     stats = combine_stats(parts, params, kind)
-    return stats, grad_logits(z, y, stats, scale, params)
+    z.copy_(grad_logits(z, y, stats, scale, params))
+    return stats
+
+
+def grad_logits_(z, y, stats, scale, params) -> torch.Tensor:
+    """:func:`grad_logits` written over ``z``; returns ``stats`` (a kernel needs an output)."""
+    z.copy_(grad_logits(z, y, stats, scale, params))
+    return stats
 
 
 def make_params(temperature: float, gate: Gate, dtype: torch.dtype, device) -> torch.Tensor:
@@ -217,9 +226,9 @@ class Kernel:
     dtype, device); dynamo's per-function limit is raised to ``RECOMPILE_LIMIT`` for
     these calls only, as those combinations can exceed its default of 8. Sizes 0 and 1
     would be specialised by the compiler: an empty chunk runs eagerly and a one-token
-    chunk is padded to two (its duplicate is dropped). Every output has the token
-    dimension first. If compilation fails, one warning is issued and the eager function
-    is used from then on.
+    chunk is padded to two (its duplicate is dropped). A kernel returns one tensor with
+    the token dimension first. If compilation fails, one warning is issued and the eager
+    function is used from then on.
     """
 
     def __init__(self, fn: Callable, dynamic: dict[int, int]):
@@ -234,13 +243,12 @@ class Kernel:
         if self._failed or not compile_enabled() or n == 0:
             return self.fn(*args)
         if n == 1:
-            args = tuple(
+            padded = tuple(
                 torch.cat([a, a], d) if (d := self.dynamic.get(i)) is not None else a
                 for i, a in enumerate(args)
             )
-            out = self(*args)
-            if isinstance(out, tuple):
-                return tuple(None if o is None else o[:1] for o in out)
+            out = self(*padded)
+            args[0].copy_(padded[0][:1])  # in-place kernels wrote over their first argument
             return out[:1]
         if self._compiled is None:
             self._compiled = torch.compile(self.fn, fullgraph=True)
@@ -260,8 +268,10 @@ class Kernel:
             return self.fn(*args)
 
 
+# Kernels whose name ends in "_" write the gradient over their first argument, the
+# student logits buffer: a (chunk, V) allocation per chunk costs more than the maths.
 stats_kernel = Kernel(single_stats, {0: 0, 1: 0})
-fwd_grad_kernel = Kernel(single_grad, {0: 0, 1: 0, 2: 0})
+fwd_grad_kernel_ = Kernel(single_grad_, {0: 0, 1: 0, 2: 0})
 partial_kernel = Kernel(partial_stats, {0: 0, 1: 0})
-shard_grad_kernel = Kernel(shard_grad, {0: 0, 1: 0, 2: 1, 3: 0})
-grad_kernel = Kernel(grad_logits, {0: 0, 1: 0, 2: 0, 3: 0})
+shard_grad_kernel_ = Kernel(shard_grad_, {0: 0, 1: 0, 2: 1, 3: 0})
+grad_kernel_ = Kernel(grad_logits_, {0: 0, 1: 0, 2: 0, 3: 0})

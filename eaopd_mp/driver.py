@@ -24,7 +24,7 @@ from . import core
 from .gates import Gate
 
 # Working-set target of one chunk: about this many bytes of float32 (chunk, V) tensors.
-CHUNK_BYTES = 32 * 2**20
+CHUNK_BYTES = 64 * 2**20
 MAX_CHUNK = 4096
 
 
@@ -68,8 +68,10 @@ class LogitsHead:
         self.buf: torch.Tensor | None = None
 
     def logits(self, rows) -> torch.Tensor:
+        """A copy in the head's buffer: the gradient kernels overwrite the student's."""
         if isinstance(rows, slice):
-            return self.x[rows, : self.cols]  # a view, nothing to copy
+            src = self.x[rows, : self.cols]
+            return _buffer(self, src.shape[0], self.x).copy_(src)
         out = _buffer(self, rows.numel(), self.x)
         return torch.index_select(self.x[:, : self.cols], 0, rows, out=out)
 
@@ -122,6 +124,7 @@ class LinearHead:
         self.grad_b = torch.zeros(self.w.shape[0], **acc) if need_b and self.b is not None else None
 
     def add_grad(self, grad: torch.Tensor, rows) -> None:
+        """``grad``: the chunk's ``(n, cols)`` logits gradient, in the weight's dtype."""
         g = grad.to(self.w.dtype)
         if self.grad_h is not None:
             if isinstance(rows, slice):
@@ -135,7 +138,7 @@ class LinearHead:
             else:
                 gw.add_(g.t() @ self.h[rows])
         if self.grad_b is not None:
-            self.grad_b[: self.cols].add_(grad.sum(0))
+            self.grad_b[: self.cols].add_(g.sum(0, dtype=self.grad_b.dtype))
 
     def grads(self, factor: torch.Tensor | None) -> tuple:
         return (
@@ -238,21 +241,21 @@ def _empty_partial(n: int, dtype, device) -> torch.Tensor:
 
 
 def _chunk(plan: Plan, z, y, scale):
-    """Statistics ``(n, 7)`` and the gradient (None without ``scale``) of one chunk."""
+    """Statistics ``(n, 7)`` of one chunk; with ``scale``, the gradient is written over
+    ``z`` (the student head's buffer) and ``z`` is returned as the gradient."""
     kind, untempered, params = plan.gate.kind, plan.inv_tau == 1.0, plan.params
     if plan.combiner is None:
         if scale is None:
             return core.stats_kernel(z, y, params, kind, untempered), None
-        return core.fwd_grad_kernel(z, y, scale, params, kind, untempered)
+        return core.fwd_grad_kernel_(z, y, scale, params, kind, untempered), z
     if z.shape[1] == 0:
         parts = _empty_partial(z.shape[0], plan.dtype, z.device)
     else:
         parts = core.partial_kernel(z, y, params, untempered)
     gathered = plan.combiner.gather(parts)
     if scale is None or z.shape[1] == 0:
-        stats = core.combine_stats(gathered, params, kind)
-        return stats, (None if scale is None else torch.zeros_like(z, dtype=plan.dtype))
-    return core.shard_grad_kernel(z, y, gathered, scale, params, kind)
+        return core.combine_stats(gathered, params, kind), (None if scale is None else z)
+    return core.shard_grad_kernel_(z, y, gathered, scale, params, kind), z
 
 
 def run_forward(plan: Plan, scale: torch.Tensor | None) -> torch.Tensor:
@@ -278,8 +281,8 @@ def run_backward(plan: Plan, stats: torch.Tensor, scale: torch.Tensor) -> None:
         z, y = student.logits(rows), teacher.logits(rows)
         if z.shape[1] == 0:
             continue
-        grad = core.grad_kernel(z, y, stats[lo:hi], scale[lo:hi], plan.params)
-        student.add_grad(grad, rows)
+        core.grad_kernel_(z, y, stats[lo:hi], scale[lo:hi], plan.params)
+        student.add_grad(z, rows)
     student.release()
     teacher.release()
 
