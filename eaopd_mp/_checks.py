@@ -72,6 +72,15 @@ def logits_pair(student: object, teacher: object, name_t: str = "teacher_logits"
         )
 
 
+def logits_inputs(student, teacher, labels_, temperature, reduction, chunk_size):
+    """Every check of a logits-in call; returns ``(token_shape, labels, temperature)``."""
+    logits_pair(student, teacher)
+    same_device(student_logits=student, teacher_logits=teacher, labels=labels_)
+    token_shape = student.shape[:-1]
+    return token_shape, labels(labels_, token_shape), options(temperature, reduction,
+                                                              chunk_size)
+
+
 def linear(prefix: str, hidden: object, weight: object, bias: object) -> None:
     """Hidden ``(..., H)``, weight ``(V, H)``, bias ``(V,)`` of one linear head."""
     tensor(f"{prefix}_hidden", hidden, min_dim=1)

@@ -104,12 +104,8 @@ def entropy_aware_opd_loss(
     Returns:
         float32 loss, or ``(loss, stats)``.
     """
-    _checks.logits_pair(student_logits, teacher_logits)
-    _checks.same_device(student_logits=student_logits, teacher_logits=teacher_logits,
-                        labels=labels)
-    token_shape = student_logits.shape[:-1]
-    labels = _checks.labels(labels, token_shape)
-    tau = _checks.options(temperature, reduction, chunk_size)
+    token_shape, labels, tau = _checks.logits_inputs(student_logits, teacher_logits, labels,
+                                                     temperature, reduction, chunk_size)
     vocab = student_logits.shape[-1]
     g = resolve_gate(gate, vocab, h_max=h_max, gate_threshold=gate_threshold,
                      fkl_coef=fkl_coef, fkl_weight=fkl_weight)

@@ -176,12 +176,8 @@ def vocab_parallel_eaopd_loss(
         The same value on every rank: equal to the single-device loss on the gathered
         logits. Backward needs no communication.
     """
-    _checks.logits_pair(student_logits, teacher_logits)
-    _checks.same_device(student_logits=student_logits, teacher_logits=teacher_logits,
-                        labels=labels)
-    token_shape = student_logits.shape[:-1]
-    labels = _checks.labels(labels, token_shape)
-    tau = _checks.options(temperature, reduction, chunk_size)
+    token_shape, labels, tau = _checks.logits_inputs(student_logits, teacher_logits, labels,
+                                                     temperature, reduction, chunk_size)
     width = student_logits.shape[-1]
     combiner, vocab_size, cols = _resolve(tp_group, width, vocab_size, False)
     g = resolve_gate(gate, vocab_size, h_max=h_max, gate_threshold=gate_threshold,
