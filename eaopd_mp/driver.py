@@ -23,20 +23,19 @@ import torch
 from . import core
 from .gates import Gate
 
-# Working-set target of one chunk: about this many bytes of float32 (chunk, V) tensors.
+# Size of one float32 (chunk, V) buffer that the default chunk size aims for.
 CHUNK_BYTES = 64 * 2**20
 MAX_CHUNK = 4096
 
 
 def default_chunk_size(vocab: int) -> int:
-    """Tokens per chunk so that one ``(chunk, V)`` float32 tensor is about 32 MiB.
+    """Tokens per chunk so that one ``(chunk, V)`` float32 tensor is about 64 MiB.
 
-    The kernels work in float32 whatever the input dtype, so only ``V`` matters.
-
-    The live set of a chunk is about four such tensors (student and teacher logits in
-    the input dtype, the float32 gradient and its copy in the input dtype), so the
-    working memory is bounded by ~4 x 32 MiB whatever the number of tokens. A power of
-    two between 16 and 4096.
+    A chunk's live set is two such buffers, reused for every chunk of a call: the
+    student's logits (overwritten by their gradient) and the teacher's; the compiled
+    kernels keep their temporaries per row. So the working memory is about 2 x 64 MiB
+    (half that for 16-bit inputs) whatever the number of tokens: 512 tokens at V = 32k,
+    128 at V = 128k. A power of two between 16 and 4096.
     """
     rows = max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
     size = 16
