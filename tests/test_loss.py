@@ -302,3 +302,46 @@ def test_return_stats_are_masked_means():
     assert stats["gate"] == "linear" and stats["h_max"] == 2.0
     assert all(not v.requires_grad for v in stats.values() if isinstance(v, torch.Tensor))
     assert loss.requires_grad
+
+
+def test_non_contiguous_inputs():
+    h0 = torch.randn(7, 3, 10).transpose(0, 1)  # (3, 7, 10), not contiguous
+    w0 = torch.randn(10, 23).t()  # (23, 10), not contiguous
+    th, tw = torch.randn(3, 7, 6), torch.randn(23, 6)
+    h, w = h0.requires_grad_(), w0.requires_grad_()  # leaves with strided layouts
+    hr = h0.detach().contiguous().requires_grad_()
+    wr = w0.detach().contiguous().requires_grad_()
+    loss = fused_linear_eaopd_loss(h, w, teacher_hidden=th, teacher_weight=tw, chunk_size=4)
+    ref = reference_eaopd_loss(hr @ wr.T, th @ tw.T)
+    loss.backward()
+    ref.backward()
+    assert not h.is_contiguous() and not w.is_contiguous()
+    _close(loss, ref)
+    _close(h.grad, hr.grad)
+    _close(w.grad, wr.grad)
+
+
+def test_bf16_teacher_with_fp32_student():
+    z = torch.randn(4, 5, 31, requires_grad=True)
+    y = (torch.randn(4, 5, 31) * 2).bfloat16()
+    zr = z.detach().clone().requires_grad_()
+    loss = entropy_aware_opd_loss(z, y, temperature=0.9)
+    ref = reference_eaopd_loss(zr, y.float(), temperature=0.9)
+    loss.backward()
+    ref.backward()
+    _close(loss, ref)
+    _close(z.grad, zr.grad)
+    assert z.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_single_token_without_batch_dims(reduction):
+    z, y = torch.randn(13, requires_grad=True), torch.randn(13)
+    zr = z.detach().clone().requires_grad_()
+    loss = entropy_aware_opd_loss(z, y, reduction=reduction)
+    ref = reference_eaopd_loss(zr, y, reduction=reduction)
+    assert loss.shape == ()
+    loss.backward()
+    ref.backward()
+    _close(loss, ref)
+    _close(z.grad, zr.grad)
