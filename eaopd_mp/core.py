@@ -61,7 +61,7 @@ def partial_stats(z: torch.Tensor, y: torch.Tensor, params: torch.Tensor,
     Args:
         z: ``(n, v)`` student logits, any float dtype.
         y: ``(n, v)`` teacher logits, same shape.
-        params: float32 ``[1/tau, p1, p2]`` (see :func:`make_params`).
+        params: ``[1/tau, p1, p2]`` in the compute dtype (see :func:`make_params`).
         untempered: ``tau == 1`` (the gate's softmax is then the tempered teacher's).
     Returns:
         ``(n, 6)`` in the compute dtype: ``[lse(z/tau), lse(y/tau), lse(y), F, R, E]`` where, with
@@ -112,10 +112,10 @@ def combine_stats(parts: torch.Tensor, params: torch.Tensor, kind: str) -> torch
     """Merge the partial statistics of ``k`` column sets and apply the gate.
 
     Args:
-        parts: ``(k, n, 6)`` float32, :func:`partial_stats` of each column set.
-        params: float32 ``[1/tau, p1, p2]``; kind: the gate.
+        parts: ``(k, n, 6)``, :func:`partial_stats` of each column set.
+        params: ``[1/tau, p1, p2]`` in the compute dtype; kind: the gate.
     Returns:
-        ``(n, 7)`` float32 ``[lse_s, lse_t, KL_fwd, KL_rev, H, a, b]``.
+        ``(n, 7)`` ``[lse_s, lse_t, KL_fwd, KL_rev, H, a, b]`` in the compute dtype.
     """
     ls, lt, lu, fwd, rev, ent = parts.unbind(-1)
     tot_s, tot_t, tot_u = (_lse_shards(x) for x in (ls, lt, lu))
@@ -152,10 +152,10 @@ def grad_logits(
     Args:
         z, y: ``(n, v)`` student and teacher logits (the columns held here).
         stats: ``(n, 7)`` from :func:`combine_stats` (global over all columns).
-        scale: ``(n,)`` float32 per-token factor (mask weight x reduction x grad_output).
-        params: float32 ``[1/tau, p1, p2]``.
+        scale: ``(n,)`` per-token factor (mask weight x reduction x grad_output).
+        params: ``[1/tau, p1, p2]``; its dtype is the compute dtype.
     Returns:
-        ``(n, v)`` float32.
+        ``(n, v)`` in the compute dtype.
     """
     torch._check(z.shape[0] == y.shape[0])
     torch._check(z.shape[0] == stats.shape[0])
@@ -175,26 +175,22 @@ def single_stats(z, y, params, kind: str, untempered: bool) -> torch.Tensor:
     return combine_stats(partial_stats(z, y, params, untempered).unsqueeze(0), params, kind)
 
 
-def single_grad_(z, y, scale, params, kind: str, untempered: bool) -> torch.Tensor:
-    """One device: ``(n, 7)`` statistics; the gradient overwrites ``z`` (a buffer of ours)."""
-    stats = single_stats(z, y, params, kind, untempered)
+def grad_logits_(z, y, stats, scale, params) -> torch.Tensor:
+    """:func:`grad_logits` written over ``z`` (a buffer of ours); returns ``stats``."""
     z.copy_(grad_logits(z, y, stats, scale, params))
     return stats
+
+
+def single_grad_(z, y, scale, params, kind: str, untempered: bool) -> torch.Tensor:
+    """One device: ``(n, 7)`` statistics; the gradient overwrites ``z``."""
+    return grad_logits_(z, y, single_stats(z, y, params, kind, untempered), scale, params)
 
 
 def shard_grad_(z, y, parts, scale, params, kind: str) -> torch.Tensor:
     """Column shards: combine the gathered ``(k, n, 6)`` partials into ``(n, 7)``
     statistics; the local gradient overwrites ``z``."""
     torch._check(parts.shape[1] == z.shape[0])
-    stats = combine_stats(parts, params, kind)
-    z.copy_(grad_logits(z, y, stats, scale, params))
-    return stats
-
-
-def grad_logits_(z, y, stats, scale, params) -> torch.Tensor:
-    """:func:`grad_logits` written over ``z``; returns ``stats`` (a kernel needs an output)."""
-    z.copy_(grad_logits(z, y, stats, scale, params))
-    return stats
+    return grad_logits_(z, y, combine_stats(parts, params, kind), scale, params)
 
 
 def make_params(temperature: float, gate: Gate, dtype: torch.dtype, device) -> torch.Tensor:

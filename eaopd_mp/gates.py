@@ -116,10 +116,10 @@ def gate_weights(
     """Per-token mixing weights ``(a, b)`` from the untempered teacher entropy.
 
     Args:
-        entropy: ``(n,)`` float32 teacher entropy in nats.
+        entropy: ``(n,)`` teacher entropy in nats (float32, or float64 for float64 inputs).
         kind, p1, p2: the fields of a :class:`Gate`; ``p1``/``p2`` floats or 0-d tensors.
     Returns:
-        ``a`` (forward-KL weight) and ``b`` (reverse-KL weight), each ``(n,)`` float32.
+        ``a`` (forward-KL weight) and ``b`` (reverse-KL weight), ``(n,)`` like ``entropy``.
     """
     if kind == "linear":
         a = (entropy * p1).clamp(0.0, 1.0)
