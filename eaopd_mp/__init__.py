@@ -8,6 +8,7 @@ b KL(student||teacher)``; the seed's gate is ``a = clamp(H / h_max, 0, 1)``, ``b
 from .gates import GATES
 from .loss import entropy_aware_opd_loss, fused_linear_eaopd_loss, teacher_entropy
 from .modules import EntropyAwareOPDLoss, FusedLinearEAOPDLoss
+from .options import LossOptions
 from .reference import reference_eaopd_loss
 
 __version__ = "0.1.0"
@@ -16,6 +17,7 @@ __all__ = [
     "GATES",
     "EntropyAwareOPDLoss",
     "FusedLinearEAOPDLoss",
+    "LossOptions",
     "entropy_aware_opd_loss",
     "fused_linear_eaopd_loss",
     "reference_eaopd_loss",

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
-
-REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 
 def tensor(name: str, x: object, *, floating: bool = True, min_dim: int = 0) -> torch.Tensor:
@@ -18,23 +14,6 @@ def tensor(name: str, x: object, *, floating: bool = True, min_dim: int = 0) -> 
     if x.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dims, got shape {tuple(x.shape)}")
     return x
-
-
-def options(temperature: object, reduction: object, chunk_size: object = None) -> float:
-    """Check temperature, reduction and chunk size; return the temperature as a float."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
-    temperature = float(temperature)
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-            raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
-        if chunk_size <= 0:
-            raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
-    return temperature
 
 
 def same_device(**tensors: torch.Tensor | None) -> None:
@@ -58,6 +37,9 @@ def labels(x: object, token_shape: torch.Size) -> torch.Tensor | None:
             f"labels shape {tuple(x.shape)} != token shape {tuple(token_shape)} "
             "(the logits' shape without the vocabulary dim)"
         )
+    if x.requires_grad:
+        raise ValueError("labels is a constant mask and gets no gradient, but it requires "
+                         "grad: pass labels.detach()")
     return x
 
 
@@ -70,15 +52,6 @@ def logits_pair(student: object, teacher: object, name_t: str = "teacher_logits"
             f"student_logits shape {tuple(student.shape)} != {name_t} shape "
             f"{tuple(teacher.shape)}"
         )
-
-
-def logits_inputs(student, teacher, labels_, temperature, reduction, chunk_size):
-    """Every check of a logits-in call; returns ``(token_shape, labels, temperature)``."""
-    logits_pair(student, teacher)
-    same_device(student_logits=student, teacher_logits=teacher, labels=labels_)
-    token_shape = student.shape[:-1]
-    return token_shape, labels(labels_, token_shape), options(temperature, reduction,
-                                                              chunk_size)
 
 
 def linear(prefix: str, hidden: object, weight: object, bias: object) -> None:
@@ -104,6 +77,10 @@ def linear(prefix: str, hidden: object, weight: object, bias: object) -> None:
             raise ValueError(
                 f"{prefix}_bias shape {tuple(bias.shape)} != ({weight.shape[0]},) "
                 f"(rows of {prefix}_weight)"
+            )
+        if bias.dtype != weight.dtype:
+            raise ValueError(
+                f"{prefix}_bias dtype {bias.dtype} != {prefix}_weight dtype {weight.dtype}"
             )
 
 

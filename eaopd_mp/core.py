@@ -47,11 +47,17 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return out
 
 
-def _shifted(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x - max(x)`` over the last dim and the max; a row of all ``-inf`` gets max 0."""
+def _shifted(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x - max(x)`` over the last dim, the max, and whether the row is broken.
+
+    A row of all ``-inf`` gets max 0 (its shifted values stay ``-inf``). A row holding NaN
+    or ``+inf`` is *broken*: its max is NaN or ``+inf`` (``amax`` propagates NaN), so the
+    check costs nothing beyond the max itself.
+    """
     m = x.amax(dim=-1, keepdim=True)
+    broken = (torch.isnan(m) | (m == float("inf"))).squeeze(-1)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return x - m, m.squeeze(-1)
+    return x - m, m.squeeze(-1), broken
 
 
 def partial_stats(z: torch.Tensor, y: torch.Tensor, params: torch.Tensor,
@@ -67,37 +73,41 @@ def partial_stats(z: torch.Tensor, y: torch.Tensor, params: torch.Tensor,
         ``(n, 6)`` in the compute dtype: ``[lse(z/tau), lse(y/tau), lse(y), F, R, E]`` where, with
         ``s, t, u`` the log-softmax of ``z/tau, y/tau, y`` over these columns only,
         ``F = sum q (t - s)``, ``R = sum p (s - t)``, ``E = sum exp(u) u``.
-        Columns with no finite logit give ``lse = -inf`` and sums 0.
+        Columns with no finite logit give ``lse = -inf`` and sums 0; a side with mass here
+        where the other has none gives an infinite ``F`` or ``R`` (a genuinely infinite
+        KL). A row with NaN or ``+inf`` in ``z`` or ``y`` gets NaN everywhere.
     """
     torch._check(z.shape[0] == y.shape[0])
     inv_tau = params[0]
     z, y = z.to(params.dtype), y.to(params.dtype)
-    dz, mz = _shifted(z * inv_tau)
-    dy, my = _shifted(y * inv_tau)
+    dz, mz, bad_z = _shifted(z * inv_tau)
+    dy, my, bad_y = _shifted(y * inv_tau)
     ez, ey = dz.exp(), dy.exp()
     sz, sy = ez.sum(-1), ey.sum(-1)
     log_sz, log_sy = sz.log(), sy.log()
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    inf = torch.full((), float("inf"), dtype=z.dtype, device=z.device)
     # where(e > 0, ...) drops columns that are -inf here (0 * -inf would be NaN).
     fwd = torch.where(ey > 0, ey * (dy - dz), zero).sum(-1) / sy - log_sy + log_sz
     rev = torch.where(ez > 0, ez * (dz - dy), zero).sum(-1) / sz - log_sz + log_sy
     if untempered:
         du, mu, eu, su, log_su = dy, my, ey, sy, log_sy
     else:
-        du, mu = _shifted(y)
+        du, mu, _ = _shifted(y)
         eu = du.exp()
         su = eu.sum(-1)
         log_su = su.log()
     ent = torch.where(eu > 0, eu * du, zero).sum(-1) / su - log_su
-    fwd = torch.where(sy > 0, fwd, zero)
-    rev = torch.where(sz > 0, rev, zero)
+    fwd = torch.where(sy > 0, torch.where(sz > 0, fwd, inf), zero)
+    rev = torch.where(sz > 0, torch.where(sy > 0, rev, inf), zero)
     ent = torch.where(su > 0, ent, zero)
-    return torch.stack([mz + log_sz, my + log_sy, mu + log_su, fwd, rev, ent], dim=-1)
+    out = torch.stack([mz + log_sz, my + log_sy, mu + log_su, fwd, rev, ent], dim=-1)
+    return torch.where((bad_z | bad_y)[:, None], torch.full_like(out, float("nan")), out)
 
 
 def _lse_shards(lse: torch.Tensor) -> torch.Tensor:
     """Log-sum-exp over dim 0 (the column sets); all ``-inf`` gives ``-inf``, not NaN."""
-    d, m = _shifted(lse.t())
+    d, m, _ = _shifted(lse.t())
     return m + d.exp().sum(-1).log()
 
 
@@ -125,16 +135,25 @@ def combine_stats(parts: torch.Tensor, params: torch.Tensor, kind: str) -> torch
     kl_fwd = (pi_t * (fwd + log_pi_t - log_pi_s)).sum(0).clamp_min(0.0)
     kl_rev = (pi_s * (rev + log_pi_s - log_pi_t)).sum(0).clamp_min(0.0)
     entropy = (-(pi_u * (ent + log_pi_u)).sum(0)).clamp_min(0.0)
+    # NaN/+inf anywhere in the row (NaN totals), or a side with no finite logit at all
+    # (total -inf): the token's loss is undefined, and says so.
+    broken = ~((tot_s > float("-inf")) & (tot_t > float("-inf")))
+    nan = torch.full_like(kl_fwd, float("nan"))
+    kl_fwd, kl_rev, entropy = (torch.where(broken, nan, x) for x in (kl_fwd, kl_rev, entropy))
     a, b = gate_weights(entropy, kind, params[1], params[2])
     return torch.stack([tot_s, tot_t, kl_fwd, kl_rev, entropy, a, b], dim=-1)
 
 
 def token_loss(stats: torch.Tensor) -> torch.Tensor:
-    """``(n, 7)`` statistics -> ``(n,)`` per-token loss ``a * KL_fwd + b * KL_rev``."""
-    # 0 * inf is NaN: a weight of exactly 0 ignores an infinite divergence.
+    """``(n, 7)`` statistics -> ``(n,)`` per-token loss ``a * KL_fwd + b * KL_rev``.
+
+    A weight of exactly 0 ignores an infinite divergence (0 * inf would be NaN); a token
+    whose statistics are NaN (broken input) gets NaN whatever its gate weights.
+    """
     fwd = torch.where(stats[:, A] > 0, stats[:, A] * stats[:, KL_FWD], 0.0)
     rev = torch.where(stats[:, B] > 0, stats[:, B] * stats[:, KL_REV], 0.0)
-    return fwd + rev
+    broken = torch.isnan(stats[:, KL_FWD]) | torch.isnan(stats[:, KL_REV])
+    return torch.where(broken, torch.full_like(fwd, float("nan")), fwd + rev)
 
 
 def grad_logits(
@@ -193,13 +212,13 @@ def shard_grad_(z, y, parts, scale, params, kind: str) -> torch.Tensor:
     return grad_logits_(z, y, combine_stats(parts, params, kind), scale, params)
 
 
-def make_params(temperature: float, gate: Gate, dtype: torch.dtype, device) -> torch.Tensor:
+def make_params(inv_tau: float, gate: Gate, dtype: torch.dtype, device) -> torch.Tensor:
     """The kernels' parameters ``[1/tau, p1, p2]`` in the compute dtype.
 
     A tensor rather than Python floats, so new values never trigger a recompilation; its
     dtype (:func:`compute_dtype`) is the dtype all the maths runs in.
     """
-    return torch.tensor([1.0 / temperature, gate.p1, gate.p2], dtype=dtype, device=device)
+    return torch.tensor([inv_tau, gate.p1, gate.p2], dtype=dtype, device=device)
 
 
 # --------------------------------------------------------------------------- compile
@@ -209,6 +228,23 @@ def compile_enabled() -> bool:
     """False when ``EAOPD_COMPILE=0`` (or ``false``/``off``) is set."""
     return os.environ.get("EAOPD_COMPILE", "1").lower() not in ("0", "false", "off", "no")
 
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "could not compile" (tracing, lowering, the C++/Triton
+    toolchain), as opposed to errors of the computation itself (out of memory, bad values),
+    which propagate."""
+    errors: list[type[BaseException]] = [torch._dynamo.exc.TorchDynamoException]
+    try:
+        from torch._inductor import exc as inductor_exc
+    except ImportError:  # pragma: no cover - inductor is part of torch
+        return tuple(errors)
+    for name in ("InductorError", "CppCompileError", "CUDACompileError"):
+        if hasattr(inductor_exc, name):
+            errors.append(getattr(inductor_exc, name))
+    return tuple(errors)
+
+
+COMPILE_ERRORS = _compile_errors()
 
 # Graphs one kernel may legitimately need: gate (3) x tempered (2) x dtype x device.
 RECOMPILE_LIMIT = 64
@@ -223,8 +259,9 @@ class Kernel:
     these calls only, as those combinations can exceed its default of 8. Sizes 0 and 1
     would be specialised by the compiler: an empty chunk runs eagerly and a one-token
     chunk is padded to two (its duplicate is dropped). A kernel returns one tensor with
-    the token dimension first. If compilation fails, one warning is issued and the eager
-    function is used from then on.
+    the token dimension first. If compilation fails (:data:`COMPILE_ERRORS`), one warning
+    is issued and the eager function is used from then on; any other error (out of memory,
+    a bad value) propagates.
     """
 
     def __init__(self, fn: Callable, dynamic: dict[int, int]):
@@ -253,7 +290,7 @@ class Kernel:
         try:
             with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
                 return self._compiled(*args)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure falls back
+        except COMPILE_ERRORS as exc:  # only a failure to compile falls back
             self._failed = True
             warnings.warn(
                 f"eaopd_mp: torch.compile failed ({type(exc).__name__}: {exc}); "

@@ -1,31 +1,31 @@
-"""The chunk loop and the autograd function shared by every path.
+"""The chunk loop the custom ops run (eagerly, inside the op).
 
 A *head* turns rows of tokens into logits (a slice of given logits, or ``h @ W.T + b``)
-and takes the gradient of those logits back. The driver walks the tokens chunk by chunk,
-asks both heads for a chunk of logits, runs the core kernel on it, and hands the student
-head its gradient. Tensor parallelism only adds a *combiner* (``eaopd_mp.parallel``):
-one collective per chunk between the partial and the combined statistics.
+and takes the gradient of those logits back. The driver walks the kept tokens chunk by
+chunk, asks both heads for a chunk of logits, runs a core kernel on it, and hands the
+student head its gradient. Tensor parallelism only adds a combiner
+(:class:`eaopd_mp.tp.TPCombiner`): one collective per chunk between the partial and the
+combined statistics.
 
 Gradient modes:
-  * scalar reductions: each chunk's gradient is computed in the forward pass (scaled by
-    mask weight and reduction) and backward only multiplies by ``grad_output``;
-  * ``reduction="none"``: forward keeps ``(n, 7)`` per-token statistics and backward
+  * scalar reductions: each chunk's gradient (times the token's mask weight) is computed
+    in the forward pass; backward only multiplies by ``grad_output``;
+  * ``reduction="none"``: forward keeps ``(N, 7)`` per-token statistics and backward
     recomputes each chunk's logits, scaled by the per-token ``grad_output``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
 import torch
 
 from . import core
-from .gates import Gate
 
 # Size of one float32 (chunk, V) buffer that the default chunk size aims for.
 CHUNK_BYTES = 64 * 2**20
 MAX_CHUNK = 4096
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def default_chunk_size(vocab: int) -> int:
@@ -34,7 +34,7 @@ def default_chunk_size(vocab: int) -> int:
     A chunk's live set is two such buffers, reused for every chunk of a call: the
     student's logits (overwritten by their gradient) and the teacher's; the compiled
     kernels keep their temporaries per row. So the working memory is about 2 x 64 MiB
-    (half that for 16-bit inputs) whatever the number of tokens: 512 tokens at V = 32k,
+    (half that for 16-bit GEMMs) whatever the number of tokens: 512 tokens at V = 32k,
     128 at V = 128k. A power of two between 16 and 4096.
     """
     rows = max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
@@ -44,24 +44,34 @@ def default_chunk_size(vocab: int) -> int:
     return size
 
 
-class Head(Protocol):
-    """Makes ``(rows, v)`` logits and accumulates their gradient."""
+def gemm_dtypes(param: torch.dtype, autocast: str, device: torch.device):
+    """``(round_to, compute_in)`` for a head's GEMMs.
 
-    def logits(self, rows) -> torch.Tensor: ...
-    def release(self) -> None: ...
-    def start_grad(self) -> None: ...
-    def add_grad(self, grad: torch.Tensor, rows) -> None: ...
-    def grads(self, factor: torch.Tensor | None) -> tuple: ...
+    Operands are rounded to the autocast dtype when autocast is on (as ``nn.Linear``
+    under autocast), else kept in the parameter's dtype. On CPU, 16-bit GEMMs then run
+    in float32 on the rounded values: torch's CPU bfloat16 GEMMs are 8-150x slower than
+    float32 ones, and a float32 product of bfloat16-rounded operands is what a bfloat16
+    GEMM with float32 accumulation computes, up to its output rounding.
+    """
+    round_to = getattr(torch, autocast) if autocast else param
+    if param == torch.float64:
+        round_to = param  # autocast leaves float64 alone
+    compute_in = torch.float32 if device.type == "cpu" and round_to in _HALF else round_to
+    return round_to, compute_in
+
+
+def _cast(x: torch.Tensor, round_to, compute_in) -> torch.Tensor:
+    return x.to(round_to).to(compute_in)
 
 
 class LogitsHead:
     """Given logits ``(N, V)``; only the first ``cols`` columns are real vocabulary."""
 
-    def __init__(self, logits: torch.Tensor, cols: int | None = None, need_grad=False):
+    def __init__(self, logits: torch.Tensor, cols: int, need_grad: bool = False):
         self.x = logits
         self.dtype = logits.dtype
-        self.width = logits.shape[-1]
-        self.cols = self.width if cols is None else cols
+        self.device = logits.device
+        self.cols = cols
         self.need_grad = need_grad
         self.grad: torch.Tensor | None = None
         self.buf: torch.Tensor | None = None
@@ -70,8 +80,8 @@ class LogitsHead:
         """A copy in the head's buffer: the gradient kernels overwrite the student's."""
         if isinstance(rows, slice):
             src = self.x[rows, : self.cols]
-            return _buffer(self, src.shape[0], self.x).copy_(src)
-        out = _buffer(self, rows.numel(), self.x)
+            return _buffer(self, src.shape[0], self.x.dtype).copy_(src)
+        out = _buffer(self, rows.numel(), self.x.dtype)
         return torch.index_select(self.x[:, : self.cols], 0, rows, out=out)
 
     def release(self) -> None:
@@ -84,141 +94,117 @@ class LogitsHead:
         if self.grad is not None:
             self.grad[rows, : self.cols] = grad.to(self.grad.dtype)
 
-    def grads(self, factor: torch.Tensor | None) -> tuple:
-        return (_scaled(self.grad, factor),)
+    def grads(self) -> tuple:
+        return (self.grad,)
 
 
 class LinearHead:
     """Logits ``h @ W[:cols].T + b[:cols]`` from hidden ``(N, H)`` and weight ``(V, H)``.
 
     ``need`` says which of (hidden, weight, bias) want a gradient. The weight and bias
-    gradients are accumulated in float32 (float64 for float64 weights) across chunks.
+    gradients are accumulated in float32 (float64 for float64 weights) across chunks,
+    without a ``(V, H)`` temporary per chunk; the hidden gradient is written in the hidden
+    states' dtype. ``autocast`` is the autocast dtype in force at the call (or ``""``).
     """
 
-    def __init__(self, hidden, weight, bias=None, cols=None, need=(False, False, False)):
+    def __init__(self, hidden, weight, bias=None, cols=None, need=(False, False, False),
+                 autocast: str = ""):
         self.h, self.w, self.b = hidden, weight, bias
         self.dtype = weight.dtype
-        self.width = weight.shape[0]
-        self.cols = self.width if cols is None else cols
+        self.device = weight.device
+        self.cols = weight.shape[0] if cols is None else cols
         self.need = need
+        self.round_to, self.mm = gemm_dtypes(weight.dtype, autocast, weight.device)
+        self.wm = _cast(weight[: self.cols], self.round_to, self.mm)  # no copy if same dtype
+        self.bm = None if bias is None else _cast(bias[: self.cols], self.round_to, self.mm)
         self.grad_h = self.grad_w = self.grad_b = None
         self.buf: torch.Tensor | None = None
 
+    def _hidden(self, rows) -> torch.Tensor:
+        return _cast(self.h[rows], self.round_to, self.mm)
+
     def logits(self, rows) -> torch.Tensor:
-        h = self.h[rows]
-        out = _buffer(self, h.shape[0], self.w)
-        w = self.w[: self.cols]
-        if self.b is None:
-            return torch.mm(h, w.t(), out=out)
-        return torch.addmm(self.b[: self.cols], h, w.t(), out=out)
+        h = self._hidden(rows)
+        out = _buffer(self, h.shape[0], self.mm)
+        if self.bm is None:
+            return torch.mm(h, self.wm.t(), out=out)
+        return torch.addmm(self.bm, h, self.wm.t(), out=out)
 
     def release(self) -> None:
         self.buf = None
 
     def start_grad(self) -> None:
         need_h, need_w, need_b = self.need
-        acc = dict(dtype=core.compute_dtype(self.w.dtype), device=self.w.device)
+        acc = dict(dtype=core.compute_dtype(self.w.dtype), device=self.device)
         self.grad_h = torch.zeros_like(self.h) if need_h else None
         self.grad_w = torch.zeros(self.w.shape, **acc) if need_w else None
-        self.grad_b = torch.zeros(self.w.shape[0], **acc) if need_b and self.b is not None else None
+        self.grad_b = torch.zeros(self.w.shape[0], **acc) if need_b and self.b is not None \
+            else None
 
     def add_grad(self, grad: torch.Tensor, rows) -> None:
-        """``grad``: the chunk's ``(n, cols)`` logits gradient, in the weight's dtype."""
-        g = grad.to(self.w.dtype)
+        """``grad``: the chunk's ``(n, cols)`` logits gradient."""
+        g = grad.to(self.mm)
         if self.grad_h is not None:
-            if isinstance(rows, slice):
-                torch.mm(g, self.w[: self.cols], out=self.grad_h[rows])
+            if isinstance(rows, slice) and self.grad_h.dtype == self.mm:
+                torch.mm(g, self.wm, out=self.grad_h[rows])
             else:
-                self.grad_h[rows] = g @ self.w[: self.cols]
+                self.grad_h[rows] = (g @ self.wm).to(self.grad_h.dtype)
         if self.grad_w is not None:
-            gw = self.grad_w[: self.cols]
-            if g.dtype == gw.dtype:
-                gw.addmm_(g.t(), self.h[rows])
-            else:
-                gw.add_(g.t() @ self.h[rows])
+            _accumulate_mm(self.grad_w[: self.cols], g.t(), self._hidden(rows))
         if self.grad_b is not None:
             self.grad_b[: self.cols].add_(g.sum(0, dtype=self.grad_b.dtype))
 
-    def grads(self, factor: torch.Tensor | None) -> tuple:
-        return (
-            _scaled(self.grad_h, factor),
-            _scaled(self.grad_w, factor, self.w.dtype),
-            _scaled(self.grad_b, factor, None if self.b is None else self.b.dtype),
-        )
+    def grads(self) -> tuple:
+        return (self.grad_h, self.grad_w, self.grad_b)
 
 
-def _buffer(head, n: int, like: torch.Tensor) -> torch.Tensor:
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` in float32/64 and ``a``, ``b`` possibly 16-bit, without
+    materialising ``a @ b`` in 16 bits (a ``(V, H)`` temporary per chunk)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)  # float32 accumulation
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _buffer(head, n: int, dtype: torch.dtype) -> torch.Tensor:
     """The head's reusable ``(n, cols)`` logits buffer (allocated once per call).
 
     Fresh ``(chunk, V)`` tensors per chunk cost more than the maths on CPU: buffers this
     large are mmapped and page-faulted anew on every allocation.
     """
     if head.buf is None or head.buf.shape[0] < n:
-        head.buf = like.new_empty((n, head.cols))
+        head.buf = torch.empty((n, head.cols), dtype=dtype, device=head.device)
     return head.buf[:n]
-
-
-def _scaled(x, factor, dtype=None):
-    """An accumulated gradient times ``factor`` (None: as is), cast to ``dtype``.
-
-    Out of place: backward may run more than once on the same graph.
-    """
-    if x is None:
-        return None
-    if factor is not None:
-        x = x * factor.to(x.dtype)
-    return x if dtype is None else x.to(dtype)
-
-
-class Combiner(Protocol):
-    """How the partial statistics of a chunk are combined across vocabulary shards."""
-
-    def gather(self, parts: torch.Tensor) -> torch.Tensor: ...
-    def reduce_grads(self, grads: tuple) -> tuple: ...
 
 
 @dataclass
 class Plan:
-    """Everything one loss evaluation needs besides the student tensors.
+    """One evaluation inside the op.
 
     Attributes:
-        student, teacher: heads over the same ``n_tokens`` flattened tokens.
-        token_shape: shape of the token dims (for ``reduction="none"``).
+        student, teacher: heads over the same ``N`` flattened tokens.
         rows: indices of tokens with a non-zero mask weight, or None for all tokens.
         weight: ``(N,)`` mask weights in the compute dtype, or None.
-        gate, inv_tau, chunk, reduction: loss options.
-        combiner: None on one device; a tensor-parallel combiner otherwise.
+        spec: the call's :class:`eaopd_mp.plan.Spec`.
+        combiner: None on one device; a :class:`eaopd_mp.tp.TPCombiner` otherwise.
     """
 
-    student: Head
-    teacher: Head
-    token_shape: tuple
+    student: LogitsHead | LinearHead
+    teacher: LogitsHead | LinearHead
     rows: torch.Tensor | None
     weight: torch.Tensor | None
-    gate: Gate
-    inv_tau: float
-    chunk: int
-    reduction: str
-    combiner: Combiner | None = None
-    n_kept: int = field(init=False)
+    n_tokens: int
+    spec: object
+    combiner: object = None
 
     def __post_init__(self):
-        n = 1
-        for d in self.token_shape:
-            n *= d
-        self.n_tokens = n
-        self.n_kept = n if self.rows is None else int(self.rows.numel())
+        self.n_kept = self.n_tokens if self.rows is None else int(self.rows.numel())
         self.dtype = core.compute_dtype(self.student.dtype, self.teacher.dtype)
-        self.params = core.make_params(1.0 / self.inv_tau, self.gate, self.dtype,
-                                       _device(self.student))
-
-    def reduction_scale(self) -> float:
-        """The seed's divisor: 1 (sum), numel (mean), first token dim (batchmean)."""
-        if self.reduction == "mean":
-            return 1.0 / max(1, self.n_tokens)
-        if self.reduction == "batchmean":
-            return 1.0 / max(1, self.token_shape[0] if self.token_shape else 1)
-        return 1.0
+        self.params = core.make_params(self.spec.inv_tau, self.spec.gate_obj, self.dtype,
+                                       self.student.device)
 
     def kept_weight(self) -> torch.Tensor | None:
         if self.weight is None:
@@ -227,9 +213,18 @@ class Plan:
 
     def chunks(self):
         """Yield ``(lo, hi, rows)``: positions in the kept tokens and the row selector."""
-        for lo in range(0, self.n_kept, self.chunk):
-            hi = min(lo + self.chunk, self.n_kept)
+        chunk = self.spec.chunk
+        for lo in range(0, self.n_kept, chunk):
+            hi = min(lo + chunk, self.n_kept)
             yield lo, hi, (slice(lo, hi) if self.rows is None else self.rows[lo:hi])
+
+    def scatter(self, kept: torch.Tensor) -> torch.Tensor:
+        """Per-kept-token rows -> all ``N`` tokens (zeros for the skipped ones)."""
+        if self.rows is None:
+            return kept
+        out = kept.new_zeros((self.n_tokens, *kept.shape[1:]))
+        out[self.rows] = kept
+        return out
 
 
 def _empty_partial(n: int, dtype, device) -> torch.Tensor:
@@ -242,7 +237,8 @@ def _empty_partial(n: int, dtype, device) -> torch.Tensor:
 def _chunk(plan: Plan, z, y, scale):
     """Statistics ``(n, 7)`` of one chunk; with ``scale``, the gradient is written over
     ``z`` (the student head's buffer) and ``z`` is returned as the gradient."""
-    kind, untempered, params = plan.gate.kind, plan.inv_tau == 1.0, plan.params
+    spec, params = plan.spec, plan.params
+    kind, untempered = spec.gate, spec.inv_tau == 1.0
     if plan.combiner is None:
         if scale is None:
             return core.stats_kernel(z, y, params, kind, untempered), None
@@ -258,10 +254,9 @@ def _chunk(plan: Plan, z, y, scale):
 
 
 def run_forward(plan: Plan, scale: torch.Tensor | None) -> torch.Tensor:
-    """Per-token statistics ``(n_kept, 7)``; with ``scale`` also the student gradient."""
+    """Per-kept-token statistics ``(n_kept, 7)``; with ``scale`` also the student gradient."""
     student, teacher = plan.student, plan.teacher
-    device = _device(student)
-    stats = torch.empty(plan.n_kept, core.NSTATS, dtype=plan.dtype, device=device)
+    stats = torch.empty(plan.n_kept, core.NSTATS, dtype=plan.dtype, device=student.device)
     for lo, hi, rows in plan.chunks():
         z, y = student.logits(rows), teacher.logits(rows)
         s = None if scale is None else scale[lo:hi]
@@ -284,97 +279,3 @@ def run_backward(plan: Plan, stats: torch.Tensor, scale: torch.Tensor) -> None:
         student.add_grad(z, rows)
     student.release()
     teacher.release()
-
-
-def _device(head) -> torch.device:
-    return head.x.device if isinstance(head, LogitsHead) else head.w.device
-
-
-def reduce_loss(plan: Plan, stats: torch.Tensor) -> torch.Tensor:
-    """Per-token loss of the kept tokens -> the reduced (or token-shaped) float32 loss."""
-    per_tok = core.token_loss(stats)
-    w = plan.kept_weight()
-    if w is not None:
-        per_tok = per_tok * w
-    if plan.reduction == "none":
-        if plan.rows is None:
-            return per_tok.reshape(plan.token_shape)
-        out = per_tok.new_zeros(plan.n_tokens)
-        out[plan.rows] = per_tok
-        return out.reshape(plan.token_shape)
-    return per_tok.sum() * plan.reduction_scale()
-
-
-class _EAOPDFunction(torch.autograd.Function):
-    """Autograd glue: inputs are the student tensors; everything else is in the plan."""
-
-    @staticmethod
-    def forward(ctx, plan: Plan, *student_tensors):
-        ctx.plan = plan
-        ctx.scalar = plan.reduction != "none"
-        scale = None
-        if ctx.scalar:
-            plan.student.start_grad()
-            scale = torch.full((plan.n_kept,), plan.reduction_scale(), dtype=plan.dtype,
-                               device=_device(plan.student))
-            w = plan.kept_weight()
-            if w is not None:
-                scale = scale * w
-        stats = run_forward(plan, scale)
-        ctx.stats = None if ctx.scalar else stats
-        loss = reduce_loss(plan, stats)
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, _grad_stats):
-        plan = ctx.plan
-        if ctx.scalar:
-            unit = torch.equal(grad_loss, torch.ones_like(grad_loss))
-            grads = plan.student.grads(None if unit else grad_loss)
-        else:
-            flat = grad_loss.reshape(-1).to(plan.dtype).contiguous()  # may be an expand
-            scale = flat if plan.rows is None else flat[plan.rows]
-            w = plan.kept_weight()
-            if w is not None:
-                scale = scale * w
-            plan.student.start_grad()
-            run_backward(plan, ctx.stats, scale)
-            grads = plan.student.grads(None)
-        if plan.combiner is not None and isinstance(plan.student, LinearHead):
-            grads = plan.combiner.reduce_grads(grads)
-        return (None, *grads)
-
-
-def evaluate(plan: Plan, student_tensors: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss (reduced as asked) and per-token statistics ``(n_kept, 7)``.
-
-    Runs through autograd only when a student tensor requires a gradient.
-    """
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in student_tensors
-    ):
-        return _EAOPDFunction.apply(plan, *student_tensors)
-    stats = run_forward(plan, None)
-    return reduce_loss(plan, stats), stats
-
-
-def summarize(plan: Plan, stats: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mask-weighted means of the per-token statistics, detached, for logging."""
-    w = plan.kept_weight()
-    cols = {
-        "teacher_entropy": core.ENTROPY,
-        "fkl_weight": core.A,
-        "rkl_weight": core.B,
-        "kl_fwd": core.KL_FWD,
-        "kl_rev": core.KL_REV,
-    }
-    stats = stats.detach()
-    if w is None:
-        w = torch.ones(stats.shape[0], dtype=stats.dtype, device=stats.device)
-    total = w.sum()
-    denom = torch.where(total != 0, total, torch.ones_like(total))
-    out = {name: (stats[:, c] * w).sum() / denom for name, c in cols.items()}
-    out["tokens"] = total
-    return out

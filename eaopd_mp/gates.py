@@ -54,7 +54,9 @@ def default_h_max(vocab_size: int) -> float:
     return math.log(vocab_size) if vocab_size > 1 else 1.0
 
 
-def _number(name: str, value: object) -> float:
+def real_number(name: str, value: object) -> float:
+    """``value`` as a finite float: TypeError for non-numbers (bool included), ValueError
+    for NaN or infinity."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
@@ -92,19 +94,19 @@ def resolve_gate(
             f"(it takes {', '.join(_PARAMS[gate])})"
         )
     if gate == "linear":
-        h = default_h_max(vocab_size) if h_max is None else _number("h_max", h_max)
+        h = default_h_max(vocab_size) if h_max is None else real_number("h_max", h_max)
         if h <= 0:
             raise ValueError(f"h_max must be > 0, got {h}")
         return Gate("linear", 1.0 / h)
     if gate == "threshold":
-        thr = 0.8 if gate_threshold is None else _number("gate_threshold", gate_threshold)
-        coef = 1.0 if fkl_coef is None else _number("fkl_coef", fkl_coef)
+        thr = 0.8 if gate_threshold is None else real_number("gate_threshold", gate_threshold)
+        coef = 1.0 if fkl_coef is None else real_number("fkl_coef", fkl_coef)
         if thr < 0:
             raise ValueError(f"gate_threshold must be >= 0, got {thr}")
         if coef < 0:
             raise ValueError(f"fkl_coef must be >= 0, got {coef}")
         return Gate("threshold", thr, coef)
-    weight = 0.5 if fkl_weight is None else _number("fkl_weight", fkl_weight)
+    weight = 0.5 if fkl_weight is None else real_number("fkl_weight", fkl_weight)
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"fkl_weight must be in [0, 1], got {weight}")
     return Gate("fixed", weight)

@@ -66,13 +66,17 @@ def test_compiled_equals_eager(monkeypatch):
         close(a, b)
 
 
-def test_compile_failure_falls_back_with_one_warning(monkeypatch):
+@pytest.mark.parametrize("error", [torch._dynamo.exc.InternalTorchDynamoError,
+                                   torch._inductor.exc.CppCompileError])
+def test_compile_failure_falls_back_with_one_warning(monkeypatch, error):
     monkeypatch.setenv("EAOPD_COMPILE", "1")
     kernel = core.Kernel(core.single_stats, {0: 0, 1: 0})
 
     def broken(*a, **k):
         def fail(*args):
-            raise RuntimeError("no compiler here")
+            if error is torch._inductor.exc.CppCompileError:
+                raise error(["cc"], "no compiler here")
+            raise error("no compiler here")
         return fail
 
     monkeypatch.setattr(torch, "compile", broken)

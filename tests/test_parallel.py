@@ -15,6 +15,7 @@ import torch.distributed as dist
 import formulas
 from dist_utils import CollectiveCounter, spawn
 from eaopd_mp import entropy_aware_opd_loss, fused_linear_eaopd_loss
+from eaopd_mp.megatron import eaopd_loss_func
 from eaopd_mp.parallel import fused_linear_vocab_parallel_eaopd_loss, vocab_parallel_eaopd_loss
 from formulas import close
 
@@ -126,6 +127,8 @@ def _tp4_worker(rank, world):
                      bias=True, gate={}, teacher="linear")
     _check_collectives(rank, world, group)
     _check_disagreement(rank, world, group)
+    _check_mask_disagreement(rank, world, group)
+    _check_non_finite(rank, world, group)
 
 
 def _check_collectives(rank, world, group):
@@ -161,6 +164,91 @@ def _check_disagreement(rank, world, group):
                                   tp_group=group)
 
 
+def _check_mask_disagreement(rank, world, group):
+    """Same kept count but a different mask, or different weights: every rank raises."""
+    h, w, _, th, tw, _ = _data(4, tokens=(8,), tp=world)
+    width = w.shape[0] // world
+    shard = slice(rank * width, (rank + 1) * width)
+    kw = dict(teacher_hidden=th, teacher_weight=tw[shard], tp_group=group)
+    same_count = torch.zeros(8)
+    same_count[[rank % 2, 4]] = 1.0  # two kept tokens everywhere, not the same ones
+    with pytest.raises(ValueError, match="ranks disagree on mask"):
+        fused_linear_vocab_parallel_eaopd_loss(h, w[shard], labels=same_count, **kw)
+    weights = torch.ones(8)
+    weights[3] = 1.0 + (rank == 1)
+    with pytest.raises(ValueError, match="ranks disagree on mask sum"):
+        vocab_parallel_eaopd_loss((h @ w.T)[:, shard], (th @ tw.T)[:, shard], labels=weights,
+                                  tp_group=group)
+
+
+def _check_non_finite(rank, world, group):
+    """NaN/+inf in a kept token, or a teacher row with no finite entry on any shard, gives
+    that token NaN on every rank, as on one device; a masked broken token does not leak."""
+    h, w, _, th, tw, _ = _data(5, tokens=(6,), tp=world)
+    width = w.shape[0] // world
+    shard = slice(rank * width, (rank + 1) * width)
+    z, y = h @ w.T, th @ tw.T
+    y[0, 3] = float("nan")               # on rank 0's shard only
+    z[1, width + 1] = float("inf")       # on rank 1's shard only
+    y[2] = float("-inf")                 # no finite teacher entry anywhere
+    y[3, :width] = float("-inf")         # rank 0's shard empty: fine
+    z[3, :width] = float("-inf")
+    y[4, -1] = float("-inf")             # teacher -inf where the student has mass: +inf
+    got = vocab_parallel_eaopd_loss(z[:, shard], y[:, shard], tp_group=group,
+                                    reduction="none", chunk_size=4)
+    want = entropy_aware_opd_loss(z, y, reduction="none")
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), (got, want)
+    assert torch.isnan(got[:3]).all() and torch.isinf(got[4])
+    ok = ~torch.isnan(want)
+    _close(got[ok], want[ok])
+    labels = torch.ones(6)
+    labels[:3] = 0.0
+    zl = z[:, shard].clone().requires_grad_()
+    loss = vocab_parallel_eaopd_loss(zl, y[:, shard], tp_group=group, labels=labels,
+                                     reduction="sum")
+    loss.backward()
+    _close(loss, entropy_aware_opd_loss(z, y, labels=labels, reduction="sum"))
+    assert torch.isfinite(zl.grad[:4]).all()
+
+
+def _check_compiled(rank, world, group):
+    """Both vocab-parallel functions and megatron's loss_func inside a user's compiled
+    step (default mode): the same loss, statistics and gradients as eager."""
+    h, w, _, th, tw, labels = _data(6, tp=world)
+    width = w.shape[0] // world
+    shard = slice(rank * width, (rank + 1) * width)
+    torch.manual_seed(0)  # the same layer on every rank
+    lin = torch.nn.Linear(h.shape[-1], h.shape[-1])
+
+    def fused(x, wl, reduction):
+        return fused_linear_vocab_parallel_eaopd_loss(
+            lin(x), wl, teacher_hidden=th, teacher_weight=tw[shard], labels=labels,
+            tp_group=group, reduction=reduction, return_stats=True, chunk_size=5)
+
+    def logits(x, wl, reduction):
+        return vocab_parallel_eaopd_loss(lin(x) @ wl.T, (th @ tw.T)[..., shard], labels=labels,
+                                         tp_group=group, reduction=reduction, chunk_size=5)
+
+    def loss_func(x, wl, reduction):
+        loss, num, logged = eaopd_loss_func(lin(x), wl, th, tw[shard], labels.t(),
+                                            tp_group=group, chunk_size=5)
+        return loss, {"n": num.float(), **logged}
+
+    for fn in (fused, logits, loss_func):
+        for reduction in ("mean", "none")[: 1 if fn is loss_func else 2]:
+            results = []
+            for step in (fn, torch.compile(fn)):
+                wl = w[shard].clone().requires_grad_()
+                lin.zero_grad(set_to_none=True)
+                out = step(h, wl, reduction)
+                loss, stats = out if isinstance(out, tuple) else (out, {})
+                loss.backward(_grad_out(loss))
+                results.append([loss.detach(), wl.grad, lin.weight.grad,
+                                *(v for v in stats.values() if isinstance(v, torch.Tensor))])
+            for a, b_ in zip(*results, strict=True):
+                _close(a, b_, msg=f"compiled {fn.__name__} {reduction}: ")
+
+
 def test_tp4_explicit_group():
     spawn(_tp4_worker, 4)
 
@@ -182,6 +270,7 @@ def _megatron_worker(rank, world, tp, use_sp, compile_check):
         if compile_check:
             check_logits_case(tp_rank, tp, group, reduction="mean", tau=1.0, mask=True,
                               vocab_size=None, gate={}, seed=dp_rank)
+            _check_compiled(tp_rank, tp, None)
     finally:
         parallel_state.destroy_model_parallel()
 

@@ -82,12 +82,12 @@ def test_fused_bad_input(kw, exc, match):
 
 def test_errors_come_before_any_work(monkeypatch):
     """Validation runs before the driver is reached."""
-    import eaopd_mp.loss as loss_mod
+    import eaopd_mp.plan as plan_mod
 
     def boom(*a, **k):
         raise AssertionError("work started before validation")
 
-    monkeypatch.setattr(loss_mod, "finish", boom)
+    monkeypatch.setattr(plan_mod, "run", boom)
     with pytest.raises(ValueError):
         _fused(temperature=0.0)
     with pytest.raises(ValueError):
@@ -97,3 +97,28 @@ def test_errors_come_before_any_work(monkeypatch):
 def test_module_validates_too():
     with pytest.raises(ValueError, match="reduction"):
         EntropyAwareOPDLoss(reduction="bad")(Z, Y)
+
+
+@pytest.mark.parametrize("labels,match", [
+    (torch.tensor([[1, -100, 0], [1, 1, 0]]), "not token ids"),
+    (torch.tensor([[1, 2, 0], [1, 1, 0]]), "not token ids"),
+    (torch.tensor([[1.0, float("nan"), 0.0], [1.0, 1.0, 0.0]]), "finite and >= 0"),
+    (torch.tensor([[1.0, -0.5, 0.0], [1.0, 1.0, 0.0]]), "finite and >= 0"),
+])
+def test_labels_are_a_mask_not_token_ids(labels, match):
+    with pytest.raises(ValueError, match=match):
+        entropy_aware_opd_loss(Z, Y, labels=labels)
+    with pytest.raises(ValueError, match=match):
+        _fused(labels=labels)
+
+
+def test_integer_and_bool_masks_equal_float():
+    mask = torch.tensor([[1, 0, 1], [0, 1, 1]])
+    want = entropy_aware_opd_loss(Z, Y, labels=mask.float(), reduction="sum")
+    for m in (mask, mask.bool(), mask.to(torch.int32)):
+        torch.testing.assert_close(entropy_aware_opd_loss(Z, Y, labels=m, reduction="sum"), want)
+
+
+def test_unknown_option_is_a_type_error():
+    with pytest.raises(TypeError, match="unknown option.*temprature"):
+        entropy_aware_opd_loss(Z, Y, temprature=2.0)

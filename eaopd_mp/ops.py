@@ -1,0 +1,275 @@
+"""The loss as ``torch.library`` custom ops, so a caller's ``torch.compile`` sees one opaque
+op (no graph break, no re-tracing of the chunk loop) whose inner kernels are compiled once.
+
+* ``eaopd_mp::loss(student, teacher, mask, spec) -> (out, stats, g0, g1, g2)``: ``out`` is
+  the per-token loss ``(N,)`` (``reduction="none"``) or the mask-weighted sum ``()``;
+  ``stats`` the ``(N, 7)`` per-token statistics (zeros for skipped tokens); for scalar
+  reductions ``g0..g2`` are the gradients of ``out`` with respect to the student tensors
+  (accumulator dtypes; empty where not needed).
+* ``eaopd_mp::loss_backward(...)``: the ``reduction="none"`` backward (recomputes logits).
+* ``eaopd_mp::reduce_hidden_grad(grad_h, spec)``: the tensor-parallel all-reduce (or
+  reduce-scatter under sequence parallelism) of the fused path's hidden gradient.
+
+Autograd (:func:`_backward`) saves every input through ``save_for_backward`` (so in-place
+changes between forward and backward raise autograd's version-counter error), returns
+fresh gradient tensors (never a buffer the op keeps) and refuses double backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.library import custom_op
+
+from . import core
+from .driver import LinearHead, LogitsHead, Plan, run_backward, run_forward
+from .gates import GATES
+from .options import REDUCTIONS
+from .plan import Spec, parse
+from .tp import TPCombiner, mask_fingerprint
+
+_INTEGER_MASK = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+# --------------------------------------------------------------------------- in the op
+
+
+@contextlib.contextmanager
+def _op_context(device: torch.device):
+    """What every op body runs under: autocast off (the op casts explicitly, see
+    :func:`eaopd_mp.driver.gemm_dtypes`) and the dispatcher below autograd. The op is
+    reached both through its autograd kernel and directly (a compiled caller's graph);
+    the same thread-local dispatch state in both keeps the inner compiled kernels' guards
+    from failing (and recompiling) on it."""
+    with torch.autocast(device.type, enabled=False), torch._C._AutoDispatchBelowADInplaceOrView():
+        yield
+
+
+def _n_tokens(student: list[torch.Tensor], spec: Spec) -> int:
+    """Tokens the loss covers (the gathered count under sequence parallelism)."""
+    n = student[0].shape[0]
+    return n * spec.tp if spec.sequence_parallel else n
+
+
+def _width(student: list[torch.Tensor], spec: Spec) -> int:
+    """Logit columns held here (padding included)."""
+    return student[1].shape[0] if spec.student == "linear" else student[0].shape[-1]
+
+
+def _compute_dtype(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.dtype:
+    s = student[0] if len(student) == 1 else student[1]
+    t = teacher[0] if len(teacher) == 1 else teacher[1]
+    return core.compute_dtype(s.dtype, t.dtype)
+
+
+def mask_weight(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The ``(N,)`` token weights in ``dtype``; bad values raise ``ValueError``.
+
+    Integer and bool masks must be 0/1 (token ids such as Hugging Face's ``-100`` are not a
+    mask); float masks must be finite and >= 0.
+    """
+    if mask is None:
+        return None
+    if mask.dtype in _INTEGER_MASK:
+        if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+            bad = mask[(mask != 0) & (mask != 1)][:3].tolist()
+            raise ValueError(
+                f"labels is a 0/1 mask (or float weights), not token ids: got values {bad} "
+                "outside {0, 1}. From Hugging Face labels use labels.ne(-100); from an "
+                "attention or completion mask pass it as is")
+        return mask.to(dtype)
+    weight = mask.to(dtype)
+    if not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()):
+        raise ValueError("float labels are token weights and must be finite and >= 0")
+    return weight
+
+
+def _heads(student, teacher, spec: Spec, combiner: TPCombiner | None):
+    """The student and teacher heads; under sequence parallelism the hidden states are
+    all-gathered here (the ops take this rank's slice)."""
+    need = spec.need
+
+    def gathered(h):
+        if combiner is not None and spec.sequence_parallel:
+            return combiner.all_gather(h)
+        return h
+
+    if spec.student == "logits":
+        s_head = LogitsHead(student[0], spec.cols, need_grad=need[0])
+    else:
+        h, w, *b = student
+        s_head = LinearHead(gathered(h), w, b[0] if b else None, spec.cols, need,
+                            spec.autocast)
+    if spec.teacher == "logits":
+        t_head = LogitsHead(teacher[0], spec.cols)
+    else:
+        th, tw, *tb = teacher
+        t_head = LinearHead(gathered(th), tw, tb[0] if tb else None, spec.cols,
+                            autocast=spec.autocast)
+    return s_head, t_head
+
+
+def _header(student, spec: Spec, n: int, weight: torch.Tensor | None) -> list[float]:
+    """This rank's view of the call, in the order of :data:`eaopd_mp.tp.HEADER`."""
+    kept = n if weight is None else int((weight != 0).sum())
+    return [student[0].shape[0], kept, *mask_fingerprint(weight, n), _width(student, spec),
+            spec.chunk, spec.vocab_size, spec.inv_tau, spec.p1, spec.p2,
+            GATES.index(spec.gate), REDUCTIONS.index(spec.reduction)]
+
+
+def _plan(student, teacher, mask, spec: Spec, agree: bool = True) -> Plan:
+    """Validate the mask, agree with the other ranks (forward only), build the heads."""
+    n = _n_tokens(student, spec)
+    weight = mask_weight(mask, _compute_dtype(student, teacher))
+    combiner = TPCombiner(spec.group, spec.sequence_parallel) if spec.group else None
+    if combiner is not None and agree:
+        combiner.check_agreement(_header(student, spec, n, weight), student[0].device)
+    rows = None
+    if weight is not None:
+        keep = weight != 0
+        if int(keep.sum()) != n:
+            rows = keep.nonzero().squeeze(1)
+    s_head, t_head = _heads(student, teacher, spec, combiner)
+    return Plan(s_head, t_head, rows, weight, n, spec, combiner)
+
+
+def _pad3(grads: tuple, student) -> list[torch.Tensor]:
+    """Three gradient outputs; an empty (distinct) tensor where there is none."""
+    grads = tuple(grads) + (None,) * (3 - len(grads))
+    return [g if g is not None else student[0].new_empty(0) for g in grads]
+
+
+@custom_op("eaopd_mp::loss", mutates_args=())
+def loss_op(student: list[torch.Tensor], teacher: list[torch.Tensor],
+            mask: torch.Tensor | None, spec: str
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """See the module docstring."""
+    spec_ = parse(spec)
+    with _op_context(student[0].device):
+        plan = _plan(student, teacher, mask, spec_)
+        scale = None
+        if spec_.scalar and any(spec_.need):
+            plan.student.start_grad()
+            w = plan.kept_weight()
+            scale = w if w is not None else torch.ones(
+                plan.n_kept, dtype=plan.dtype, device=plan.student.device)
+        stats = plan.scatter(run_forward(plan, scale))
+        per_tok = core.token_loss(stats)
+        if plan.weight is not None:
+            per_tok = per_tok * plan.weight
+        out = per_tok if spec_.reduction == "none" else per_tok.sum()
+        grads = plan.student.grads() if scale is not None else ()
+        return (out, stats, *_pad3(grads, student))
+
+
+@loss_op.register_fake
+def _loss_fake(student, teacher, mask, spec):
+    spec_ = parse(spec)
+    n = _n_tokens(student, spec_)
+    dtype = _compute_dtype(student, teacher)
+    out = student[0].new_empty((n,) if spec_.reduction == "none" else (), dtype=dtype)
+    stats = student[0].new_empty((n, core.NSTATS), dtype=dtype)
+    grads = [student[0].new_empty(0) for _ in range(3)]
+    if spec_.scalar:
+        grads = [_grad_like(student, i, spec_, accumulator=True) if spec_.need[i]
+                 else student[0].new_empty(0) for i in range(3)]
+    return (out, stats, *grads)
+
+
+def _grad_like(student, i: int, spec: Spec, accumulator: bool) -> torch.Tensor:
+    """An empty tensor shaped like the gradient of ``student[i]`` before any reduction
+    over ranks (the gathered hidden states under sequence parallelism)."""
+    x = student[i]
+    if spec.student == "linear" and i == 0:
+        return x.new_empty((_n_tokens(student, spec), x.shape[1]))
+    if spec.student == "linear" and accumulator:
+        return x.new_empty(x.shape, dtype=core.compute_dtype(x.dtype))
+    return torch.empty_like(x)
+
+
+@custom_op("eaopd_mp::loss_backward", mutates_args=())
+def loss_backward_op(student: list[torch.Tensor], teacher: list[torch.Tensor],
+                     mask: torch.Tensor | None, stats: torch.Tensor, grad_tok: torch.Tensor,
+                     spec: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``sum(grad_tok * per_token_loss)`` for ``reduction="none"``, recomputed
+    chunk by chunk from the saved ``(N, 7)`` statistics; in the student tensors' dtypes."""
+    spec_ = parse(spec)
+    with _op_context(student[0].device):
+        plan = _plan(student, teacher, mask, spec_, agree=False)
+        # Detached: a saved output still says requires_grad, which the kernels guard on.
+        stats = stats.detach()
+        scale = grad_tok.detach().to(plan.dtype).contiguous()  # often an expand (stride 0)
+        if plan.weight is not None:
+            scale = scale * plan.weight
+        if plan.rows is not None:
+            scale, stats = scale[plan.rows], stats[plan.rows]
+        plan.student.start_grad()
+        run_backward(plan, stats, scale)
+        grads = [None if g is None else g.to(x.dtype) if i > 0 else g
+                 for i, (g, x) in enumerate(zip(plan.student.grads(), student, strict=False))]
+        return tuple(_pad3(tuple(grads), student))
+
+
+@loss_backward_op.register_fake
+def _loss_backward_fake(student, teacher, mask, stats, grad_tok, spec):
+    spec_ = parse(spec)
+    return tuple(_grad_like(student, i, spec_, accumulator=False) if spec_.need[i]
+                 else student[0].new_empty(0) for i in range(3))
+
+
+@custom_op("eaopd_mp::reduce_hidden_grad", mutates_args=())
+def reduce_hidden_grad_op(grad_h: torch.Tensor, spec: str) -> torch.Tensor:
+    """Sum of the hidden gradient over the tensor-parallel ranks (this rank's sequence
+    slice under sequence parallelism)."""
+    spec_ = parse(spec)
+    return TPCombiner(spec_.group, spec_.sequence_parallel).reduce_hidden_grad(grad_h)
+
+
+@reduce_hidden_grad_op.register_fake
+def _reduce_fake(grad_h, spec):
+    spec_ = parse(spec)
+    n = grad_h.shape[0] // spec_.tp if spec_.sequence_parallel else grad_h.shape[0]
+    return grad_h.new_empty((n, *grad_h.shape[1:]))
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, mask, spec = inputs
+    ctx.spec = spec
+    ctx.n_student = len(student)
+    ctx.dtypes = [x.dtype for x in student]
+    spec_ = parse(spec)
+    keep = list(output[2:]) if spec_.scalar else [output[1]]
+    ctx.n_teacher = len(teacher)
+    # Every input goes through save_for_backward: in-place changes raise at backward.
+    ctx.save_for_backward(*student, *teacher, mask, *keep)
+
+
+def _backward(ctx, grad_out, _grad_stats, *_grad_grads):
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "eaopd_mp's loss is once-differentiable: its backward is a closed-form "
+            "gradient, so backward(create_graph=True) / double backward through it is not "
+            "supported")
+    spec = parse(ctx.spec)
+    saved = ctx.saved_tensors
+    ns, nt = ctx.n_student, ctx.n_teacher
+    student, teacher = saved[:ns], saved[ns:ns + nt]
+    mask, kept = saved[ns + nt], saved[ns + nt + 1:]
+    if spec.scalar:
+        # Fresh tensors: the gradient never aliases a buffer the graph keeps (retain_graph).
+        grads = [(g * grad_out.to(g.dtype)).to(dt) if need else None
+                 for g, need, dt in zip(kept, spec.need, ctx.dtypes, strict=False)]
+    else:
+        grads = list(torch.ops.eaopd_mp.loss_backward(
+            list(student), list(teacher), mask, kept[0], grad_out, ctx.spec))
+        grads = [g if need else None for g, need in zip(grads, spec.need, strict=False)]
+    if spec.group and spec.student == "linear" and grads[0] is not None:
+        grads[0] = torch.ops.eaopd_mp.reduce_hidden_grad(grads[0], ctx.spec)
+    return grads[:ns], [None] * nt, None, None
+
+
+loss_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,93 @@
+"""The loss options: one validated object, built once per call (or once per module).
+
+Every public entry point takes the same keyword options (``**options``) and turns them
+into a :class:`LossOptions` before touching a tensor; a new option is added here, in one
+place, and reaches every path (logits-in, fused, vocab-parallel, Megatron, modules).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .gates import Gate, real_number, resolve_gate
+
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+def positive_int(name: str, value: object) -> int:
+    """``value`` as an int > 0; TypeError for non-ints (bool included)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Options shared by every entry point (all keyword-only there).
+
+    Attributes:
+        h_max: entropy normaliser of the linear gate; None means ``log(V)`` (V the real
+            vocabulary: ``vocab_size`` when given).
+        temperature: divides student and teacher logits (the gate uses the untempered
+            teacher).
+        reduction: ``"batchmean"`` (sum / first token dim, the specification's default),
+            ``"sum"``, ``"mean"`` (sum / number of tokens, masked ones included) or
+            ``"none"`` (float32, token-shaped).
+        return_stats: also return mask-weighted means of the teacher entropy, the gate
+            weights and both KLs (detached), the token count and the gate used.
+        gate, gate_threshold, fkl_coef, fkl_weight: see :mod:`eaopd_mp.gates`.
+        chunk_size: tokens per chunk; None picks about 64 MiB of float32 logits per chunk.
+    """
+
+    h_max: float | None = None
+    temperature: float = 1.0
+    reduction: str = "batchmean"
+    return_stats: bool = False
+    gate: str = "linear"
+    gate_threshold: float | None = None
+    fkl_coef: float | None = None
+    fkl_weight: float | None = None
+    chunk_size: int | None = None
+
+    def __post_init__(self):
+        tau = real_number("temperature", self.temperature)
+        if tau <= 0:
+            raise ValueError(f"temperature must be finite and > 0, got {tau}")
+        object.__setattr__(self, "temperature", tau)
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if not isinstance(self.return_stats, bool):
+            raise TypeError(
+                f"return_stats must be a bool, got {type(self.return_stats).__name__}")
+        if self.chunk_size is not None:
+            positive_int("chunk_size", self.chunk_size)
+        self.resolve_gate(2)  # every gate check that does not depend on the vocabulary
+
+    @classmethod
+    def build(cls, options: dict) -> LossOptions:
+        """From a call's ``**options``; an unknown name raises ``TypeError``."""
+        unknown = sorted(set(options) - set(OPTION_NAMES))
+        if unknown:
+            raise TypeError(
+                f"unknown option(s) {', '.join(unknown)}; the options are "
+                f"{', '.join(sorted(OPTION_NAMES))}"
+            )
+        return cls(**options)
+
+    def resolve_gate(self, vocab_size: int) -> Gate:
+        """The gate with its parameters resolved for a (real) vocabulary size."""
+        return resolve_gate(self.gate, vocab_size, h_max=self.h_max,
+                            gate_threshold=self.gate_threshold, fkl_coef=self.fkl_coef,
+                            fkl_weight=self.fkl_weight)
+
+    def given(self) -> dict:
+        """The options that differ from the defaults (for ``repr``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != f.default}
+
+
+# Read once: ``dataclasses.fields`` on the class breaks a caller's torch.compile graph.
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(LossOptions))

@@ -1,0 +1,170 @@
+"""One plan builder for every entry point.
+
+A front door (``loss.py`` for one device, ``parallel.py`` for vocabulary shards) checks its
+tensors, builds :class:`~eaopd_mp.options.LossOptions`, and calls :func:`run` with the
+student and teacher tensors in one of their *forms*:
+
+* student ``"logits"``: ``[z (N, V)]``; ``"linear"``: ``[h (N, H), W (V, H)(, b (V,))]``;
+* teacher ``"logits"``: ``[y (N, V)]``; ``"linear"``: ``[h_t (N, H_t), W_t (V, H_t)(, b_t)]``.
+
+:func:`run` turns the options and the tensors' static properties into a :class:`Spec` (plain
+values, passed to the custom op as a string), calls ``torch.ops.eaopd_mp.loss`` (see
+:mod:`eaopd_mp.ops`), and applies the reduction's divisor and the statistics outside the
+op, where they are ordinary traceable tensor maths.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from . import core
+from .driver import default_chunk_size
+from .gates import Gate
+from .options import LossOptions
+from .tp import TPInfo
+
+Stats = dict[str, object]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Everything the custom ops need besides tensors; no value depends on a token count,
+    so a compiled caller keeps one graph as sequence lengths change.
+
+    Attributes:
+        student, teacher: the tensor forms (``"logits"`` or ``"linear"``).
+        reduction: the user's reduction (``"none"`` selects per-token outputs and the
+            recompute backward; the others compute the gradient in the forward pass).
+        gate, p1, p2: the resolved :class:`~eaopd_mp.gates.Gate`.
+        inv_tau: ``1 / temperature``.
+        chunk: tokens per chunk.
+        cols: how many logit columns held here are real vocabulary.
+        vocab_size: the real vocabulary size (all ranks).
+        need: which student tensors want a gradient.
+        autocast: ``""`` or the autocast dtype (``"bfloat16"``) the GEMMs honour.
+        group, tp, sequence_parallel: the tensor-parallel group name (``""`` on one
+            device), its size, and whether hidden states are split along the sequence.
+    """
+
+    student: str
+    teacher: str
+    reduction: str
+    gate: str
+    p1: float
+    p2: float
+    inv_tau: float
+    chunk: int
+    cols: int
+    vocab_size: int
+    need: tuple
+    autocast: str = ""
+    group: str = ""
+    tp: int = 1
+    sequence_parallel: bool = False
+
+    def key(self) -> str:
+        """The spec as a string argument of the custom ops (see :func:`parse`)."""
+        return "|".join(repr(getattr(self, name)) for name in _SPEC_FIELDS)
+
+    @property
+    def scalar(self) -> bool:
+        """The gradient is computed in the forward pass (every reduction but ``"none"``)."""
+        return self.reduction != "none"
+
+    @property
+    def gate_obj(self) -> Gate:
+        return Gate(self.gate, self.p1, self.p2)
+
+
+_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(Spec))
+
+
+@functools.lru_cache(maxsize=256)
+def parse(key: str) -> Spec:
+    """Inverse of :meth:`Spec.key`."""
+    return Spec(*(ast.literal_eval(v) for v in key.split("|")))
+
+
+def _autocast_dtype(device: torch.device) -> str:
+    """The autocast dtype in force for ``device`` (``""`` if autocast is off)."""
+    if not torch.is_autocast_enabled(device.type):
+        return ""
+    return str(torch.get_autocast_dtype(device.type)).removeprefix("torch.")
+
+
+def run(student: list, teacher: list, labels: torch.Tensor | None, token_shape: tuple,
+        options: LossOptions, *, student_form: str, teacher_form: str, width: int,
+        tp: TPInfo | None = None):
+    """Evaluate the loss through the custom op; the reduction and statistics around it.
+
+    Args:
+        student, teacher: the tensors of each form (token dims flattened).
+        labels: the ``token_shape`` mask (already shape-checked), or None.
+        token_shape: the token dims of the result (under sequence parallelism, the full
+            gathered shape).
+        width: logit columns held here (``V`` on one device, ``V_local`` on a rank).
+        tp: the tensor-parallel group, or None on one device.
+    Returns:
+        The loss (float32, float64 for float64 inputs), or ``(loss, stats)``.
+    """
+    vocab = width if tp is None else tp.vocab_size
+    gate = options.resolve_gate(vocab)
+    grad = torch.is_grad_enabled()
+    need = tuple(bool(grad and t is not None and t.requires_grad) for t in student)
+    need = need + (False,) * (3 - len(need))
+    spec = Spec(
+        student=student_form, teacher=teacher_form, reduction=options.reduction,
+        gate=gate.kind, p1=gate.p1, p2=gate.p2, inv_tau=1.0 / options.temperature,
+        chunk=options.chunk_size or default_chunk_size(width),
+        cols=width if tp is None else tp.cols, vocab_size=vocab, need=need,
+        autocast=_autocast_dtype(student[0].device) if student_form == "linear" else "",
+        group="" if tp is None else tp.group, tp=1 if tp is None else tp.size,
+        sequence_parallel=False if tp is None else tp.sequence_parallel,
+    )
+    mask = None if labels is None else labels.reshape(-1)
+    out, stats, *_ = torch.ops.eaopd_mp.loss(student, teacher, mask, spec.key())
+    if options.reduction == "none":
+        loss = out.reshape(token_shape)
+    else:
+        loss = out / _divisor(options.reduction, token_shape)
+    if not options.return_stats:
+        return loss
+    result: Stats = dict(summarize(stats, mask))
+    result.update(gate.describe())
+    return loss, result
+
+
+def _divisor(reduction: str, token_shape: tuple):
+    """The specification's divisor: 1 (sum), numel (mean), first token dim (batchmean)."""
+    if reduction == "sum":
+        return 1
+    if reduction == "mean":
+        n = 1
+        for d in token_shape:
+            n = n * d
+        return max(n, 1)
+    return max(token_shape[0], 1) if token_shape else 1
+
+
+def summarize(stats: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Mask-weighted means of the ``(N, 7)`` per-token statistics, detached, for logging."""
+    cols = {
+        "teacher_entropy": core.ENTROPY,
+        "fkl_weight": core.A,
+        "rkl_weight": core.B,
+        "kl_fwd": core.KL_FWD,
+        "kl_rev": core.KL_REV,
+    }
+    stats = stats.detach()
+    w = torch.ones_like(stats[:, 0]) if mask is None else mask.detach().to(stats.dtype)
+    total = w.sum()
+    denom = torch.where(total != 0, total, torch.ones_like(total))
+    # Masked tokens have all-zero statistics: 0 * w never turns into NaN there.
+    out = {name: (stats[:, c] * w).sum() / denom for name, c in cols.items()}
+    out["tokens"] = total
+    return out
