@@ -63,7 +63,6 @@ from eaopd_mp.megatron import gpt_hidden_states, output_layer_weight  # noqa: E4
 
 __all__ = [
     "LayerNorm",
-    "allreduce_sequence_parallel_grads",
     "broadcast_tp",
     "causal_mask",
     "destroy_parallel",
@@ -163,8 +162,8 @@ class LayerNorm(torch.nn.LayerNorm):
 
     Under sequence parallelism each rank normalises its slice of the sequence, so the
     gradients of the (replicated) weight and bias are partial sums: they are marked
-    ``sequence_parallel`` for the all-reduce over the tensor-parallel group, as
-    megatron's fused and Transformer Engine norms do.
+    ``sequence_parallel`` for ``finalize_model_grads``' all-reduce over the
+    tensor-parallel group, as megatron's fused and Transformer Engine norms do.
     """
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
@@ -249,13 +248,3 @@ def broadcast_tp(tensor: torch.Tensor) -> torch.Tensor:
     dist.broadcast(tensor, parallel_state.get_tensor_model_parallel_src_rank(),
                    group=parallel_state.get_tensor_model_parallel_group())
     return tensor
-
-
-def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
-    """Sum, over the tensor-parallel group, the partial gradients of the parameters marked
-    ``sequence_parallel`` (norms, row-parallel biases), as megatron's
-    ``finalize_model_grads`` does; a no-op without sequence parallelism."""
-    group = parallel_state.get_tensor_model_parallel_group()
-    for param in model.parameters():
-        if getattr(param, "sequence_parallel", False) and param.grad is not None:
-            dist.all_reduce(param.grad, group=group)

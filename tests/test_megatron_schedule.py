@@ -190,6 +190,13 @@ def _check_layout(rank, tp, pp, sp, parallel_state, megatron_cpu, megatron_disti
     assert all(h.shape == (h_local, MICRO_BATCH, 24) and not h.requires_grad
                for h in teacher_hidden), where
 
+    if pp == 1:  # every rank is a last stage: a missing teacher hidden state is an error
+        short = eaopd_forward_step(megatron_distill.get_batch, teacher, teacher_hidden[:1])
+        data = iter(batches)
+        short(data, student)
+        with pytest.raises(RuntimeError, match="more micro-batches than teacher"):
+            short(data, student)
+
     # megatron_distill.train_step without the optimizer update.
     student.zero_grad_buffer()
     optimizer.zero_grad()
