@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=40, help="distillation steps")
     p.add_argument("--teacher-steps", type=int, default=200,
                    help="teacher pre-training steps")
-    p.add_argument("--tp", type=int, default=2, help="tensor-parallel size")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--micro-batches", type=int, default=4,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -252,3 +253,14 @@ def test_schedule_matches_single_process_tp_pp_sp_dp():
     ``main_grad`` after one schedule step with megatron DDP, finalize_model_grads and
     ``calculate_per_token_loss`` equal the single-process per-token-mean reference."""
     spawn(_step_worker, WORLD)
+
+
+def test_adapter_does_not_import_megatron():
+    """``import eaopd_mp.megatron`` (all its helpers included) loads no megatron module:
+    a fresh interpreter checks ``sys.modules``."""
+    code = ("import sys, eaopd_mp.megatron; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'megatron'))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", proc.stdout
