@@ -173,6 +173,7 @@ def setup_training(model, args, lr: float):
     )
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = ddp_model.no_sync
+    config.grad_sync_func = ddp_model.start_grad_sync  # Megatron-LM's --align-grad-reduce
     config.finalize_model_grads_func = finalize_model_grads
     return ddp_model, optimizer
 
@@ -259,6 +260,7 @@ def freeze(ddp_model):
     model = ddp_model.module.requires_grad_(False)
     model.config.grad_scale_func = None
     model.config.no_sync_func = None
+    model.config.grad_sync_func = None
     model.config.finalize_model_grads_func = None
     return model
 

@@ -173,6 +173,7 @@ def _check_layout(rank, tp, pp, sp, parallel_state, megatron_cpu, megatron_disti
     config = student.config
     assert config.calculate_per_token_loss and config.no_sync_func == student.no_sync
     assert config.grad_scale_func == optimizer.scale_loss
+    assert config.grad_sync_func == student.start_grad_sync
 
     tokens, masks = _global_batch(dp_size)
     mine = slice(dp_rank * MICRO_BATCHES, (dp_rank + 1) * MICRO_BATCHES)
