@@ -1,35 +1,43 @@
-"""Megatron-LM adapter: the vocab-parallel fused loss as a ``forward_step`` loss function.
+"""Megatron-LM adapter: the vocab-parallel fused loss as a ``forward_step`` loss function,
+and forward-step factories for megatron-core's pipeline schedules.
 
 Nothing here imports megatron; the models are used through their attributes only.
 
-Wiring (the student is the model being trained, the teacher a frozen GPTModel built with
-the same tensor-parallel layout)::
+Wiring, with or without pipeline parallelism (the student is the model being trained,
+wrapped in megatron's ``DistributedDataParallel``; the teacher a frozen GPTModel built with
+the same tensor- and pipeline-parallel layout; ``get_batch(data_iterator)`` returns
+``tokens, position_ids, attention_mask, loss_mask`` of one micro-batch)::
 
-    from functools import partial
-    from eaopd_mp.megatron import eaopd_loss_func, gpt_hidden_states, output_layer_weight
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from eaopd_mp.megatron import eaopd_forward_step, teacher_hidden_states
 
-    def forward_step(data_iterator, model):
-        tokens, position_ids, attention_mask, loss_mask = get_batch(data_iterator)
-        with torch.no_grad():
-            teacher_hidden = gpt_hidden_states(teacher, tokens, position_ids, attention_mask)
-        student_hidden = gpt_hidden_states(model, tokens, position_ids, attention_mask)
-        return student_hidden, partial(
-            eaopd_loss_func,
-            student_weight=output_layer_weight(model),
-            teacher_hidden=teacher_hidden,
-            teacher_weight=output_layer_weight(teacher),
-            loss_mask=loss_mask,
-            sequence_parallel=args.sequence_parallel,
+    forward_backward = get_forward_backward_func()
+    micro_batches = [...]  # this step's, the same for the teacher and the student
+    shapes = dict(num_microbatches=len(micro_batches), seq_length=s, micro_batch_size=b)
+    teacher_hidden = teacher_hidden_states(forward_backward, teacher, iter(micro_batches),
+                                           get_batch, **shapes)
+    losses = forward_backward(
+        forward_step_func=eaopd_forward_step(
+            get_batch, teacher, teacher_hidden,
             vocab_size=tokenizer.vocab_size,  # the real one; megatron pads the output layer
-        )
+            sequence_parallel=config.sequence_parallel),
+        data_iterator=iter(micro_batches), model=student, forward_only=False, **shapes)
 
-The schedule calls ``loss_func(output_tensor)``, i.e. ``eaopd_loss_func(student_hidden,
-...)``. This sketch assumes no pipeline parallelism: with it, the teacher's last-stage
-hidden states must reach the student's last stage, and the ``partial`` is built there
-only (``gpt_hidden_states`` itself returns ``model(...)``'s output on the other stages).
+With pipeline parallelism the teacher runs its own ``forward_only`` pipeline first; the
+schedule returns, on the last stage only, one ``[s(/tp), b, h_t]`` teacher hidden-state
+tensor per micro-batch (never logits), and the student's last stage consumes them in
+micro-batch order. See :func:`teacher_hidden_states` for why.
+
+The schedule calls ``loss_func(output_tensor)``, i.e. :func:`eaopd_loss_func` on the
+student's last-stage hidden states; it returns megatron's ``(loss_sum, num_tokens,
+logged)`` triple, so ``config.calculate_per_token_loss=True`` makes the step's gradient
+that of the per-token mean over all micro-batches and data-parallel ranks.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 
 import torch
 
@@ -166,3 +174,116 @@ def eaopd_loss_func(
     for name, key in LOGGED_STATS.items():
         logged[name] = torch.cat([stats[key].detach().view(1) * n, n])
     return loss_sum, num_tokens, logged
+
+
+# get_batch(data_iterator) -> (tokens [b, s], position_ids [b, s], attention_mask, loss_mask
+# [b, s]) of one micro-batch.
+GetBatch = Callable[[Iterator], tuple]
+
+
+def _is_last_stage(model) -> bool:
+    return bool(_unwrap(model).post_process)
+
+
+def teacher_forward_step(get_batch: GetBatch) -> Callable:
+    """A ``forward_step_func`` for a frozen teacher's ``forward_only`` schedule.
+
+    Every stage returns ``(hidden, None)``: ``hidden`` is :func:`gpt_hidden_states` (on the
+    last stage the final-norm output, ``[s, b, h_t]`` or ``[s / tp, b, h_t]`` under sequence
+    parallelism), and with no loss function megatron's schedule keeps the last stage's
+    output of every micro-batch and returns them in order.
+    """
+    def forward_step(data_iterator, model):
+        tokens, position_ids, attention_mask, _ = get_batch(data_iterator)
+        return gpt_hidden_states(model, tokens, position_ids, attention_mask), None
+    return forward_step
+
+
+def teacher_hidden_states(forward_backward_func: Callable, teacher, data_iterator: Iterator,
+                          get_batch: GetBatch, *, num_microbatches: int, seq_length: int,
+                          micro_batch_size: int) -> list[torch.Tensor]:
+    """Run the frozen teacher over one step's micro-batches with megatron's schedule.
+
+    Design: the teacher has the student's pipeline layout and runs its own
+    ``forward_only=True`` schedule (under ``torch.no_grad``) before the student's step; the
+    last stage keeps one hidden-state tensor per micro-batch, ``num_microbatches * s/tp * b
+    * h_t`` values, never ``[s, b, V/tp]`` logits. The teacher thus costs one extra forward
+    pipeline (with its own bubble) per step and no change to the student's schedule or
+    its p2p tensors (whose shape is the student's hidden size). Sending the teacher's
+    activations alongside the student's would need a custom p2p shape and entangle the
+    two models in one schedule; putting the whole teacher on the last stage would cost
+    that stage all the teacher's weights.
+
+    Args:
+        forward_backward_func: ``megatron.core.pipeline_parallel.get_forward_backward_func()``.
+        teacher: the teacher GPTModel (unwrapped or wrapped); its config holds the pipeline
+            settings (``pipeline_dtype``, ``hidden_size``).
+        data_iterator: yields the step's micro-batches, the same ones, in the same order, as
+            the student's iterator.
+        get_batch: see :func:`eaopd_forward_step`.
+        num_microbatches, seq_length, micro_batch_size: as for the student's schedule.
+    Returns:
+        On the last pipeline stage, ``num_microbatches`` tensors ``[s, b, h_t]`` (``[s / tp,
+        b, h_t]`` under sequence parallelism) in the teacher's dtype; ``[]`` elsewhere.
+    """
+    with torch.no_grad():
+        hidden = forward_backward_func(
+            forward_step_func=teacher_forward_step(get_batch),
+            data_iterator=data_iterator,
+            model=teacher,
+            num_microbatches=num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=True,
+        )
+    if _is_last_stage(teacher) and len(hidden) != num_microbatches:
+        raise RuntimeError(f"the teacher's schedule returned {len(hidden)} outputs for "
+                           f"{num_microbatches} micro-batches")
+    return list(hidden)
+
+
+def eaopd_forward_step(get_batch: GetBatch, teacher, teacher_hidden: Sequence[torch.Tensor],
+                       *, sequence_parallel: bool = False, vocab_size: int | None = None,
+                       **loss_options) -> Callable:
+    """The student's ``forward_step_func`` for megatron-core's schedules.
+
+    Every stage computes :func:`gpt_hidden_states`; the last stage returns it with
+    :func:`eaopd_loss_func` bound to the student's and teacher's output-layer shards, the
+    micro-batch's loss mask and the next of ``teacher_hidden``; other stages return
+    ``(hidden, None)`` (the schedule sends ``hidden`` on and never calls a loss there).
+
+    Args:
+        get_batch: ``get_batch(data_iterator) -> (tokens, position_ids, attention_mask,
+            loss_mask)`` for one micro-batch: ``[b, s]`` int64 tokens and positions, the
+            attention mask as for ``GPTModel.forward`` (or None), ``[b, s]`` 0/1 float loss
+            mask. Called once per micro-batch on every stage.
+        teacher: the teacher GPTModel (for its output-layer shard on the last stage).
+        teacher_hidden: :func:`teacher_hidden_states` of the same micro-batches (used on
+            the last stage only, in order; may be empty elsewhere).
+        sequence_parallel, vocab_size, loss_options: as for :func:`eaopd_loss_func`.
+    Returns:
+        ``forward_step(data_iterator, model) -> (output_tensor, loss_func | None)``. It
+        raises ``RuntimeError`` if the last stage runs more micro-batches than there are
+        teacher hidden states.
+    """
+    remaining = iter(teacher_hidden)
+
+    def forward_step(data_iterator, model):
+        tokens, position_ids, attention_mask, loss_mask = get_batch(data_iterator)
+        hidden = gpt_hidden_states(model, tokens, position_ids, attention_mask)
+        if not _is_last_stage(model):
+            return hidden, None
+        t_hidden = next(remaining, None)
+        if t_hidden is None:
+            raise RuntimeError("more micro-batches than teacher hidden states")
+        return hidden, partial(
+            eaopd_loss_func,
+            student_weight=output_layer_weight(model),
+            teacher_hidden=t_hidden,
+            teacher_weight=output_layer_weight(teacher),
+            loss_mask=loss_mask,
+            sequence_parallel=sequence_parallel,
+            vocab_size=vocab_size,
+            **loss_options,
+        )
+    return forward_step

@@ -3,8 +3,17 @@
 megatron-core 0.16 assumes CUDA in a few places; :func:`init_parallel` works around them
 on a machine without a GPU (nothing here is needed, or done, when CUDA is available):
 
-* ``torch.cuda.current_device()`` (sequence-parallel gather buffers, GPTModel) is
-  redirected to the CPU;
+* ``torch.cuda.current_device()`` (sequence-parallel gather buffers, GPTModel, p2p shape
+  buffers) is redirected to the CPU;
+* the modules that allocate small tensors with ``device="cuda"`` (the schedules'
+  ``total_num_tokens``; the optimizer's loss scale and the grad-norm buffers in
+  ``megatron.core.optimizer.{optimizer, clip_grads}`` and ``megatron.core.utils``) see a
+  ``torch`` whose ``tensor`` / ``zeros`` / ``ones`` / ``empty`` put ``"cuda"`` tensors on
+  the CPU; everything else in those modules is the real ``torch``;
+* ``clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor`` gradients: the
+  optimizer gets the same scaling without the assertion (:func:`clip_grad_by_total_norm`);
+* :func:`tiny_gpt` turns off ``batch_p2p_sync`` (a ``torch.cuda.synchronize()`` after
+  every pipeline send/receive);
 * the model-parallel RNG tracker is created without CUDA RNG states (dropout is off in
   the tiny models, so the tracker's forks never matter);
 * the local layer spec's torch norm refuses ``sequence_parallel=True`` (it would not mark
@@ -54,7 +63,6 @@ from eaopd_mp.megatron import gpt_hidden_states, output_layer_weight  # noqa: E4
 
 __all__ = [
     "LayerNorm",
-    "allreduce_sequence_parallel_grads",
     "broadcast_tp",
     "causal_mask",
     "destroy_parallel",
@@ -66,22 +74,61 @@ __all__ = [
 ]
 
 
+class _CpuTorch:
+    """``torch`` for a megatron module on a machine without CUDA: the factories put
+    tensors asked for on ``"cuda"`` on the CPU; every other attribute is torch's own."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def _on_cpu(factory):
+        def make(*args, device=None, **kwargs):
+            if device is not None and torch.device(device).type == "cuda":
+                device = "cpu"
+            return factory(*args, device=device, **kwargs)
+        return make
+
+
+for _name in ("tensor", "zeros", "ones", "empty"):
+    setattr(_CpuTorch, _name, staticmethod(_CpuTorch._on_cpu(getattr(torch, _name))))
+
+
+def clip_grad_by_total_norm(parameters, max_norm: float, total_norm: float,
+                            use_decoupled_grad: bool = False) -> None:
+    """megatron-core's ``clip_grad_by_total_norm_fp32`` without its CUDA type assertion:
+    scales the gradients in place by ``max_norm / (total_norm + 1e-6)`` when that is < 1."""
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
 def use_cpu() -> None:
-    """Point ``torch.cuda.current_device()`` at the CPU, for this whole process, when there
-    is no GPU: megatron allocates its gather buffers and a few tensors with it."""
-    if not torch.cuda.is_available():
-        torch.cuda.current_device = lambda: "cpu"
+    """Apply the CPU shims listed above, for this whole process, when there is no GPU."""
+    if torch.cuda.is_available():
+        return
+    from megatron.core import utils as core_utils
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as core_optimizer
+    from megatron.core.pipeline_parallel import schedules
+
+    torch.cuda.current_device = lambda: "cpu"
+    for module in (schedules, core_optimizer, clip_grads, core_utils):
+        module.torch = _CpuTorch()
+    core_optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm
 
 
-def init_parallel(tp_size: int = 2, seed: int = 0) -> torch.device:
+def init_parallel(tp_size: int = 2, seed: int = 0, pp_size: int = 1) -> torch.device:
     """Initialise torch.distributed (if needed), megatron's parallel state and RNG.
 
     Uses NCCL and this rank's GPU when CUDA is available, gloo and the CPU otherwise; the
     process group is read from torchrun's environment unless one already exists.
 
     Args:
-        tp_size: the tensor-parallel size; must divide the world size (the rest is data
-            parallelism).
+        tp_size, pp_size: the tensor- and pipeline-parallel sizes; their product must
+            divide the world size (the rest is data parallelism).
         seed: seeds torch (identically on every rank, so ``use_cpu_initialization``
             builds the same full weights everywhere before sharding them).
     Returns:
@@ -94,7 +141,8 @@ def init_parallel(tp_size: int = 2, seed: int = 0) -> torch.device:
         use_cpu()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size,
+                                             pipeline_model_parallel_size=pp_size)
     torch.manual_seed(seed)
     if cuda:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -114,8 +162,8 @@ class LayerNorm(torch.nn.LayerNorm):
 
     Under sequence parallelism each rank normalises its slice of the sequence, so the
     gradients of the (replicated) weight and bias are partial sums: they are marked
-    ``sequence_parallel`` for the all-reduce over the tensor-parallel group, as
-    megatron's fused and Transformer Engine norms do.
+    ``sequence_parallel`` for ``finalize_model_grads``' all-reduce over the
+    tensor-parallel group, as megatron's fused and Transformer Engine norms do.
     """
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
@@ -126,7 +174,8 @@ class LayerNorm(torch.nn.LayerNorm):
 
 
 def block_spec(num_layers: int) -> ModuleSpec:
-    """The local (megatron-core only) GPT block spec with :class:`LayerNorm` everywhere."""
+    """The local (megatron-core only) GPT block spec with :class:`LayerNorm` everywhere,
+    for ``num_layers`` layers (this pipeline stage's)."""
     layer = get_gpt_layer_local_spec()
     layer = dataclasses.replace(layer, submodules=dataclasses.replace(
         layer.submodules, input_layernorm=LayerNorm, pre_mlp_layernorm=LayerNorm))
@@ -138,31 +187,48 @@ def block_spec(num_layers: int) -> ModuleSpec:
 
 
 def tiny_gpt(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
-             max_seq_len: int, sequence_parallel: bool = False) -> GPTModel:
-    """A float32 GPT, no dropout, learned absolute positions, untied output layer.
+             max_seq_len: int, sequence_parallel: bool = False,
+             params_dtype: torch.dtype = torch.float32) -> GPTModel:
+    """A GPT with no dropout, learned absolute positions, untied output layer: this
+    rank's tensor-parallel shard of this pipeline stage's layers.
 
-    Built on the CPU from the global torch seed (``use_cpu_initialization``), so the same
-    seed gives the same full model whatever the tensor-parallel size. Call after
-    :func:`init_parallel`; ``vocab_size`` (the padded one) must divide by the
-    tensor-parallel size, and so must the sequence length under sequence parallelism.
+    Built on the CPU from the global torch seed (``use_cpu_initialization``), so with one
+    pipeline stage the same seed gives the same full model whatever the tensor-parallel
+    size. Call after :func:`init_parallel`; ``vocab_size`` (the padded one) must divide by
+    the tensor-parallel size, ``num_layers`` by the pipeline-parallel size, and the
+    sequence length by the tensor-parallel size under sequence parallelism.
+    ``params_dtype=torch.bfloat16`` makes a bf16 model (``config.bf16``) for megatron's
+    ``Float16Module``.
     """
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    if num_layers % pp_size:
+        raise ValueError(f"{num_layers} layers do not split into {pp_size} pipeline stages")
     config = TransformerConfig(
         num_layers=num_layers,
         hidden_size=hidden_size,
         num_attention_heads=num_heads,
         ffn_hidden_size=4 * hidden_size,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=pp_size,
+        pipeline_dtype=params_dtype,
         sequence_parallel=sequence_parallel,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         use_cpu_initialization=True,
-        params_dtype=torch.float32,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        # Megatron-LM's default: a pipeline stage frees its output once it is sent.
+        deallocate_pipeline_outputs=True,
     )
+    if not torch.cuda.is_available():
+        config.batch_p2p_sync = False  # it calls torch.cuda.synchronize()
     return GPTModel(
         config=config,
-        transformer_layer_spec=block_spec(num_layers),
+        transformer_layer_spec=block_spec(num_layers // pp_size),
         vocab_size=vocab_size,
         max_sequence_length=max_seq_len,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=False,
     )
 
@@ -182,13 +248,3 @@ def broadcast_tp(tensor: torch.Tensor) -> torch.Tensor:
     dist.broadcast(tensor, parallel_state.get_tensor_model_parallel_src_rank(),
                    group=parallel_state.get_tensor_model_parallel_group())
     return tensor
-
-
-def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
-    """Sum, over the tensor-parallel group, the partial gradients of the parameters marked
-    ``sequence_parallel`` (norms, row-parallel biases), as megatron's
-    ``finalize_model_grads`` does; a no-op without sequence parallelism."""
-    group = parallel_state.get_tensor_model_parallel_group()
-    for param in model.parameters():
-        if getattr(param, "sequence_parallel", False) and param.grad is not None:
-            dist.all_reduce(param.grad, group=group)
