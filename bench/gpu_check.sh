@@ -102,7 +102,7 @@ echo "preflight: $((SECONDS - start_all)) s (budget 30 s)"
 
 # ------------------------------------------------------------------ 1. CUDA tests
 t0=$SECONDS
-EAOPD_REQUIRE_CUDA=1 timeout "$TEST_BUDGET_S" "$PY" -m pytest tests/test_devices.py \
+EAOPD_REQUIRE_CUDA=1 timeout -k 10 "$TEST_BUDGET_S" "$PY" -m pytest tests/test_devices.py \
     -k "cuda or nccl" -rA -p no:cacheprovider --junitxml="$OUT/pytest.xml" 2>&1 \
     | tee "$OUT/pytest.txt"
 tests_rc=${PIPESTATUS[0]}
@@ -117,7 +117,7 @@ echo "CUDA tests: $tests_status in $tests_s s (budget $TEST_BUDGET_S s)"
 
 # ------------------------------------------------------------------ 2. benchmark
 t0=$SECONDS
-timeout "$BENCH_BUDGET_S" "$PY" bench/run.py --suite gpu --warmup 2 --repeats 5 \
+timeout -k 10 "$BENCH_BUDGET_S" "$PY" bench/run.py --suite gpu --warmup 2 --repeats 5 \
     --out "$OUT/bench" 2>&1 | tee "$OUT/bench.txt"
 bench_rc=${PIPESTATUS[0]}
 bench_s=$((SECONDS - t0))

@@ -185,10 +185,12 @@ def main(args: argparse.Namespace) -> int:
         print("suite startup:\n" + "\n".join(plan))
         return 0
     start = time.perf_counter()
-    records = run(args)
-    meta = machine_meta(args, 0, "not used")
-    meta["duration"] = f"{(time.perf_counter() - start) / 60:.1f} min"
+    meta = machine_meta(args, 0, "")
+    del meta["memory budget"]
     meta["steps"] = f"first step, then {args.steady} steady steps (median), per process"
+    records = run(args)
+    meta["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    meta["duration"] = f"{(time.perf_counter() - start) / 60:.1f} min"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(records, indent=1) + "\n")
     (args.out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
