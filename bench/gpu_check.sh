@@ -54,8 +54,12 @@ then
     exit 2
 fi
 
+if [ -d "$OUT" ] && [ -n "$(ls -A "$OUT")" ] && [ ! -f "$OUT/.gpu-check" ]; then
+    fail "$OUT exists and is not a previous gpu-check output: not replacing it"
+fi
 rm -rf "$OUT"
 mkdir -p "$OUT"
+touch "$OUT/.gpu-check"
 { nvidia-smi && nvidia-smi -q -d CLOCK,POWER,MEMORY; } >"$OUT/nvidia-smi.txt" 2>&1 \
     || echo "nvidia-smi failed or is missing (see $OUT/nvidia-smi.txt)"
 
