@@ -114,8 +114,8 @@ def gpu_suite() -> list[Case]:
     implementation uses ``eaopd_mp``'s default chunk (128 tokens at this V); Liger's own
     default is 1024, so a second sweep measures the fused loss and both Liger losses at
     chunk 1024 and N = 8k: the "faster than liger_jsd" goal is judged against Liger's
-    faster chunk, not a handicapped one. Planned to run in ~4 min on one H100/H200 (about
-    2 of them compiling).
+    faster chunk, not a handicapped one. Estimated at under 4 min on one H100/H200, most
+    of it compiling (not yet measured).
     """
     return (
         _sweep(GPU_SWEEP, "tokens", "cuda", "bf16", GPU_TOKENS, hidden=GPU_HIDDEN, vocab=V128K,
