@@ -79,16 +79,12 @@ def compiled_kernels_only(monkeypatch):
 def device(request):
     """The device under test, with exact float32 matmuls (no TF32) while the test runs."""
     _require(request.param)
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.get_float32_matmul_precision())
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # the default; a caller may have changed it
     try:
         yield torch.device(request.param)
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
-        torch.set_float32_matmul_precision(saved[2])
+        torch.set_float32_matmul_precision(saved)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -474,7 +470,7 @@ def _tp_worker(rank: int, world: int, backend: str, port: int, compile_: bool) -
     if backend == "nccl":
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
-        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
     else:
         torch.set_num_threads(1)
         device = torch.device("cpu")
