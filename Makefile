@@ -1,4 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`.
+# On a GPU machine: `make gpu-check` (uses python3 there, not the CPU venv).
 # TORCH pins what is installed here (a CPU build lies on this machine's disk);
 # the package metadata itself accepts a range.
 PYTHON ?= python3
@@ -7,7 +8,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+# The GPU machine's interpreter: one with a CUDA build of torch (not $(VENV)).
+GPU_PYTHON ?= python3
+LIGER ?= liger-kernel==0.8.5
+
+.PHONY: demo test lint bench gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,5 +33,14 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run.py --quick --out bench-out
 
+# CUDA tests + bench/run.py --suite gpu into gpu-check-out/ (< 8 min on one H100/H200);
+# fails with exit 2 and a message where torch sees no GPU. See bench/gpu_check.sh.
+gpu-check:
+	PYTHON=$(GPU_PYTHON) bash bench/gpu_check.sh gpu-check-out
+
+# liger-kernel's wheel (pure Python) for a GPU machine that cannot download it.
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: "$(LIGER)" -d gpu-wheels
+
 clean:
-	rm -rf $(VENV) demo-out bench-out .pytest_cache
+	rm -rf $(VENV) demo-out bench-out gpu-check-out .pytest_cache

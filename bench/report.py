@@ -148,6 +148,10 @@ def markdown(records: list[dict], meta: dict) -> str:
         out.append(sweep_markdown(name, group))
     if flat := flatness(records):
         out += ["### Memory against tokens\n", flat + "\n"]
+    if goals := gpu_goals(records):
+        out += ["### Goals\n", goals + "\n"]
+    if ratios_ := dtype_ratios(records):
+        out += ["### bf16 against fp32\n", ratios_ + "\n"]
     out += ["### All records\n", detail_markdown(records)]
     return "\n".join(out)
 
@@ -168,6 +172,106 @@ def text_table(records: list[dict]) -> str:
             f"{_fmt(r['peak_mib'], '.1f'):>9} {_fmt(r['loss_rel_err'], '.1e'):>9}  "
             f"{status[:70]}"
         )
+    return "\n".join(lines)
+
+
+GOAL_FLOOR_RATIO = 1.10  # eaopd_fused <= 1.10 x the four bf16 GEMMs at full size
+GOAL_FLAT_RATIO = 1.10  # its peak less the returned hidden gradient: largest / smallest
+
+
+def _median(rows: list[dict], impl: str, tokens: int) -> list[dict]:
+    return [r for r in rows if r["impl"] == impl and r["tokens"] == tokens
+            and r["time_ms_median"] is not None]
+
+
+def gpu_goals(records: list[dict]) -> str:
+    """Issue 13's goals on the records of the GPU suite (sweeps named ``gpu-*``, CUDA);
+    empty if there are none. A markdown table: one row per goal, one column per N.
+
+    - ``eaopd_fused`` (default chunk) at most 1.10x ``floor`` (four bf16 GEMMs);
+    - ``eaopd_fused`` faster than ``liger_jsd`` at its faster measured chunk;
+    - memory flat in N: ``eaopd_fused``'s peak above its inputs, less the ``(N, H)``
+      hidden-state gradient it must return, varies by at most 1.10x over N.
+
+    A goal whose records are missing (skipped, failed) reads "not measured", never met.
+    """
+    gpu = [r for r in records if r["sweep"].startswith("gpu-") and r["device"] == "cuda"]
+    main = [r for r in gpu if r["chunk"] == min(g["chunk"] for g in gpu)] if gpu else []
+    fused = sorted((r for r in main if r["impl"] == "eaopd_fused"), key=lambda r: r["tokens"])
+    if not fused:
+        return ""
+    tokens = [r["tokens"] for r in fused]
+    rows = []
+
+    def row(name, cells, ok, verdict_detail=""):
+        if None in ok:
+            verdict = "not measured"
+        else:
+            verdict = "met" if all(ok) else "MISSED"
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {verdict}{verdict_detail} |")
+
+    cells, ok = [], []
+    for r in fused:
+        floor = _median(main, "floor", r["tokens"])
+        if not floor or r["time_ms_median"] is None:
+            cells.append("-")
+            ok.append(None)
+            continue
+        ratio = r["time_ms_median"] / floor[0]["time_ms_median"]
+        cells.append(f"{r['time_ms_median']:.1f} / {floor[0]['time_ms_median']:.1f} ms = "
+                     f"{ratio:.2f}x")
+        ok.append(ratio <= GOAL_FLOOR_RATIO)
+    row(f"eaopd_fused / floor <= {GOAL_FLOOR_RATIO:.2f}", cells, ok)
+
+    cells, ok = [], []
+    for r in fused:
+        liger = sorted(_median(gpu, "liger_jsd", r["tokens"]), key=lambda x: x["time_ms_median"])
+        if not liger or r["time_ms_median"] is None:
+            cells.append("-")
+            ok.append(None)
+            continue
+        best = liger[0]
+        cells.append(f"{r['time_ms_median']:.1f} vs {best['time_ms_median']:.1f} ms "
+                     f"(chunk {best['chunk']})")
+        ok.append(r["time_ms_median"] < best["time_ms_median"])
+    row("eaopd_fused faster than liger_jsd", cells, ok)
+
+    cells, excess = [], []
+    for r in fused:
+        if r["peak_mib"] is None:
+            cells.append("-")
+            excess.append(None)
+            continue
+        grad_h = r["tokens"] * r["hidden"] * (2 if r["dtype"] == "bf16" else 4) / 2**20
+        excess.append(r["peak_mib"] - grad_h)
+        cells.append(f"{r['peak_mib']:.0f} - {grad_h:.0f} = {excess[-1]:.0f} MiB")
+    measured = [e for e in excess if e is not None]
+    spread = max(measured) / max(min(measured), 1e-9) if len(measured) >= 2 else None
+    flat_ok = [None] if spread is None or None in excess else [spread <= GOAL_FLAT_RATIO]
+    row(f"peak - hidden grad flat in N (max/min <= {GOAL_FLAT_RATIO:.2f})", cells, flat_ok,
+        "" if spread is None else f" ({spread:.2f})")
+
+    r0 = fused[0]
+    head = ("| goal | " + " | ".join(f"N={n}" for n in tokens) + " | verdict |\n|---|"
+            + "---:|" * len(tokens) + "---|")
+    return (f"Goals of issue 13 ({r0['dtype']}, H={r0['hidden']}, V={r0['vocab']}, chunk "
+            f"{r0['chunk']}; median times):\n\n" + head + "\n" + "\n".join(rows))
+
+
+def dtype_ratios(records: list[dict]) -> str:
+    """One line per implementation and point measured in both fp32 and bf16: the bf16
+    median time over the fp32 one (the ``cpu-bf16`` suite); empty if there is none."""
+    by_point: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in records:
+        if r["time_ms_median"] is not None:
+            key = (r["impl"], r["device"], r["tokens"], r["hidden"], r["vocab"], r["chunk"])
+            by_point[key][r["dtype"]] = r
+    lines = []
+    for (impl, device, n, h, v, chunk), rs in by_point.items():
+        if "fp32" in rs and "bf16" in rs:
+            a, b = rs["fp32"]["time_ms_median"], rs["bf16"]["time_ms_median"]
+            lines.append(f"{impl} {device} N={n} H={h} V={v} chunk={chunk}: bf16 {b:.1f} ms, "
+                         f"fp32 {a:.1f} ms, bf16 / fp32 = {b / a:.2f}")
     return "\n".join(lines)
 
 

@@ -4,6 +4,10 @@
     python bench/run.py --out bench-out                     # the full CPU sweep
     python bench/run.py --device cuda --dtype bf16 --out bench-cuda
     python bench/run.py --suite issue2 --out bench-issue2   # issue 2's acceptance table
+    python bench/run.py --suite gpu --out bench-gpu         # issue 13's GPU table (CUDA)
+    python bench/run.py --suite gpu --dry-run               # its plan, also without CUDA
+    python bench/run.py --suite startup --out bench-startup # cold/warm first calls (CPU)
+    python bench/run.py --suite cpu-bf16 --out bench-bf16   # bf16 next to fp32 on CPU
 
 Writes ``results.json`` (one record per implementation and point), ``results.md``
 (tables), ``meta.json`` (machine, versions, command) and one PNG per sweep into
@@ -28,8 +32,19 @@ import torch
 from harness import Bench, Progress, Settings, plan_table
 from impls import IMPLS, configure_process
 from memory import GIB, available_bytes, cpu_peak_supported
-from report import flatness, text_table, write_all
-from suites import SUITES, custom_sweep, issue2_suite, main_suite
+from report import dtype_ratios, flatness, gpu_goals, text_table, write_all
+from suites import (
+    SUITES,
+    cpu_bf16_suite,
+    custom_sweep,
+    gpu_suite,
+    issue2_suite,
+    main_suite,
+)
+
+# A dry run of a CUDA suite on a machine without CUDA sizes its budget for this much
+# device memory: an H100's 80 GB, the smaller of the two GPUs the suite is written for.
+NOMINAL_GPU_GIB = 80.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,12 +52,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="output directory (required unless --dry-run)")
     p.add_argument("--suite", choices=sorted(SUITES), default="main")
     p.add_argument("--quick", action="store_true", help="a small tokens sweep only")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   help="default: the suite's device, else cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16"),
+                   help="default: the suite's dtype, else fp32")
     p.add_argument("--tokens", help="comma-separated N: run one custom tokens sweep "
                    "instead of the suite (with --hidden, --vocab, --chunk)")
-    p.add_argument("--hidden", type=int, default=128, help="H of --tokens (default 128)")
-    p.add_argument("--vocab", type=int, default=32000, help="V of --tokens (default 32000)")
+    p.add_argument("--hidden", type=int, help="H of --tokens (default 128) or of --suite "
+                   "startup (default 256)")
+    p.add_argument("--vocab", type=int, help="V of --tokens or --suite startup "
+                   "(default 32000)")
     p.add_argument("--chunk", type=int, help="chunk of --tokens (default: eaopd_mp's)")
     p.add_argument("--impls", help="comma-separated subset of: " + ", ".join(IMPLS))
     p.add_argument("--sweeps", help="comma-separated subset of the suite's sweep names")
@@ -59,10 +78,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.out is None and not args.dry_run:
         p.error("--out is required")
-    if args.suite == "issue2" and (args.device, args.dtype) != ("cpu", "fp32"):
-        p.error("--suite issue2 is defined on CPU in fp32")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
+    fixed = SUITES[args.suite] or (None, None)
+    for field, value, default in zip(("device", "dtype"), fixed, ("cpu", "fp32"), strict=True):
+        given = getattr(args, field)
+        if value is not None and given not in (None, value):
+            p.error(f"--suite {args.suite} is defined on --{field} {value}, not {given}")
+        setattr(args, field, given or value or default)
+    if args.tokens and args.suite not in ("main", "startup"):
+        p.error("--tokens replaces the suite: leave --suite out")
+    if args.device == "cuda" and not torch.cuda.is_available() and not args.dry_run:
+        p.error(f"--device cuda (--suite {args.suite}): torch {torch.__version__} sees no "
+                f"CUDA device (built for CUDA {torch.version.cuda}); --dry-run shows the plan")
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
     return args
@@ -72,10 +98,14 @@ def select_cases(args: argparse.Namespace):
     """The suite's cases, filtered by ``--sweeps`` and ``--impls``."""
     if args.tokens:
         tokens = tuple(int(n) for n in args.tokens.split(","))
-        cases = custom_sweep(args.device, args.dtype, tokens, args.hidden, args.vocab,
-                             args.chunk)
+        cases = custom_sweep(args.device, args.dtype, tokens, args.hidden or 128,
+                             args.vocab or 32000, args.chunk)
     elif args.suite == "issue2":
         cases = issue2_suite()
+    elif args.suite == "gpu":
+        cases = gpu_suite()
+    elif args.suite == "cpu-bf16":
+        cases = cpu_bf16_suite()
     else:
         cases = main_suite(args.device, args.dtype, args.quick)
     if args.sweeps:
@@ -131,12 +161,25 @@ def _git_commit() -> str:
     return head + (" (with uncommitted changes)" if dirty else "")
 
 
-def machine_meta(args: argparse.Namespace, budget: int) -> dict:
+def _cpu_bf16_flags() -> str:
+    """The CPU's bf16 instructions (they decide whether bf16 GEMMs beat fp32 ones)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    found = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return " ".join(found) or "none"
+
+
+def machine_meta(args: argparse.Namespace, budget: int, budget_from: str) -> dict:
     """What the numbers depend on: hardware, versions, settings, when, which commit."""
     meta = {
         "command": "python bench/run.py " + shlex.join(sys.argv[1:]),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "cpu": f"{_cpu_model()}, {os.cpu_count()} cores visible",
+        "cpu bf16 instructions": _cpu_bf16_flags(),
         "torch threads": torch.get_num_threads(),
         "memory": f"{_mem_total() / GIB:.1f} GiB, "
                   f"{available_bytes(torch.device('cpu')) / GIB:.1f} GiB available at start",
@@ -144,33 +187,54 @@ def machine_meta(args: argparse.Namespace, budget: int) -> dict:
         "torch": torch.__version__,
         "liger-kernel": _version("liger-kernel"),
         "eaopd_mp commit": _git_commit(),
-        "memory budget": f"{budget / GIB:.1f} GiB",
+        "memory budget": f"{budget / GIB:.1f} GiB ({budget_from})",
         "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "steps": f"{args.warmup} warm-up + {args.repeats} timed per point, interleaved",
     }
     if args.device == "cuda":
         meta["gpu"] = torch.cuda.get_device_name()
+        meta["cuda"] = torch.version.cuda
+        meta["triton"] = _version("triton")
     meta["implementations"] = {name: impl.about for name, impl in IMPLS.items()}
     return meta
 
 
+def memory_budget(args: argparse.Namespace) -> tuple[int, str]:
+    """Bytes a point may use (``--mem-budget-gib``, else 60 % of what is available) and
+    where the figure comes from."""
+    if args.mem_budget_gib:
+        return int(args.mem_budget_gib * GIB), "--mem-budget-gib"
+    if args.device == "cuda" and not torch.cuda.is_available():  # a dry run
+        return int(0.6 * NOMINAL_GPU_GIB * GIB), \
+            f"60% of a nominal {NOMINAL_GPU_GIB:g} GiB GPU (no CUDA here)"
+    where = "free GPU memory" if args.device == "cuda" else "MemAvailable"
+    return int(0.6 * available_bytes(torch.device(args.device))), f"60% of {where}"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.suite == "startup":
+        import startup
+
+        return startup.main(args)
+    budget, budget_from = memory_budget(args)
+    cases = select_cases(args)
+    settings = Settings(repeats=args.repeats, warmup=args.warmup, budget_bytes=budget,
+                        seed=args.seed, check=not args.no_check)
+    if args.dry_run:  # changes no process-wide setting: tests call it in-process
+        dtypes = "/".join(dict.fromkeys(c.dtype for c in cases))
+        print(f"suite {args.suite}: {args.device} {dtypes}; memory budget "
+              f"{budget / GIB:.1f} GiB ({budget_from}); {args.warmup} warm-up + "
+              f"{args.repeats} timed + 1 memory step per point and implementation\n")
+        print(plan_table(cases, settings))
+        return 0
     configure_process()
     if args.device == "cpu":
         ok, why = cpu_peak_supported()
         if not ok:
             sys.exit(f"cannot measure CPU peak memory here: {why}")
-    budget = int(args.mem_budget_gib * GIB) if args.mem_budget_gib else int(
-        0.6 * available_bytes(torch.device(args.device)))
-    cases = select_cases(args)
-    settings = Settings(repeats=args.repeats, warmup=args.warmup, budget_bytes=budget,
-                        seed=args.seed, check=not args.no_check)
-    if args.dry_run:
-        print(plan_table(cases, settings))
-        return 0
     start = time.perf_counter()
-    meta = machine_meta(args, budget)
+    meta = machine_meta(args, budget, budget_from)
     progress = Progress(cases, settings)
     bench = Bench(settings, progress)
     records: list[dict] = []
@@ -187,6 +251,9 @@ def main(argv=None) -> int:
     print(text_table(records))
     if flat := flatness(records):
         print("\n" + flat)
+    for extra in (gpu_goals(records), dtype_ratios(records)):
+        if extra:
+            print("\n" + extra)
     print(f"\nwrote {', '.join(str(p) for p in paths)} in {meta['duration']}")
     return 0
 
