@@ -244,8 +244,28 @@ def _setup_context(ctx, inputs, output):
     spec_ = parse(spec)
     keep = list(output[2:]) if spec_.scalar else [output[1]]
     ctx.n_teacher = len(teacher)
+    # Only the loss is differentiable: no zero (V, H) gradients materialised for the rest.
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
     # Every input goes through save_for_backward: in-place changes raise at backward.
     ctx.save_for_backward(*student, *teacher, mask, *keep)
+
+
+def _scaled(g: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``g * factor`` as a new ``dtype`` tensor, rounded once. Block by block when the
+    dtype changes, so that no temporary as large as ``g`` (a float32 ``(V, H)`` one for a
+    16-bit weight) is made."""
+    factor = factor.to(g.dtype)
+    if dtype == g.dtype or g.dim() == 0 or torch.compiler.is_compiling():
+        return (g * factor).to(dtype)  # compiled: the multiply and cast fuse anyway
+    out = torch.empty_like(g, dtype=dtype)
+    step = max(1, _BLOCK // max(1, g[0].numel()))
+    for lo in range(0, g.shape[0], step):
+        out[lo:lo + step] = g[lo:lo + step] * factor
+    return out
+
+
+_BLOCK = 2**22  # elements per block of _scaled: 16 MiB of float32
 
 
 def _backward(ctx, grad_out, _grad_stats, *_grad_grads):
@@ -257,11 +277,13 @@ def _backward(ctx, grad_out, _grad_stats, *_grad_grads):
     spec = parse(ctx.spec)
     saved = ctx.saved_tensors
     ns, nt = ctx.n_student, ctx.n_teacher
+    if grad_out is None:  # the loss output took no part in this backward
+        return [None] * ns, [None] * nt, None, None
     student, teacher = saved[:ns], saved[ns:ns + nt]
     mask, kept = saved[ns + nt], saved[ns + nt + 1:]
     if spec.scalar:
         # Fresh tensors: the gradient never aliases a buffer the graph keeps (retain_graph).
-        grads = [(g * grad_out.to(g.dtype)).to(dt) if need else None
+        grads = [_scaled(g, grad_out, dt) if need else None
                  for g, need, dt in zip(kept, spec.need, ctx.dtypes, strict=False)]
     else:
         grads = list(torch.ops.eaopd_mp.loss_backward(

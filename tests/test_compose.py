@@ -266,9 +266,14 @@ def test_modules_validate_at_construction(bad):
 
 @pytest.mark.parametrize("labels_kind", [None, "binary"])
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
-def test_autocast_bf16_gemms(labels_kind, reduction):
+@pytest.mark.parametrize("native", [True, False], ids=["bf16-gemm", "fp32-gemm"])
+def test_autocast_bf16_gemms(monkeypatch, labels_kind, reduction, native):
     """Under autocast the GEMMs see bf16-rounded operands (as nn.Linear's would), the
-    softmax maths stays fp32, and gradients come back in the fp32 parameters' dtype."""
+    softmax maths stays fp32, and gradients come back in the fp32 parameters' dtype.
+    Both CPU policies: bf16 GEMMs (CPUs with bf16 instructions) and float32 GEMMs on the
+    rounded operands (CPUs without), whichever this machine has."""
+    from eaopd_mp import driver
+    monkeypatch.setattr(driver, "cpu_has_half_gemm", lambda dtype: native)
     x, w0, th, tw, base = _inputs()
     labels = _labels(labels_kind, base)
     h, w = x.clone().requires_grad_(), w0.clone().requires_grad_()
@@ -285,14 +290,37 @@ def test_autocast_bf16_gemms(labels_kind, reduction):
     hr, wr = rounded(x).requires_grad_(), rounded(w0).requires_grad_()
     ref = reference_eaopd_loss(hr @ wr.T, rounded(th) @ rounded(tw).T, labels=labels,
                                reduction=reduction)
-    close(loss, ref)  # the same rounded operands: fp32 agreement
     ref_fp32 = reference_eaopd_loss(x @ w0.T, th @ tw.T, labels=labels, reduction=reduction)
-    assert not torch.allclose(loss, ref_fp32, rtol=1e-5, atol=1e-6), "autocast ignored"
+    if not native:  # float32 GEMMs on the rounded operands: float32 agreement
+        close(loss, ref)
+        assert not torch.allclose(loss, ref_fp32, rtol=1e-5, atol=1e-6), "autocast ignored"
     torch.testing.assert_close(loss, ref_fp32, rtol=3e-2, atol=3e-2)
     ref.sum().backward()
     for got, want in ((h.grad, hr.grad), (w.grad, wr.grad)):
         cos = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), 0)
         assert cos > 0.999, cos
+        assert (got - want).norm() <= 0.02 * want.norm()
+
+
+def test_bf16_weight_grad_without_a_16bit_temporary(monkeypatch):
+    """bf16 parameters, both CPU GEMM policies: gradients match an fp32 reference."""
+    from eaopd_mp import driver
+    x, w0, th, tw, labels = _inputs()
+    for native in (True, False):
+        monkeypatch.setattr(driver, "cpu_has_half_gemm", lambda dtype, n=native: n)
+        h, w = x.bfloat16().requires_grad_(), w0.bfloat16().requires_grad_()
+        loss = fused_linear_eaopd_loss(h, w, teacher_hidden=th.bfloat16(),
+                                       teacher_weight=tw.bfloat16(), labels=labels,
+                                       reduction="sum", chunk_size=5)
+        loss.backward()
+        hr, wr = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+        ref = reference_eaopd_loss(hr @ wr.T, th.bfloat16().float() @ tw.bfloat16().float().T,
+                                   labels=labels, reduction="sum")
+        ref.backward()
+        torch.testing.assert_close(loss, ref, rtol=2e-2, atol=2e-2)
+        for got, want in ((h.grad, hr.grad), (w.grad, wr.grad)):
+            assert got.dtype == torch.bfloat16
+            assert (got.float() - want).norm() <= 0.02 * want.norm(), native
 
 
 # --------------------------------------------------------------------- non-finite inputs
