@@ -67,9 +67,11 @@ def linear(prefix: str, hidden: object, weight: object, bias: object) -> None:
             f"{prefix}_hidden width {hidden.shape[-1]} (shape {tuple(hidden.shape)}) != "
             f"{prefix}_weight width {weight.shape[1]} (shape {tuple(weight.shape)})"
         )
-    if hidden.dtype != weight.dtype:
+    if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+        # Under autocast both are cast to the autocast dtype, as nn.Linear's would be.
         raise TypeError(
-            f"{prefix}_hidden dtype {hidden.dtype} != {prefix}_weight dtype {weight.dtype}"
+            f"{prefix}_hidden dtype {hidden.dtype} != {prefix}_weight dtype {weight.dtype} "
+            "(outside torch.autocast they must match)"
         )
     if bias is not None:
         tensor(f"{prefix}_bias", bias)

@@ -2,9 +2,10 @@
 
     python examples/compiled_step.py
 
-A small student (an MLP standing in for a transformer) and a frozen teacher head; the
-whole step, model forward and loss, is one ``torch.compile`` region with
-``fullgraph=True``, run under bfloat16 autocast at several sequence lengths.
+A small student (an embedding and an MLP standing in for a transformer) learns from a
+frozen, wider teacher of the same shape; the whole loss computation, the student's
+forward included, is one ``torch.compile`` region with ``fullgraph=True``, run under
+bfloat16 autocast at five sequence lengths (one static graph, then one dynamic one).
 """
 
 from __future__ import annotations
@@ -19,11 +20,18 @@ from eaopd_mp import fused_linear_eaopd_loss
 torch.manual_seed(0)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 hidden, vocab = 64, 1000
-student = torch.nn.Sequential(torch.nn.Embedding(vocab, hidden), torch.nn.Linear(hidden, hidden),
-                              torch.nn.GELU()).to(device)
-lm_head = torch.nn.Linear(hidden, vocab, bias=False).to(device)
-teacher_head = torch.nn.Linear(hidden, vocab, bias=False).to(device).requires_grad_(False)
-opt = torch.optim.AdamW([*student.parameters(), *lm_head.parameters()], lr=1e-3)
+
+
+def body(width):
+    return torch.nn.Sequential(torch.nn.Embedding(vocab, width), torch.nn.Linear(width, width),
+                               torch.nn.GELU()).to(device)
+
+
+student, lm_head = body(hidden), torch.nn.Linear(hidden, vocab, bias=False).to(device)
+teacher, teacher_head = body(2 * hidden), torch.nn.Linear(2 * hidden, vocab, bias=False)
+teacher.requires_grad_(False)
+teacher_head = teacher_head.to(device).requires_grad_(False)
+opt = torch.optim.AdamW([*student.parameters(), *lm_head.parameters()], lr=3e-3)
 
 
 @torch.compile(fullgraph=True)
@@ -36,9 +44,11 @@ def loss_fn(ids, teacher_hidden, completion_mask):
         )
 
 
-for step, seq in enumerate([128, 160, 192, 224, 256]):
+for step in range(10):
+    seq = (128, 160, 192, 224, 256)[step % 5]
     ids = torch.randint(0, vocab, (4, seq), device=device)
-    teacher_hidden = torch.randn(4, seq, hidden, device=device)
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        teacher_hidden = teacher(ids)
     completion_mask = torch.arange(seq, device=device).expand(4, seq) >= 32  # prompt: 32
     t = time.perf_counter()
     loss, stats = loss_fn(ids, teacher_hidden, completion_mask)

@@ -302,6 +302,27 @@ def test_autocast_bf16_gemms(monkeypatch, labels_kind, reduction, native):
         assert (got - want).norm() <= 0.02 * want.norm()
 
 
+def test_autocast_bf16_hidden_with_fp32_weight():
+    """A model run under autocast hands over bf16 hidden states; the head stays fp32."""
+    x, w0, th, tw, labels = _inputs()
+    h = x.bfloat16().requires_grad_()
+    w = w0.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_eaopd_loss(h, w, teacher_hidden=th.bfloat16(), teacher_weight=tw,
+                                       labels=labels)
+    loss.backward()
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    hr, wr = x.bfloat16().float().requires_grad_(), w0.bfloat16().float().requires_grad_()
+    ref = reference_eaopd_loss(hr @ wr.T, th.bfloat16().float() @ tw.bfloat16().float().T,
+                               labels=labels)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=2e-2)
+    for got, want in ((h.grad.float(), hr.grad), (w.grad, wr.grad)):
+        assert (got - want).norm() <= 0.02 * want.norm()
+    with pytest.raises(TypeError, match="outside torch.autocast they must match"):
+        fused_linear_eaopd_loss(h, w, teacher_hidden=th, teacher_weight=tw)
+
+
 def test_bf16_weight_grad_without_a_16bit_temporary(monkeypatch):
     """bf16 parameters, both CPU GEMM policies: gradients match an fp32 reference."""
     from eaopd_mp import driver
