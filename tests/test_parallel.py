@@ -213,40 +213,43 @@ def _check_non_finite(rank, world, group):
 
 def _check_compiled(rank, world, group):
     """Both vocab-parallel functions and megatron's loss_func inside a user's compiled
-    step (default mode): the same loss, statistics and gradients as eager."""
+    step (default mode), every gate between them, reductions "mean" and "none", labels
+    and return_stats: the same loss, statistics and gradients as eager."""
     h, w, _, th, tw, labels = _data(6, tp=world)
     width = w.shape[0] // world
     shard = slice(rank * width, (rank + 1) * width)
     torch.manual_seed(0)  # the same layer on every rank
     lin = torch.nn.Linear(h.shape[-1], h.shape[-1])
 
-    def fused(x, wl, reduction):
+    def fused(x, wl, reduction, gate):
         return fused_linear_vocab_parallel_eaopd_loss(
             lin(x), wl, teacher_hidden=th, teacher_weight=tw[shard], labels=labels,
-            tp_group=group, reduction=reduction, return_stats=True, chunk_size=5)
+            tp_group=group, reduction=reduction, return_stats=True, chunk_size=5, **gate)
 
-    def logits(x, wl, reduction):
+    def logits(x, wl, reduction, gate):
         return vocab_parallel_eaopd_loss(lin(x) @ wl.T, (th @ tw.T)[..., shard], labels=labels,
-                                         tp_group=group, reduction=reduction, chunk_size=5)
+                                         tp_group=group, reduction=reduction, chunk_size=5,
+                                         **gate)
 
-    def loss_func(x, wl, reduction):
+    def loss_func(x, wl, reduction, gate):
         loss, num, logged = eaopd_loss_func(lin(x), wl, th, tw[shard], labels.t(),
-                                            tp_group=group, chunk_size=5)
+                                            tp_group=group, chunk_size=5, **gate)
         return loss, {"n": num.float(), **logged}
 
-    for fn in (fused, logits, loss_func):
-        for reduction in ("mean", "none")[: 1 if fn is loss_func else 2]:
-            results = []
-            for step in (fn, torch.compile(fn)):
-                wl = w[shard].clone().requires_grad_()
-                lin.zero_grad(set_to_none=True)
-                out = step(h, wl, reduction)
-                loss, stats = out if isinstance(out, tuple) else (out, {})
-                loss.backward(_grad_out(loss))
-                results.append([loss.detach(), wl.grad, lin.weight.grad,
-                                *(v for v in stats.values() if isinstance(v, torch.Tensor))])
-            for a, b_ in zip(*results, strict=True):
-                _close(a, b_, msg=f"compiled {fn.__name__} {reduction}: ")
+    cases = [(fused, "mean", GATES[1]), (fused, "none", GATES[2]), (logits, "mean", GATES[3]),
+             (logits, "none", GATES[0]), (loss_func, "sum", GATES[2])]
+    for fn, reduction, gate in cases:
+        results = []
+        for step in (fn, torch.compile(fn)):
+            wl = w[shard].clone().requires_grad_()
+            lin.zero_grad(set_to_none=True)
+            out = step(h, wl, reduction, gate)
+            loss, stats = out if isinstance(out, tuple) else (out, {})
+            loss.backward(_grad_out(loss))
+            results.append([loss.detach(), wl.grad, lin.weight.grad,
+                            *(v for v in stats.values() if isinstance(v, torch.Tensor))])
+        for a, b_ in zip(*results, strict=True):
+            _close(a, b_, msg=f"compiled {fn.__name__} {reduction} {gate}: ")
 
 
 def test_tp4_explicit_group():
