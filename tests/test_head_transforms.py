@@ -107,6 +107,41 @@ def test_transforms_fused_compiled(reduction):
                 bias=True, eager_reference=True)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_gradcheck_transforms_float64(eager, reduction):
+    """The chained closed form (tanh derivative, scale) against finite differences."""
+    h, w, b, th, tw, tb, labels = (x.double()[:4] if x.shape[0] == N else x.double()
+                                   for x in _data(7, v_s=9, v_t=9))
+    h, w, b = (x.clone().requires_grad_() for x in (h, w, b))
+
+    def f(h, w, b):
+        return fused_linear_eaopd_loss(h, w, student_bias=b, teacher_hidden=th,
+                                       teacher_weight=tw, teacher_bias=tb, labels=labels,
+                                       reduction=reduction, chunk_size=3, temperature=0.8,
+                                       **_opts((0.7, 2.5, 1.3, 5.0)))
+
+    assert torch.autograd.gradcheck(f, (h, w, b))
+
+
+def test_bf16_against_fp32_with_transforms(eager):
+    """bfloat16 heads with a soft-cap and a scale: close to the float32 logits-in loss."""
+    h0, w0, b0, th, tw, tb, labels = (x.bfloat16() for x in _data(8))
+    h, w, b = (x.clone().requires_grad_() for x in (h0, w0, b0))
+    xf = (0.7, 2.5, 1.3, 5.0)
+    loss = fused_linear_eaopd_loss(h, w, student_bias=b, teacher_hidden=th, teacher_weight=tw,
+                                   teacher_bias=tb, labels=labels, chunk_size=4, **_opts(xf))
+    hr, wr, br = (x.float().requires_grad_() for x in (h0, w0, b0))
+    ref = entropy_aware_opd_loss(transformed(hr @ wr.T + br, 0.7, 2.5),
+                                 transformed(th.float() @ tw.float().T + tb.float(), 1.3, 5.0),
+                                 labels=labels.float())
+    torch.testing.assert_close(loss, ref, rtol=3e-2, atol=3e-2)
+    loss.backward()
+    ref.backward()
+    for got, want in ((h.grad, hr.grad), (w.grad, wr.grad), (b.grad, br.grad)):
+        assert got.dtype == torch.bfloat16
+        assert (got.float() - want).norm() <= 0.05 * want.norm()
+
+
 def test_transforms_apply_to_given_logits(eager):
     """Logits-in: the options transform the given logits, gradient chained to them."""
     _, _, _, _, _, _, labels = _data()
