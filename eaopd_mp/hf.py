@@ -158,7 +158,9 @@ def eaopd_loss(student, teacher, input_ids: torch.Tensor,
                         "eaopd_mp.hf.lm_head); call eaopd_mp.fused_linear_eaopd_loss to set "
                         "them by hand")
     s_head, t_head = lm_head(student), lm_head(teacher)
-    vocab = loss_options.pop("vocab_size", None) or min(s_head.vocab_size, t_head.vocab_size)
+    vocab = loss_options.pop("vocab_size", None)
+    if vocab is None:
+        vocab = min(s_head.vocab_size, t_head.vocab_size)
     labels = next_token_mask(input_ids, attention_mask, completion_mask)
     hidden = last_hidden_state(student, input_ids, attention_mask)[:, :-1]
     with torch.no_grad():

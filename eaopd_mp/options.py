@@ -112,11 +112,6 @@ class LossOptions:
                             gate_threshold=self.gate_threshold, fkl_coef=self.fkl_coef,
                             fkl_weight=self.fkl_weight)
 
-    def head_transform(self) -> tuple:
-        """``(student_scale, student_cap, teacher_scale, teacher_cap)`` (cap None: none)."""
-        return (self.student_logit_scale, self.student_softcap, self.teacher_logit_scale,
-                self.teacher_softcap)
-
     def given(self) -> dict:
         """The options that differ from the defaults (for ``repr``)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)

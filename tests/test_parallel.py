@@ -206,6 +206,9 @@ def _check_disagreement(rank, world, group):
     with pytest.raises(ValueError, match="shard width"):
         vocab_parallel_eaopd_loss(torch.randn(4, width), torch.randn(4, width),
                                   tp_group=group)
+    with pytest.raises(ValueError, match="ranks disagree on student_softcap"):
+        vocab_parallel_eaopd_loss(torch.randn(4, 7), torch.randn(4, 7), tp_group=group,
+                                  student_softcap=30.0 if rank else None)
 
 
 def _check_mask_disagreement(rank, world, group):
