@@ -112,15 +112,17 @@ def with_trl(teacher, steps: int) -> None:
                                         eos_token="<eos>", bos_token="<bos>",
                                         padding_side="left")
     prompts = [f"w{i} w{(3 * i + 1) % WORDS}" for i in range(0, WORDS, 2)]
-    args = DistillationConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=8,
-                              max_steps=steps, max_completion_length=8, learning_rate=3e-3,
-                              logging_steps=1, report_to="none", save_strategy="no",
-                              activation_checkpointing=False, disable_tqdm=True,
-                              use_cpu=not torch.cuda.is_available())
-    trainer = EAOPDDistillationTrainer(
-        model=llama(32, 1), teacher_model=teacher, args=args, processing_class=tokenizer,
-        train_dataset=Dataset.from_dict({"prompt": prompts}), loss_options={"gate": "linear"})
-    trainer.train()
+    with tempfile.TemporaryDirectory() as out:
+        args = DistillationConfig(output_dir=out, per_device_train_batch_size=8,
+                                  max_steps=steps, max_completion_length=8, learning_rate=3e-3,
+                                  logging_steps=1, report_to="none", save_strategy="no",
+                                  activation_checkpointing=False, disable_tqdm=True,
+                                  use_cpu=not torch.cuda.is_available())
+        trainer = EAOPDDistillationTrainer(
+            model=llama(32, 1), teacher_model=teacher, args=args, processing_class=tokenizer,
+            train_dataset=Dataset.from_dict({"prompt": prompts}),
+            loss_options={"gate": "linear"})
+        trainer.train()
     for log in trainer.state.log_history:
         if "loss" in log:
             print(f"TRL step {log['step']}  loss {log['loss']:.4f}  H_teacher "

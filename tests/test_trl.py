@@ -130,3 +130,18 @@ def test_bad_loss_options_raise_before_setup():
     with pytest.raises(TypeError, match="unknown option"):
         EAOPDDistillationTrainer(model=student, teacher_model=teacher,
                                  loss_options=dict(beta=0.5))
+
+
+def test_hf_distill_example_runs(eager, monkeypatch, capsys):
+    """examples/hf_distill.py end to end, with few steps: the manual loop and TRL's."""
+    import os
+    import sys
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "examples"))
+    import hf_distill
+
+    monkeypatch.setattr(sys, "argv", ["hf_distill.py", "--teacher-steps", "3", "--steps", "2",
+                                      "--trl-steps", "1"])
+    hf_distill.main()
+    out = capsys.readouterr().out
+    assert "teacher step   2" in out and "step  1  loss" in out and "TRL step 1  loss" in out
