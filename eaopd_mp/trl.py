@@ -77,6 +77,9 @@ class EAOPDDistillationTrainer(DistillationTrainer):
                             "from the models")
         LossOptions.build(options)  # unknown names and bad values raise here, before setup
         super().__init__(*args, **kwargs)
+        if self.teacher_model is None:
+            raise ValueError("EAOPDDistillationTrainer needs a local teacher_model: the fused "
+                             "loss reads the teacher's hidden states and output layer")
         options.setdefault("temperature", self.args.temperature)
         self.loss_options = LossOptions.build(dict(options, reduction="sum", return_stats=True))
         self._eaopd_stats: dict | None = None

@@ -114,6 +114,25 @@ def test_none_reduction(eager):
         close(got[name], want, msg=f"grad {name}: ")
 
 
+def test_bf16_models_against_fp32(eager):
+    """bfloat16 copies of the models: close to the float32 loss and gradients."""
+    student, teacher = make_model("gemma2", 0), make_model("cohere", 1)
+    ids, attn, comp = _batch()
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        s, t = student.to(dtype), teacher.to(dtype)
+        s.zero_grad(set_to_none=True)
+        loss = hf.eaopd_loss(s, t, ids, attn, comp)
+        loss.backward()
+        assert loss.dtype == torch.float32
+        results.append((loss.detach(), s.lm_head.weight.grad.float(),
+                        s.model.layers[0].mlp.up_proj.weight.grad.float()))
+    (l32, *g32), (l16, *g16) = results
+    torch.testing.assert_close(l16, l32, rtol=3e-2, atol=3e-2)
+    for got, want in zip(g16, g32, strict=True):
+        assert (got - want).norm() <= 0.05 * want.norm()
+
+
 @pytest.mark.parametrize("name,softcap,scale,tied", [
     ("llama", None, 1.0, False), ("qwen2_tied", None, 1.0, True), ("gemma2", 2.0, 1.0, True),
     ("gemma3_text", 3.0, 1.0, True), ("cohere", None, 0.25, True), ("phi_bias", None, 1.0, False),
