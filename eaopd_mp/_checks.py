@@ -43,15 +43,35 @@ def labels(x: object, token_shape: torch.Size) -> torch.Tensor | None:
     return x
 
 
-def logits_pair(student: object, teacher: object, name_t: str = "teacher_logits"):
-    """Student and teacher logits: floating tensors of one shape ``(..., V)``."""
+def logits_pair(student: object, teacher: object, vocab_size: int | None = None, *,
+                sharded: bool = False):
+    """Student and teacher logits: floating tensors ``(..., V)`` of one shape; with
+    ``vocab_size`` (one device), the same token shape and both widths ``>= vocab_size``."""
     tensor("student_logits", student, min_dim=1)
-    tensor(name_t, teacher, min_dim=1)
+    tensor("teacher_logits", teacher, min_dim=1)
+    if vocab_size is not None and not sharded:
+        if student.shape[:-1] != teacher.shape[:-1]:
+            raise ValueError(
+                f"student_logits token shape {tuple(student.shape[:-1])} != teacher_logits "
+                f"token shape {tuple(teacher.shape[:-1])}")
+        vocab_fits(vocab_size, student_logits=student.shape[-1],
+                   teacher_logits=teacher.shape[-1])
+        return
     if student.shape != teacher.shape:
+        hint = ("vocabulary shards must have one width on every rank and side" if sharded
+                else "if the vocabularies are padded differently, pass vocab_size=<the real "
+                "shared vocabulary>")
         raise ValueError(
-            f"student_logits shape {tuple(student.shape)} != {name_t} shape "
-            f"{tuple(teacher.shape)}"
+            f"student_logits shape {tuple(student.shape)} != teacher_logits shape "
+            f"{tuple(teacher.shape)} ({hint})"
         )
+
+
+def vocab_fits(vocab_size: int, **widths: int) -> None:
+    """Each named width (columns or rows) holds the first ``vocab_size`` columns."""
+    for name, width in widths.items():
+        if width < vocab_size:
+            raise ValueError(f"vocab_size {vocab_size} > {name} vocabulary width {width}")
 
 
 def linear(prefix: str, hidden: object, weight: object, bias: object) -> None:
@@ -87,9 +107,13 @@ def linear(prefix: str, hidden: object, weight: object, bias: object) -> None:
 
 
 def teacher_source(
-    teacher_hidden, teacher_weight, teacher_logits, teacher_bias, token_shape, vocab: int
+    teacher_hidden, teacher_weight, teacher_logits, teacher_bias, token_shape, vocab: int,
+    vocab_size: int | None = None,
 ) -> None:
-    """The teacher is given as hidden + weight (+ bias) or as logits: exactly one."""
+    """The teacher is given as hidden + weight (+ bias) or as logits: exactly one.
+
+    ``vocab`` is the student's width; with ``vocab_size`` (one device) the teacher may have
+    another width, ``>= vocab_size`` (checked, with the student's, here)."""
     has_linear = teacher_hidden is not None or teacher_weight is not None
     if has_linear and teacher_logits is not None:
         raise ValueError("give the teacher as teacher_hidden + teacher_weight OR teacher_logits, "
@@ -101,11 +125,20 @@ def teacher_source(
         if teacher_bias is not None:
             raise ValueError("teacher_bias only applies with teacher_hidden + teacher_weight")
         tensor("teacher_logits", teacher_logits, min_dim=1)
+        if vocab_size is not None:
+            if tuple(teacher_logits.shape[:-1]) != tuple(token_shape):
+                raise ValueError(
+                    f"teacher_logits token shape {tuple(teacher_logits.shape[:-1])} != "
+                    f"student token shape {tuple(token_shape)}")
+            vocab_fits(vocab_size, student_weight=vocab,
+                       teacher_logits=teacher_logits.shape[-1])
+            return
         want = (*token_shape, vocab)
         if tuple(teacher_logits.shape) != want:
             raise ValueError(
                 f"teacher_logits shape {tuple(teacher_logits.shape)} != {want} "
-                "(student token shape + student vocabulary)"
+                "(student token shape + student vocabulary; if the vocabularies are "
+                "padded differently, pass vocab_size=<the real shared vocabulary>)"
             )
         return
     if teacher_hidden is None or teacher_weight is None:
@@ -116,8 +149,12 @@ def teacher_source(
             f"teacher_hidden token shape {tuple(teacher_hidden.shape[:-1])} != student_hidden "
             f"token shape {tuple(token_shape)}"
         )
-    if teacher_weight.shape[0] != vocab:
+    if vocab_size is not None:
+        vocab_fits(vocab_size, student_weight=vocab, teacher_weight=teacher_weight.shape[0])
+    elif teacher_weight.shape[0] != vocab:
         raise ValueError(
             f"teacher_weight vocab {teacher_weight.shape[0]} (shape "
-            f"{tuple(teacher_weight.shape)}) != student_weight vocab {vocab}"
+            f"{tuple(teacher_weight.shape)}) != student_weight vocab {vocab} (if the "
+            "vocabularies are padded differently, pass vocab_size=<the real shared "
+            "vocabulary>)"
         )

@@ -221,6 +221,96 @@ def make_params(inv_tau: float, gate: Gate, dtype: torch.dtype, device) -> torch
     return torch.tensor([inv_tau, gate.p1, gate.p2], dtype=dtype, device=device)
 
 
+# ------------------------------------------------------------------ head transforms
+#
+# A head may transform its raw logits x (h W^T + b, or given logits) before the loss:
+# r = scale * x, then z = cap * tanh(r / cap) (Gemma's soft-capping, Cohere's logit scale).
+# The kernels below apply it to the chunk in the compute dtype, run the plain maths on z,
+# and chain the gradient back to x: dL/dx = scale * (1 - (z / cap)^2) * dL/dz, all inside
+# one compiled graph (no extra (n, V) tensor). Which side is capped is static (a graph
+# each: 4 at most per gate, tempered and dtype); the values are a tensor, so new values
+# never recompile. A scale of 1 multiplies exactly.
+
+# Columns of the head tensor (make_head).
+_S_SCALE, _S_CAP, _T_SCALE, _T_CAP = range(4)
+
+
+def make_head(transform: tuple, dtype: torch.dtype, device) -> tuple[torch.Tensor | None, tuple]:
+    """The kernels' head tensor and static flags from ``(s_scale, s_cap, t_scale, t_cap)``.
+
+    Returns ``[s_scale, s_cap, t_scale, t_cap]`` in ``dtype`` (a missing cap stored as 1)
+    and ``(student_capped, teacher_capped)``; ``(None, ())`` when there is no transform
+    at all (the plain kernels then run).
+    """
+    s_scale, s_cap, t_scale, t_cap = transform
+    if s_scale == 1.0 and t_scale == 1.0 and s_cap is None and t_cap is None:
+        return None, ()
+    values = [s_scale, 1.0 if s_cap is None else s_cap, t_scale, 1.0 if t_cap is None else t_cap]
+    flags = (s_cap is not None, t_cap is not None)
+    return torch.tensor(values, dtype=dtype, device=device), flags
+
+
+def _transform(x: torch.Tensor, head: torch.Tensor, k: int, capped: bool) -> torch.Tensor:
+    """``cap * tanh(scale * x / cap)`` (``scale * x`` if not capped), in HF's order."""
+    x = x * head[k]
+    if capped:
+        x = torch.tanh(x / head[k + 1]) * head[k + 1]
+    return x
+
+
+def transform_pair(x, xt, head, flags, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw ``(n, v)`` student and teacher logits -> the transformed ones in ``dtype``."""
+    return (_transform(x.to(dtype), head, _S_SCALE, flags[0]),
+            _transform(xt.to(dtype), head, _T_SCALE, flags[1]))
+
+
+def chain_student(grad: torch.Tensor, z: torch.Tensor, head, flags) -> torch.Tensor:
+    """``dL/dz`` -> ``dL/dx`` for the transformed student logits ``z``: times
+    ``1 - (z / cap)^2`` (the tanh's derivative, if capped) and times ``scale``."""
+    if flags[0]:
+        t = z / head[_S_CAP]
+        grad = grad * (1.0 - t * t)
+    return grad * head[_S_SCALE]
+
+
+def _grad_x_(x, z, y, stats, scale, params, head, flags) -> torch.Tensor:
+    """The gradient with respect to the raw student logits written over ``x``."""
+    x.copy_(chain_student(grad_logits(z, y, stats, scale, params), z, head, flags))
+    return stats
+
+
+def single_stats_x(x, xt, params, kind: str, untempered: bool, head, flags):
+    """:func:`single_stats` on transformed logits (``x``, ``xt``: raw student, teacher)."""
+    z, y = transform_pair(x, xt, head, flags, params.dtype)
+    return single_stats(z, y, params, kind, untempered)
+
+
+def single_grad_x_(x, xt, scale, params, kind: str, untempered: bool, head, flags):
+    """:func:`single_grad_` on transformed logits; the raw-logit gradient overwrites ``x``."""
+    z, y = transform_pair(x, xt, head, flags, params.dtype)
+    return _grad_x_(x, z, y, single_stats(z, y, params, kind, untempered), scale, params,
+                    head, flags)
+
+
+def partial_stats_x(x, xt, params, untempered: bool, head, flags):
+    """:func:`partial_stats` on transformed logits."""
+    z, y = transform_pair(x, xt, head, flags, params.dtype)
+    return partial_stats(z, y, params, untempered)
+
+
+def shard_grad_x_(x, xt, parts, scale, params, kind: str, head, flags):
+    """:func:`shard_grad_` on transformed logits; the raw-logit gradient overwrites ``x``."""
+    torch._check(parts.shape[1] == x.shape[0])
+    z, y = transform_pair(x, xt, head, flags, params.dtype)
+    return _grad_x_(x, z, y, combine_stats(parts, params, kind), scale, params, head, flags)
+
+
+def grad_logits_x_(x, xt, stats, scale, params, head, flags):
+    """:func:`grad_logits_` on transformed logits; the raw-logit gradient overwrites ``x``."""
+    z, y = transform_pair(x, xt, head, flags, params.dtype)
+    return _grad_x_(x, z, y, stats, scale, params, head, flags)
+
+
 # --------------------------------------------------------------------------- compile
 
 
@@ -316,3 +406,11 @@ fwd_grad_kernel_ = Kernel(single_grad_, {0: 0, 1: 0, 2: 0})
 partial_kernel = Kernel(partial_stats, {0: 0, 1: 0})
 shard_grad_kernel_ = Kernel(shard_grad_, {0: 0, 1: 0, 2: 1, 3: 0})
 grad_kernel_ = Kernel(grad_logits_, {0: 0, 1: 0, 2: 0, 3: 0})
+
+
+# The same five with head transforms (see make_head): extra arguments (head, flags).
+stats_x_kernel = Kernel(single_stats_x, {0: 0, 1: 0})
+fwd_grad_x_kernel_ = Kernel(single_grad_x_, {0: 0, 1: 0, 2: 0})
+partial_x_kernel = Kernel(partial_stats_x, {0: 0, 1: 0})
+shard_grad_x_kernel_ = Kernel(shard_grad_x_, {0: 0, 1: 0, 2: 1, 3: 0})
+grad_x_kernel_ = Kernel(grad_logits_x_, {0: 0, 1: 0, 2: 0, 3: 0})

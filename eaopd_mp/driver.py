@@ -224,6 +224,10 @@ class Plan:
         self.dtype = core.compute_dtype(self.student.dtype, self.teacher.dtype)
         self.params = core.make_params(self.spec.inv_tau, self.spec.gate_obj, self.dtype,
                                        self.student.device)
+        head, flags = core.make_head(self.spec.transform, self.dtype, self.student.device)
+        # Head transforms select the *_x kernels, which take (head, flags) after the rest.
+        self.transformed = head is not None
+        self.extra = (head, flags) if self.transformed else ()
 
     def kept_weight(self) -> torch.Tensor | None:
         if self.weight is None:
@@ -256,20 +260,25 @@ def _empty_partial(n: int, dtype, device) -> torch.Tensor:
 def _chunk(plan: Plan, z, y, scale):
     """Statistics ``(n, 7)`` of one chunk; with ``scale``, the gradient is written over
     ``z`` (the student head's buffer) and ``z`` is returned as the gradient."""
-    spec, params = plan.spec, plan.params
+    spec, params, x = plan.spec, plan.params, plan.extra
     kind, untempered = spec.gate, spec.inv_tau == 1.0
+    tf = plan.transformed
     if plan.combiner is None:
         if scale is None:
-            return core.stats_kernel(z, y, params, kind, untempered), None
-        return core.fwd_grad_kernel_(z, y, scale, params, kind, untempered), z
+            kernel = core.stats_x_kernel if tf else core.stats_kernel
+            return kernel(z, y, params, kind, untempered, *x), None
+        kernel = core.fwd_grad_x_kernel_ if tf else core.fwd_grad_kernel_
+        return kernel(z, y, scale, params, kind, untempered, *x), z
     if z.shape[1] == 0:
         parts = _empty_partial(z.shape[0], plan.dtype, z.device)
     else:
-        parts = core.partial_kernel(z, y, params, untempered)
+        parts = (core.partial_x_kernel if tf else core.partial_kernel)(
+            z, y, params, untempered, *x)
     gathered = plan.combiner.gather(parts)
     if scale is None or z.shape[1] == 0:
         return core.combine_stats(gathered, params, kind), (None if scale is None else z)
-    return core.shard_grad_kernel_(z, y, gathered, scale, params, kind), z
+    kernel = core.shard_grad_x_kernel_ if tf else core.shard_grad_kernel_
+    return kernel(z, y, gathered, scale, params, kind, *x), z
 
 
 def run_forward(plan: Plan, scale: torch.Tensor | None) -> torch.Tensor:
@@ -294,7 +303,8 @@ def run_backward(plan: Plan, stats: torch.Tensor, scale: torch.Tensor) -> None:
         z, y = student.logits(rows), teacher.logits(rows)
         if z.shape[1] == 0:
             continue
-        core.grad_kernel_(z, y, stats[lo:hi], scale[lo:hi], plan.params)
+        kernel = core.grad_x_kernel_ if plan.transformed else core.grad_kernel_
+        kernel(z, y, stats[lo:hi], scale[lo:hi], plan.params, *plan.extra)
         student.add_grad(z, rows)
     student.release()
     teacher.release()

@@ -4,7 +4,8 @@ Both check their tensors, build the :class:`~eaopd_mp.options.LossOptions` once 
 both to the shared plan builder (:func:`eaopd_mp.plan.run`); they differ only in the
 tensor forms. ``**options`` are those of :class:`~eaopd_mp.options.LossOptions`:
 ``h_max``, ``temperature``, ``reduction``, ``return_stats``, ``gate``, ``gate_threshold``,
-``fkl_coef``, ``fkl_weight``, ``chunk_size``.
+``fkl_coef``, ``fkl_weight``, ``chunk_size``, the head transforms ``student_softcap``,
+``teacher_softcap``, ``student_logit_scale``, ``teacher_logit_scale`` and ``vocab_size``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def entropy_aware_opd_loss(
 
     Args:
         student_logits: ``(..., V)`` floating; receives the gradient.
-        teacher_logits: ``(..., V)`` floating, same shape; never receives a gradient.
+        teacher_logits: ``(..., V)`` floating, same shape (with ``vocab_size``: the same
+            token shape and ``V_t >= vocab_size``); never receives a gradient.
         labels: ``(...)`` mask over tokens: 0/1 (bool or integer) or float weights >= 0;
             None means all tokens. Tokens of weight 0 are skipped.
         **options: :class:`~eaopd_mp.options.LossOptions` (``h_max``, ``temperature``,
@@ -55,14 +57,14 @@ def entropy_aware_opd_loss(
 
 def logits_loss(student_logits, teacher_logits, labels, options: LossOptions):
     """:func:`entropy_aware_opd_loss` with its options already built."""
-    _checks.logits_pair(student_logits, teacher_logits)
+    _checks.logits_pair(student_logits, teacher_logits, options.vocab_size)
     _checks.same_device(student_logits=student_logits, teacher_logits=teacher_logits,
                         labels=labels)
     token_shape = tuple(student_logits.shape[:-1])
     labels = _checks.labels(labels, token_shape)
     vocab = student_logits.shape[-1]
     z = student_logits.reshape(-1, vocab)
-    y = teacher_logits.detach().reshape(-1, vocab)
+    y = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
     return plan.run([z], [y], labels, token_shape, options, student_form="logits",
                     teacher_form="logits", width=vocab)
 
@@ -90,7 +92,11 @@ def fused_linear_eaopd_loss(
             student_bias: ``(V,)`` or None. These receive gradients (in their dtype).
         teacher_hidden ``(..., H_t)`` + teacher_weight ``(V, H_t)`` (+ teacher_bias), or
             teacher_logits ``(..., V)``: exactly one form. No gradient to the teacher.
-        labels, **options: as :func:`entropy_aware_opd_loss`.
+            With ``vocab_size``, student and teacher may have ``V_s, V_t >= vocab_size``
+            rows (columns), of which the first ``vocab_size`` count.
+        labels, **options: as :func:`entropy_aware_opd_loss`; ``student_softcap``,
+            ``student_logit_scale`` (and the teacher's) transform each head's logits as
+            Gemma and Cohere do: ``cap * tanh(scale * (h W^T + b) / cap)``.
     Returns:
         The loss (float32; float64 for float64 inputs), or ``(loss, stats)``.
     """
@@ -106,7 +112,7 @@ def linear_loss(student_hidden, student_weight, student_bias, teacher_hidden, te
     token_shape = tuple(student_hidden.shape[:-1])
     vocab = student_weight.shape[0]
     _checks.teacher_source(teacher_hidden, teacher_weight, teacher_logits, teacher_bias,
-                           token_shape, vocab)
+                           token_shape, vocab, options.vocab_size)
     _checks.same_device(student_hidden=student_hidden, student_weight=student_weight,
                         student_bias=student_bias, teacher_hidden=teacher_hidden,
                         teacher_weight=teacher_weight, teacher_logits=teacher_logits,

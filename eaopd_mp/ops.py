@@ -115,7 +115,8 @@ def _header(student, spec: Spec, n: int, weight: torch.Tensor | None) -> list[fl
     kept = n if weight is None else int((weight != 0).sum())
     return [student[0].shape[0], kept, *mask_fingerprint(weight, n), _width(student, spec),
             spec.chunk, spec.vocab_size, spec.inv_tau, spec.p1, spec.p2,
-            GATES.index(spec.gate), REDUCTIONS.index(spec.reduction)]
+            GATES.index(spec.gate), REDUCTIONS.index(spec.reduction),
+            spec.s_scale, spec.s_cap or 0.0, spec.t_scale, spec.t_cap or 0.0]
 
 
 def _plan(student, teacher, mask, spec: Spec, agree: bool = True) -> Plan:

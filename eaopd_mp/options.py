@@ -24,6 +24,14 @@ def positive_int(name: str, value: object) -> int:
     return value
 
 
+def positive_real(name: str, value: object) -> float:
+    """``value`` as a finite float > 0 (TypeError for non-numbers, ValueError otherwise)."""
+    x = real_number(name, value)
+    if x <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return x
+
+
 @dataclass(frozen=True)
 class LossOptions:
     """Options shared by every entry point (all keyword-only there).
@@ -40,6 +48,15 @@ class LossOptions:
             weights and both KLs (detached), the token count and the gate used.
         gate, gate_threshold, fkl_coef, fkl_weight: see :mod:`eaopd_mp.gates`.
         chunk_size: tokens per chunk; None picks about 64 MiB of float32 logits per chunk.
+        student_softcap, teacher_softcap: None, or ``c > 0``: that side's logits are
+            ``c * tanh(raw / c)`` (Gemma's ``final_logit_softcapping``).
+        student_logit_scale, teacher_logit_scale: ``raw = scale * x`` where ``x`` is that
+            side's ``h W^T + b`` (or its given logits); Cohere's ``logit_scale``. The scale
+            is applied before the softcap, and the temperature divides the result.
+        vocab_size: the real vocabulary when the logits or heads are padded: only the first
+            ``vocab_size`` columns count (no probability, no gradient past them), and
+            student and teacher may then have different widths ``>= vocab_size``. Under
+            tensor parallelism, the global real vocabulary.
     """
 
     h_max: float | None = None
@@ -51,6 +68,11 @@ class LossOptions:
     fkl_coef: float | None = None
     fkl_weight: float | None = None
     chunk_size: int | None = None
+    student_softcap: float | None = None
+    teacher_softcap: float | None = None
+    student_logit_scale: float = 1.0
+    teacher_logit_scale: float = 1.0
+    vocab_size: int | None = None
 
     def __post_init__(self):
         tau = real_number("temperature", self.temperature)
@@ -64,6 +86,13 @@ class LossOptions:
                 f"return_stats must be a bool, got {type(self.return_stats).__name__}")
         if self.chunk_size is not None:
             positive_int("chunk_size", self.chunk_size)
+        if self.vocab_size is not None:
+            positive_int("vocab_size", self.vocab_size)
+        for side in ("student", "teacher"):
+            cap, scale = f"{side}_softcap", f"{side}_logit_scale"
+            if getattr(self, cap) is not None:
+                object.__setattr__(self, cap, positive_real(cap, getattr(self, cap)))
+            object.__setattr__(self, scale, positive_real(scale, getattr(self, scale)))
         self.resolve_gate(2)  # every gate check that does not depend on the vocabulary
 
     @classmethod

@@ -49,14 +49,14 @@ def vocab_parallel_eaopd_loss(
         The same value on every rank: equal to the single-device loss on the gathered
         logits. Backward needs no communication.
     """
-    options = LossOptions.build(options)
-    _checks.logits_pair(student_logits, teacher_logits)
+    options = LossOptions.build(dict(options, vocab_size=vocab_size))
+    _checks.logits_pair(student_logits, teacher_logits, sharded=True)
     _checks.same_device(student_logits=student_logits, teacher_logits=teacher_logits,
                         labels=labels)
     token_shape = tuple(student_logits.shape[:-1])
     labels = _checks.labels(labels, token_shape)
     width = student_logits.shape[-1]
-    info = tp.resolve(tp_group, width, vocab_size, False)
+    info = tp.resolve(tp_group, width, options.vocab_size, False)
     z = student_logits.reshape(-1, width)
     y = teacher_logits.detach().reshape(-1, width)
     return plan.run([z], [y], labels, token_shape, options, student_form="logits",
@@ -94,10 +94,10 @@ def fused_linear_vocab_parallel_eaopd_loss(
     Returns:
         The same loss on every rank; ``reduction="none"`` gives the full token shape.
     """
-    options = LossOptions.build(options)
+    options = LossOptions.build(dict(options, vocab_size=vocab_size))
     _checks.linear("student", student_hidden, student_weight, student_bias)
     width = student_weight.shape[0]
-    info = tp.resolve(tp_group, width, vocab_size, sequence_parallel)
+    info = tp.resolve(tp_group, width, options.vocab_size, sequence_parallel)
     local_shape = tuple(student_hidden.shape[:-1])
     token_shape = local_shape
     if sequence_parallel:

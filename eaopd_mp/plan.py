@@ -49,6 +49,8 @@ class Spec:
         autocast: ``""`` or the autocast dtype (``"bfloat16"``) the GEMMs honour.
         group, tp, sequence_parallel: the tensor-parallel group name (``""`` on one
             device), its size, and whether hidden states are split along the sequence.
+        s_scale, s_cap, t_scale, t_cap: the head transforms (logit scale, softcap or
+            None) of the student and the teacher.
     """
 
     student: str
@@ -66,6 +68,10 @@ class Spec:
     group: str = ""
     tp: int = 1
     sequence_parallel: bool = False
+    s_scale: float = 1.0
+    s_cap: float | None = None
+    t_scale: float = 1.0
+    t_cap: float | None = None
 
     def key(self) -> str:
         """The spec as a string argument of the custom ops (see :func:`parse`)."""
@@ -75,6 +81,11 @@ class Spec:
     def scalar(self) -> bool:
         """The gradient is computed in the forward pass (every reduction but ``"none"``)."""
         return self.reduction != "none"
+
+    @property
+    def transform(self) -> tuple:
+        """``(s_scale, s_cap, t_scale, t_cap)`` for :func:`eaopd_mp.core.make_head`."""
+        return (self.s_scale, self.s_cap, self.t_scale, self.t_cap)
 
     @property
     def gate_obj(self) -> Gate:
@@ -107,12 +118,13 @@ def run(student: list, teacher: list, labels: torch.Tensor | None, token_shape: 
         labels: the ``token_shape`` mask (already shape-checked), or None.
         token_shape: the token dims of the result (under sequence parallelism, the full
             gathered shape).
-        width: logit columns held here (``V`` on one device, ``V_local`` on a rank).
+        width: logit columns held here (the student's ``V`` on one device, where
+            ``options.vocab_size`` may keep fewer; ``V_local`` on a rank).
         tp: the tensor-parallel group, or None on one device.
     Returns:
         The loss (float32, float64 for float64 inputs), or ``(loss, stats)``.
     """
-    vocab = width if tp is None else tp.vocab_size
+    vocab = (options.vocab_size or width) if tp is None else tp.vocab_size
     gate = options.resolve_gate(vocab)
     grad = torch.is_grad_enabled()
     need = tuple(bool(grad and t is not None and t.requires_grad) for t in student)
@@ -121,10 +133,12 @@ def run(student: list, teacher: list, labels: torch.Tensor | None, token_shape: 
         student=student_form, teacher=teacher_form, reduction=options.reduction,
         gate=gate.kind, p1=gate.p1, p2=gate.p2, inv_tau=1.0 / options.temperature,
         chunk=options.chunk_size or default_chunk_size(width),
-        cols=width if tp is None else tp.cols, vocab_size=vocab, need=need,
+        cols=vocab if tp is None else tp.cols, vocab_size=vocab, need=need,
         autocast=_autocast_dtype(student[0].device) if student_form == "linear" else "",
         group="" if tp is None else tp.group, tp=1 if tp is None else tp.size,
         sequence_parallel=False if tp is None else tp.sequence_parallel,
+        s_scale=options.student_logit_scale, s_cap=options.student_softcap,
+        t_scale=options.teacher_logit_scale, t_cap=options.teacher_softcap,
     )
     mask = None if labels is None else labels.reshape(-1)
     out, stats, *_ = torch.ops.eaopd_mp.loss(student, teacher, mask, spec.key())

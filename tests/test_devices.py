@@ -8,8 +8,9 @@ nothing to CUDA. float32 comparisons use rtol 1e-5 (``formulas.close``), with TF
 
 The grids are small on purpose: ``tests/test_loss.py``, ``test_gates.py`` and
 ``test_compile.py`` cover the CPU in depth; here each device gets one representative
-grid (every gate, every reduction, masks, both gradient modes, ``-inf`` columns, bf16,
-lengths without recompilation) and the vocab-parallel path on NCCL with two GPUs.
+grid (every gate, every reduction, masks, both gradient modes, head transforms, ``-inf``
+columns, bf16, lengths without recompilation) and the vocab-parallel path on NCCL with two
+GPUs.
 
 Without CUDA the ``cuda`` cases are skipped with a reason. ``make gpu-check`` sets
 ``EAOPD_REQUIRE_CUDA=1``, which turns that skip into a failure, so a GPU check on a
@@ -222,6 +223,31 @@ def test_fused_matches_reference(device, reduction, bias, teacher, mask, tau, ga
         close(_cpu(b.grad), br.grad)
     else:
         assert b.grad is None
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_head_transforms_match_reference(device, reduction):
+    """Soft-cap and logit scale (Gemma, Cohere) in the compiled kernels, both gradient
+    modes, against the reference on logits transformed with plain torch ops on the CPU."""
+    h0, w0, b0, th, tw, tb = _fused_inputs()
+    labels = _labels("binary", h0.shape[:-1], seed=3)
+    caps = dict(student_logit_scale=0.7, student_softcap=2.5, teacher_logit_scale=1.3,
+                teacher_softcap=5.0)
+    h, w, b = _on(device, h0, w0, b0, grad=True)
+    thd, twd, tbd, ld = _on(device, th, tw, tb, labels)
+    loss = fused_linear_eaopd_loss(h, w, student_bias=b, teacher_hidden=thd, teacher_weight=twd,
+                                   teacher_bias=tbd, labels=ld, reduction=reduction,
+                                   chunk_size=8, **caps)
+    loss.backward(_grad_out(loss).to(device))
+
+    hr, wr, br = _leaf(h0, w0, b0)
+    z = torch.tanh((hr @ wr.T + br) * 0.7 / 2.5) * 2.5
+    y = torch.tanh((th @ tw.T + tb) * 1.3 / 5.0) * 5.0
+    ref = reference_eaopd_loss(z, y, labels=labels, reduction=reduction)
+    ref.backward(_grad_out(ref))
+    close(_cpu(loss), _cpu(ref))
+    for got, want in ((h, hr), (w, wr), (b, br)):
+        close(_cpu(got.grad), want.grad)
 
 
 @pytest.mark.parametrize("path", ["fused", "logits"])

@@ -40,9 +40,23 @@ def _grad_out(loss):
         loss.shape)
 
 
+def _transformed(x, scale, cap):
+    """HF's head maths: ``x * logit_scale`` then ``tanh(x / cap) * cap``."""
+    x = x * scale
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+def _transform_opts(xf):
+    return {} if xf is None else dict(zip(
+        ("student_logit_scale", "student_softcap", "teacher_logit_scale", "teacher_softcap"),
+        xf, strict=True))
+
+
 def check_fused_case(rank, tp, group, *, reduction, tau, mask, vocab_size, bias, gate,
-                     teacher, seed=0, sp=False, chunk=4):
-    """One fused TP case against the single-device fused loss on the real vocabulary."""
+                     teacher, seed=0, sp=False, chunk=4, xf=None):
+    """One fused TP case against the single-device fused loss on the real vocabulary; with
+    head transforms ``xf`` (student scale, cap, teacher scale, cap), against the logits-in
+    loss on logits transformed with plain torch ops (gradients through their autograd)."""
     h, w, b, th, tw, labels = _data(seed, tp=tp)
     width = w.shape[0] // tp
     real = vocab_size or w.shape[0]
@@ -57,15 +71,20 @@ def check_fused_case(rank, tp, group, *, reduction, tau, mask, vocab_size, bias,
         if teacher == "linear" else dict(teacher_logits=(th @ tw.T)[..., shard])
     loss = fused_linear_vocab_parallel_eaopd_loss(
         hl, wl, student_bias=bl if bias else None, tp_group=group, vocab_size=vocab_size,
-        sequence_parallel=sp, **t_kw, **opts)
+        sequence_parallel=sp, **t_kw, **opts, **_transform_opts(xf))
     loss.backward(_grad_out(loss))
 
     hr, wr, br = h.clone().requires_grad_(), w[:real].clone().requires_grad_(), \
         b[:real].clone().requires_grad_()
-    ref = fused_linear_eaopd_loss(hr, wr, student_bias=br if bias else None,
-                                  teacher_logits=(th @ tw.T)[..., :real], **opts)
+    if xf is None:
+        ref = fused_linear_eaopd_loss(hr, wr, student_bias=br if bias else None,
+                                      teacher_logits=(th @ tw.T)[..., :real], **opts)
+    else:
+        z = _transformed(hr @ wr.T + (br if bias else 0.0), *xf[:2])
+        ref = entropy_aware_opd_loss(z, _transformed((th @ tw.T)[..., :real], *xf[2:]), **opts)
     ref.backward(_grad_out(ref))
-    tag = f"[{reduction} tau={tau} mask={mask} V={vocab_size} bias={bias} {gate} {teacher}] "
+    tag = f"[{reduction} tau={tau} mask={mask} V={vocab_size} bias={bias} {gate} {teacher} " \
+        f"xf={xf}] "
     _close(loss, ref, msg=tag)
     _close(hl.grad, hr.grad.chunk(tp, 0)[rank] if sp else hr.grad, msg=tag + "grad h ")
     want_w = torch.zeros_like(w)
@@ -78,8 +97,10 @@ def check_fused_case(rank, tp, group, *, reduction, tau, mask, vocab_size, bias,
     del s_bias
 
 
-def check_logits_case(rank, tp, group, *, reduction, tau, mask, vocab_size, gate, seed=0):
-    """Logits-in TP against the single-device logits-in loss on the gathered logits."""
+def check_logits_case(rank, tp, group, *, reduction, tau, mask, vocab_size, gate, seed=0,
+                      xf=None):
+    """Logits-in TP against the single-device logits-in loss on the gathered logits (with
+    head transforms ``xf``, on the gathered logits transformed with plain torch ops)."""
     h, w, _, th, tw, labels = _data(seed, tp=tp)
     width = w.shape[0] // tp
     real = vocab_size or w.shape[0]
@@ -88,14 +109,18 @@ def check_logits_case(rank, tp, group, *, reduction, tau, mask, vocab_size, gate
     opts = dict(labels=labels if mask else None, temperature=tau, reduction=reduction, **gate)
     z = z_full[..., shard].clone().requires_grad_()
     loss = vocab_parallel_eaopd_loss(z, y_full[..., shard], tp_group=group,
-                                     vocab_size=vocab_size, chunk_size=3, **opts)
+                                     vocab_size=vocab_size, chunk_size=3, **opts,
+                                     **_transform_opts(xf))
     with CollectiveCounter() as counter:
         loss.backward(_grad_out(loss))
     assert counter.calls == [], "logits-in backward must not communicate"
     zr = z_full[..., :real].clone().requires_grad_()
-    ref = entropy_aware_opd_loss(zr, y_full[..., :real], **opts)
+    zt, yt = zr, y_full[..., :real]
+    if xf is not None:
+        zt, yt = _transformed(zt, *xf[:2]), _transformed(yt, *xf[2:])
+    ref = entropy_aware_opd_loss(zt, yt, **opts)
     gate_kw = {"gate": "linear", **gate}
-    per_tok = formulas.per_token(z_full[..., :real], y_full[..., :real], temperature=tau,
+    per_tok = formulas.per_token(zt.detach(), yt, temperature=tau,
                                  **{k: v for k, v in gate_kw.items() if k != "gate"},
                                  gate=gate_kw["gate"])
     want_loss = formulas.reduce(per_tok, opts["labels"], reduction)
@@ -125,10 +150,29 @@ def _tp4_worker(rank, world):
     # A rank holding only padding (vocab 20 of 28: rank 3 has no real column).
     check_fused_case(rank, world, group, reduction="sum", tau=0.8, mask=True, vocab_size=20,
                      bias=True, gate={}, teacher="linear")
+    _check_transforms(rank, world, group)
     _check_collectives(rank, world, group)
     _check_disagreement(rank, world, group)
     _check_mask_disagreement(rank, world, group)
     _check_non_finite(rank, world, group)
+
+
+# (student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap)
+TRANSFORMS = [(1.0, 3.0, 1.0, None), (0.5, None, 1.0, 4.0), (0.7, 2.5, 1.3, 5.0)]
+
+
+def _check_transforms(rank, world, group):
+    """Softcap and logit scale on the vocab-parallel paths: both gradient modes, every gate,
+    padded vocabulary, both teacher forms (eager kernels; compiled in the megatron spawn)."""
+    cases = itertools.product(TRANSFORMS, [("batchmean", 1.0), ("none", 0.7), ("sum", 1.0)])
+    for i, (xf, (reduction, tau)) in enumerate(cases):
+        vocab_size = 25 if i % 2 else None
+        check_fused_case(rank, world, group, reduction=reduction, tau=tau, mask=True,
+                         vocab_size=vocab_size, bias=bool(i % 2), gate=GATES[i % len(GATES)],
+                         teacher=("linear", "logits")[i % 2], xf=xf, seed=20 + i)
+        if i % 3 == 0:
+            check_logits_case(rank, world, group, reduction=reduction, tau=tau, mask=True,
+                              vocab_size=vocab_size, gate=GATES[i % len(GATES)], xf=xf)
 
 
 def _check_collectives(rank, world, group):
@@ -162,6 +206,9 @@ def _check_disagreement(rank, world, group):
     with pytest.raises(ValueError, match="shard width"):
         vocab_parallel_eaopd_loss(torch.randn(4, width), torch.randn(4, width),
                                   tp_group=group)
+    with pytest.raises(ValueError, match="ranks disagree on student_softcap"):
+        vocab_parallel_eaopd_loss(torch.randn(4, 7), torch.randn(4, 7), tp_group=group,
+                                  student_softcap=30.0 if rank else None)
 
 
 def _check_mask_disagreement(rank, world, group):
@@ -270,6 +317,12 @@ def _megatron_worker(rank, world, tp, use_sp, compile_check):
             check_fused_case(tp_rank, tp, group, reduction=reduction, tau=0.9, mask=True,
                              vocab_size=13 if i == 1 else None, bias=i == 2, gate=GATES[i],
                              teacher="linear", seed=10 + dp_rank, sp=use_sp)
+        if compile_check:  # the compiled shard kernels with head transforms (partial_x,
+            # shard_grad_x; "none"'s backward kernel is the one-device grad_x, compiled in
+            # test_head_transforms): one case, as each graph costs seconds per rank
+            check_fused_case(tp_rank, tp, group, reduction="batchmean", tau=0.9, mask=True,
+                             vocab_size=13, bias=True, gate={}, teacher="linear",
+                             seed=10 + dp_rank, sp=use_sp, xf=(0.7, 2.5, 1.3, 5.0))
         if compile_check:
             check_logits_case(tp_rank, tp, group, reduction="mean", tau=1.0, mask=True,
                               vocab_size=None, gate={}, seed=dp_rank)

@@ -1,0 +1,172 @@
+"""Hugging Face ``transformers`` causal LMs: the fused loss on logits exactly as they make them.
+
+A causal LM computes ``logits = post(lm_head(base_model(ids).last_hidden_state))`` where
+``post`` is nothing (Llama, Qwen2, Mistral, ...), a logit scale (Cohere's ``logit_scale``,
+Granite's ``1 / logits_scaling``) or a soft-cap (Gemma 2/3's
+``final_logit_softcapping``). :func:`lm_head` reads the head and its ``post`` from the model
+and its config; :func:`eaopd_loss` runs the fused loss from the two models' last hidden
+states, so no ``(tokens, V)`` logits are made, and equals
+:func:`eaopd_mp.entropy_aware_opd_loss` on the models' own ``.logits`` (shifted, masked, cut
+to the shared vocabulary).
+
+``transformers`` is imported by nothing here: the functions take models as they are
+(``pip install 'eaopd-mp[hf]'`` installs a tested version).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .loss import fused_linear_eaopd_loss
+
+# Options that lm_head reads from the model: eaopd_loss refuses them as loss options.
+HEAD_OPTIONS = ("student_softcap", "teacher_softcap", "student_logit_scale",
+                "teacher_logit_scale")
+
+
+@dataclass(frozen=True)
+class LMHead:
+    """What a fused call needs to reproduce a causal LM's logits.
+
+    Attributes:
+        weight: ``(V_rows, H)`` output embedding (the input embedding when tied: the same
+            parameter, so its gradient reaches both uses).
+        bias: ``(V_rows,)`` or None.
+        softcap: ``final_logit_softcapping`` or None.
+        logit_scale: the factor applied to ``h W^T + b`` before the soft-cap (1.0 if none).
+        vocab_size: the real vocabulary (the config's ``vocab_size``, at most ``V_rows``).
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    softcap: float | None
+    logit_scale: float
+    vocab_size: int
+
+    def options(self, side: str) -> dict:
+        """The head transform as loss options of ``side`` (``"student"``/``"teacher"``)."""
+        return {f"{side}_softcap": self.softcap, f"{side}_logit_scale": self.logit_scale}
+
+
+def _unwrap(model):
+    """A PEFT model's underlying ``transformers`` model (else ``model``)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _logit_scale(config) -> float:
+    """The multiplier a model applies to ``lm_head``'s output, from its text config.
+
+    Cohere's ``logit_scale``; Granite's ``logits_scaling`` (its logits are divided by it).
+    """
+    scale = getattr(config, "logit_scale", None)
+    if scale is not None:
+        return float(scale)
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is not None:
+        return 1.0 / float(scaling)
+    return 1.0
+
+
+def lm_head(model) -> LMHead:
+    """The output layer of a ``transformers`` causal LM and how its logits are post-processed.
+
+    Reads ``model.get_output_embeddings()`` (weight, bias), and from
+    ``model.config.get_text_config()``: ``final_logit_softcapping`` (Gemma 2/3),
+    ``logit_scale`` (Cohere) or ``logits_scaling`` (Granite), and ``vocab_size``.
+    Raises ``TypeError`` for a model without an output layer.
+    """
+    model = _unwrap(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise TypeError(f"{type(model).__name__} has no output layer with a (vocab, hidden) "
+                        "weight: pass a causal LM (an ...ForCausalLM)")
+    config = model.config.get_text_config()
+    softcap = getattr(config, "final_logit_softcapping", None)
+    rows = weight.shape[0]
+    vocab = getattr(config, "vocab_size", None) or rows
+    return LMHead(weight=weight, bias=getattr(head, "bias", None),
+                  softcap=None if softcap is None else float(softcap),
+                  logit_scale=_logit_scale(config), vocab_size=min(int(vocab), rows))
+
+
+def last_hidden_state(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      **kwargs) -> torch.Tensor:
+    """``(B, T, H)`` hidden states that the model's ``lm_head`` turns into its logits.
+
+    Runs the backbone (``model.base_model``) with the same inputs ``model(input_ids,
+    attention_mask, **kwargs)`` would give it, without the KV cache.
+    """
+    model = _unwrap(model)
+    backbone = model.base_model
+    if backbone is model:
+        raise TypeError(f"{type(model).__name__} has no separate backbone (base_model is the "
+                        "model itself): pass a causal LM (an ...ForCausalLM)")
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    return out.last_hidden_state
+
+
+def next_token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    completion_mask: torch.Tensor | None) -> torch.Tensor:
+    """``(B, T - 1)`` float mask of the positions whose next token is trained on.
+
+    Position ``t`` predicts token ``t + 1``: it counts when token ``t + 1`` is a completion
+    token (``completion_mask``, all tokens if None) and not padding (``attention_mask``).
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    mask = torch.ones(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    for name, m in (("attention_mask", attention_mask), ("completion_mask", completion_mask)):
+        if m is None:
+            continue
+        if tuple(m.shape) != tuple(input_ids.shape):
+            raise ValueError(f"{name} shape {tuple(m.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        mask = mask * m.to(mask)
+    return mask[:, 1:]
+
+
+def eaopd_loss(student, teacher, input_ids: torch.Tensor,
+               attention_mask: torch.Tensor | None = None,
+               completion_mask: torch.Tensor | None = None, **loss_options):
+    """The entropy-aware OPD loss of two ``transformers`` causal LMs on ``input_ids``.
+
+    Args:
+        student: the causal LM being trained (gradients reach its parameters).
+        teacher: a causal LM sharing the student's token ids (another family and a
+            differently padded vocabulary are fine); run under ``torch.no_grad`` as it is
+            (put it in eval mode yourself).
+        input_ids: ``(B, T)`` prompt + completion tokens.
+        attention_mask: ``(B, T)`` 1 for real tokens, 0 for padding (left or right); None
+            means no padding.
+        completion_mask: ``(B, T)`` 1 on the tokens the loss trains on (the completion);
+            None means every token after the first.
+        **loss_options: :class:`~eaopd_mp.options.LossOptions` (``reduction``,
+            ``temperature``, ``gate``, ``return_stats``, ...). ``vocab_size`` defaults to
+            the smaller of the two models' vocabularies. The head transforms come from the
+            models' configs and cannot be given here.
+    Returns:
+        As :func:`eaopd_mp.fused_linear_eaopd_loss` over the ``(B, T - 1)`` next-token
+        positions; equal to :func:`eaopd_mp.entropy_aware_opd_loss` on
+        ``student(...).logits[:, :-1, :V]`` and the teacher's, ``V`` the shared vocabulary.
+    """
+    given = sorted(set(loss_options) & set(HEAD_OPTIONS))
+    if given:
+        raise TypeError(f"{', '.join(given)} come(s) from the models' configs (see "
+                        "eaopd_mp.hf.lm_head); call eaopd_mp.fused_linear_eaopd_loss to set "
+                        "them by hand")
+    s_head, t_head = lm_head(student), lm_head(teacher)
+    vocab = loss_options.pop("vocab_size", None)
+    if vocab is None:
+        vocab = min(s_head.vocab_size, t_head.vocab_size)
+    labels = next_token_mask(input_ids, attention_mask, completion_mask)
+    hidden = last_hidden_state(student, input_ids, attention_mask)[:, :-1]
+    with torch.no_grad():
+        t_hidden = last_hidden_state(teacher, input_ids, attention_mask)[:, :-1]
+    return fused_linear_eaopd_loss(
+        hidden, s_head.weight, student_bias=s_head.bias, teacher_hidden=t_hidden,
+        teacher_weight=t_head.weight, teacher_bias=t_head.bias, labels=labels.to(hidden.device),
+        vocab_size=vocab, **s_head.options("student"), **t_head.options("teacher"),
+        **loss_options)
