@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import core
+from . import core, topk
 
 # Size of one float32 (chunk, V) buffer that the default chunk size aims for.
 CHUNK_BYTES = 64 * 2**20
@@ -257,6 +257,8 @@ def _chunk(plan: Plan, z, y, scale):
     """Statistics ``(n, 7)`` of one chunk; with ``scale``, the gradient is written over
     ``z`` (the student head's buffer) and ``z`` is returned as the gradient."""
     spec, params = plan.spec, plan.params
+    if spec.teacher == "topk":
+        return topk.chunk(plan, z, y, scale)
     kind, untempered = spec.gate, spec.inv_tau == 1.0
     if plan.combiner is None:
         if scale is None:
@@ -294,7 +296,10 @@ def run_backward(plan: Plan, stats: torch.Tensor, scale: torch.Tensor) -> None:
         z, y = student.logits(rows), teacher.logits(rows)
         if z.shape[1] == 0:
             continue
-        core.grad_kernel_(z, y, stats[lo:hi], scale[lo:hi], plan.params)
+        if plan.spec.teacher == "topk":
+            topk.backward_chunk(plan, z, y, stats[lo:hi], scale[lo:hi])
+        else:
+            core.grad_kernel_(z, y, stats[lo:hi], scale[lo:hi], plan.params)
         student.add_grad(z, rows)
     student.release()
     teacher.release()

@@ -27,6 +27,7 @@ from .driver import LinearHead, LogitsHead, Plan, run_backward, run_forward
 from .gates import GATES
 from .options import REDUCTIONS
 from .plan import Spec, parse
+from .topk import TopkHead, ids_problem
 from .tp import TPCombiner, mask_fingerprint
 
 _INTEGER_MASK = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -101,7 +102,9 @@ def _heads(student, teacher, spec: Spec, combiner: TPCombiner | None):
         h, w, *b = student
         s_head = LinearHead(gathered(h), w, b[0] if b else None, spec.cols, need,
                             spec.autocast)
-    if spec.teacher == "logits":
+    if spec.teacher == "topk":
+        t_head = TopkHead(teacher[0], teacher[1], teacher[2] if spec.entropy_given else None)
+    elif spec.teacher == "logits":
         t_head = LogitsHead(teacher[0], spec.cols)
     else:
         th, tw, *tb = teacher
@@ -110,12 +113,19 @@ def _heads(student, teacher, spec: Spec, combiner: TPCombiner | None):
     return s_head, t_head
 
 
-def _header(student, spec: Spec, n: int, weight: torch.Tensor | None) -> list[float]:
+def _header(student, teacher, spec: Spec, n: int, weight: torch.Tensor | None) -> list[float]:
     """This rank's view of the call, in the order of :data:`eaopd_mp.tp.HEADER`."""
     kept = n if weight is None else int((weight != 0).sum())
     return [student[0].shape[0], kept, *mask_fingerprint(weight, n), _width(student, spec),
             spec.chunk, spec.vocab_size, spec.inv_tau, spec.p1, spec.p2,
-            GATES.index(spec.gate), REDUCTIONS.index(spec.reduction)]
+            GATES.index(spec.gate), REDUCTIONS.index(spec.reduction), _topk_code(teacher, spec)]
+
+
+def _topk_code(teacher, spec: Spec) -> int:
+    """0 for a dense teacher; else ``k`` (x -1 with the renormalized target)."""
+    if spec.teacher != "topk":
+        return 0
+    return teacher[0].shape[1] * (1 if spec.topk_tail == "bucket" else -1)
 
 
 def _plan(student, teacher, mask, spec: Spec, agree: bool = True) -> Plan:
@@ -123,8 +133,13 @@ def _plan(student, teacher, mask, spec: Spec, agree: bool = True) -> Plan:
     n = _n_tokens(student, spec)
     weight = mask_weight(mask, _compute_dtype(student, teacher))
     combiner = TPCombiner(spec.group, spec.sequence_parallel) if spec.group else None
+    problem = ids_problem(teacher[1], spec.vocab_size) if spec.teacher == "topk" and agree \
+        else None
     if combiner is not None and agree:
-        combiner.check_agreement(_header(student, spec, n, weight), student[0].device)
+        header = _header(student, teacher, spec, n, weight) + [float(problem is not None)]
+        combiner.check_agreement(header, student[0].device)
+    if problem is not None:  # every rank has the same ids (agreed): every rank raises
+        raise ValueError(problem)
     rows = None
     if weight is not None:
         keep = weight != 0

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .gates import Gate, real_number, resolve_gate
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
+TOPK_TAILS = ("bucket", "renormalize")
 
 
 def positive_int(name: str, value: object) -> int:
@@ -32,7 +33,8 @@ class LossOptions:
         h_max: entropy normaliser of the linear gate; None means ``log(V)`` (V the real
             vocabulary: ``vocab_size`` when given).
         temperature: divides student and teacher logits (the gate uses the untempered
-            teacher).
+            teacher). A top-k teacher's served log-probabilities are the target as given
+            (serve them at the temperature you train at): only the student is divided.
         reduction: ``"batchmean"`` (sum / first token dim, the specification's default),
             ``"sum"``, ``"mean"`` (sum / number of tokens, masked ones included) or
             ``"none"`` (float32, token-shaped).
@@ -40,6 +42,10 @@ class LossOptions:
             weights and both KLs (detached), the token count and the gate used.
         gate, gate_threshold, fkl_coef, fkl_weight: see :mod:`eaopd_mp.gates`.
         chunk_size: tokens per chunk; None picks about 64 MiB of float32 logits per chunk.
+        topk_tail: with a top-k teacher, ``"bucket"`` (every other id in one tail bucket:
+            exact KLs of the bucketed distributions) or ``"renormalize"`` (both
+            distributions renormalised over the k ids: NeMo-RL's and verl's loss). See
+            :mod:`eaopd_mp.topk`.
     """
 
     h_max: float | None = None
@@ -51,6 +57,7 @@ class LossOptions:
     fkl_coef: float | None = None
     fkl_weight: float | None = None
     chunk_size: int | None = None
+    topk_tail: str = "bucket"
 
     def __post_init__(self):
         tau = real_number("temperature", self.temperature)
@@ -64,6 +71,8 @@ class LossOptions:
                 f"return_stats must be a bool, got {type(self.return_stats).__name__}")
         if self.chunk_size is not None:
             positive_int("chunk_size", self.chunk_size)
+        if self.topk_tail not in TOPK_TAILS:
+            raise ValueError(f"topk_tail must be one of {TOPK_TAILS}, got {self.topk_tail!r}")
         self.resolve_gate(2)  # every gate check that does not depend on the vocabulary
 
     @classmethod

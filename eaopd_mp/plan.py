@@ -5,7 +5,9 @@ tensors, builds :class:`~eaopd_mp.options.LossOptions`, and calls :func:`run` wi
 student and teacher tensors in one of their *forms*:
 
 * student ``"logits"``: ``[z (N, V)]``; ``"linear"``: ``[h (N, H), W (V, H)(, b (V,))]``;
-* teacher ``"logits"``: ``[y (N, V)]``; ``"linear"``: ``[h_t (N, H_t), W_t (V, H_t)(, b_t)]``.
+* teacher ``"logits"``: ``[y (N, V)]``; ``"linear"``: ``[h_t (N, H_t), W_t (V, H_t)(, b_t)]``;
+  ``"topk"``: ``[logprobs (N, k), ids (N, k) int64]``;
+* any teacher form may end with an ``(N,)`` gate entropy (``entropy_given``).
 
 :func:`run` turns the options and the tensors' static properties into a :class:`Spec` (plain
 values, passed to the custom op as a string), calls ``torch.ops.eaopd_mp.loss`` (see
@@ -49,6 +51,8 @@ class Spec:
         autocast: ``""`` or the autocast dtype (``"bfloat16"``) the GEMMs honour.
         group, tp, sequence_parallel: the tensor-parallel group name (``""`` on one
             device), its size, and whether hidden states are split along the sequence.
+        topk_tail: the top-k teacher's target (``"bucket"`` or ``"renormalize"``).
+        entropy_given: the teacher list ends with an ``(N,)`` gate entropy.
     """
 
     student: str
@@ -66,6 +70,8 @@ class Spec:
     group: str = ""
     tp: int = 1
     sequence_parallel: bool = False
+    topk_tail: str = "bucket"
+    entropy_given: bool = False
 
     def key(self) -> str:
         """The spec as a string argument of the custom ops (see :func:`parse`)."""
@@ -99,7 +105,7 @@ def _autocast_dtype(device: torch.device) -> str:
 
 def run(student: list, teacher: list, labels: torch.Tensor | None, token_shape: tuple,
         options: LossOptions, *, student_form: str, teacher_form: str, width: int,
-        tp: TPInfo | None = None):
+        tp: TPInfo | None = None, entropy: torch.Tensor | None = None):
     """Evaluate the loss through the custom op; the reduction and statistics around it.
 
     Args:
@@ -109,6 +115,7 @@ def run(student: list, teacher: list, labels: torch.Tensor | None, token_shape: 
             gathered shape).
         width: logit columns held here (``V`` on one device, ``V_local`` on a rank).
         tp: the tensor-parallel group, or None on one device.
+        entropy: the ``(N,)`` gate entropy overriding the teacher's, or None.
     Returns:
         The loss (float32, float64 for float64 inputs), or ``(loss, stats)``.
     """
@@ -125,7 +132,10 @@ def run(student: list, teacher: list, labels: torch.Tensor | None, token_shape: 
         autocast=_autocast_dtype(student[0].device) if student_form == "linear" else "",
         group="" if tp is None else tp.group, tp=1 if tp is None else tp.size,
         sequence_parallel=False if tp is None else tp.sequence_parallel,
+        topk_tail=options.topk_tail, entropy_given=entropy is not None,
     )
+    if entropy is not None:
+        teacher = [*teacher, entropy.detach()]
     mask = None if labels is None else labels.reshape(-1)
     out, stats, *_ = torch.ops.eaopd_mp.loss(student, teacher, mask, spec.key())
     if options.reduction == "none":
