@@ -94,7 +94,7 @@ def logits_loss(student_logits, teacher_logits, labels, options: LossOptions,
     labels = _checks.labels(labels, token_shape)
     z = student_logits.reshape(-1, vocab)
     return plan.run([z], teacher, labels, token_shape, options, student_form="logits",
-                    teacher_form=form, width=vocab, entropy=flat_entropy(entropy, form))
+                    teacher_form=form, width=vocab, entropy=flat_entropy(entropy))
 
 
 def topk_tensors(logprobs: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -103,15 +103,9 @@ def topk_tensors(logprobs: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor
     return [logprobs.detach().reshape(-1, k), ids.detach().reshape(-1, k).to(torch.int64)]
 
 
-def flat_entropy(entropy: torch.Tensor | None, form: str) -> torch.Tensor | None:
-    """The ``(N,)`` gate entropy, or None; only a top-k teacher takes one so far."""
-    if entropy is None:
-        return None
-    if form != "topk":
-        raise NotImplementedError(
-            "teacher_entropy is only supported with a top-k teacher so far "
-            "(teacher_topk_logprobs + teacher_topk_indices)")
-    return entropy.detach().reshape(-1)
+def flat_entropy(entropy: torch.Tensor | None) -> torch.Tensor | None:
+    """The ``(N,)`` gate entropy (detached), or None."""
+    return None if entropy is None else entropy.detach().reshape(-1)
 
 
 def fused_linear_eaopd_loss(
@@ -175,7 +169,7 @@ def linear_loss(student_hidden, student_weight, student_bias, teacher_hidden, te
     if form == "topk":
         teacher = topk_tensors(topk_logprobs, topk_indices)
     return plan.run(student, teacher, labels, token_shape, options, student_form="linear",
-                    teacher_form=form, width=vocab, entropy=flat_entropy(entropy, form))
+                    teacher_form=form, width=vocab, entropy=flat_entropy(entropy))
 
 
 def teacher_form(t_hidden, t_weight, t_logits, t_bias, topk_logprobs, topk_indices,

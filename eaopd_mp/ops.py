@@ -58,9 +58,19 @@ def _width(student: list[torch.Tensor], spec: Spec) -> int:
     return student[1].shape[0] if spec.student == "linear" else student[0].shape[-1]
 
 
-def _compute_dtype(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.dtype:
+def _split_entropy(teacher: list[torch.Tensor], spec: Spec):
+    """The teacher's own tensors and the ``(N,)`` gate entropy (None if not given)."""
+    if spec.entropy_given:
+        return list(teacher[:-1]), teacher[-1]
+    return list(teacher), None
+
+
+def _compute_dtype(student: list[torch.Tensor], teacher: list[torch.Tensor],
+                   spec: Spec) -> torch.dtype:
     s = student[0] if len(student) == 1 else student[1]
-    t = teacher[0] if len(teacher) == 1 else teacher[1]
+    teacher, _ = _split_entropy(teacher, spec)
+    # teacher[1] is W_t (linear) or the int64 ids (top-k: log-probs first)
+    t = teacher[0] if len(teacher) == 1 or spec.teacher == "topk" else teacher[1]
     return core.compute_dtype(s.dtype, t.dtype)
 
 
@@ -102,8 +112,9 @@ def _heads(student, teacher, spec: Spec, combiner: TPCombiner | None):
         h, w, *b = student
         s_head = LinearHead(gathered(h), w, b[0] if b else None, spec.cols, need,
                             spec.autocast)
+    teacher, entropy = _split_entropy(teacher, spec)
     if spec.teacher == "topk":
-        t_head = TopkHead(teacher[0], teacher[1], teacher[2] if spec.entropy_given else None)
+        t_head = TopkHead(teacher[0], teacher[1], entropy)
     elif spec.teacher == "logits":
         t_head = LogitsHead(teacher[0], spec.cols)
     else:
@@ -131,7 +142,7 @@ def _topk_code(teacher, spec: Spec) -> int:
 def _plan(student, teacher, mask, spec: Spec, agree: bool = True) -> Plan:
     """Validate the mask, agree with the other ranks (forward only), build the heads."""
     n = _n_tokens(student, spec)
-    weight = mask_weight(mask, _compute_dtype(student, teacher))
+    weight = mask_weight(mask, _compute_dtype(student, teacher, spec))
     combiner = TPCombiner(spec.group, spec.sequence_parallel) if spec.group else None
     problem = ids_problem(teacher[1], spec.vocab_size) if spec.teacher == "topk" and agree \
         else None
@@ -146,7 +157,8 @@ def _plan(student, teacher, mask, spec: Spec, agree: bool = True) -> Plan:
         if int(keep.sum()) != n:
             rows = keep.nonzero().squeeze(1)
     s_head, t_head = _heads(student, teacher, spec, combiner)
-    return Plan(s_head, t_head, rows, weight, n, spec, combiner)
+    entropy = _split_entropy(teacher, spec)[1] if spec.teacher != "topk" else None
+    return Plan(s_head, t_head, rows, weight, n, spec, combiner, entropy)
 
 
 def _pad3(grads: tuple, student) -> list[torch.Tensor]:
@@ -182,7 +194,7 @@ def loss_op(student: list[torch.Tensor], teacher: list[torch.Tensor],
 def _loss_fake(student, teacher, mask, spec):
     spec_ = parse(spec)
     n = _n_tokens(student, spec_)
-    dtype = _compute_dtype(student, teacher)
+    dtype = _compute_dtype(student, teacher, spec_)
     out = student[0].new_empty((n,) if spec_.reduction == "none" else (), dtype=dtype)
     stats = student[0].new_empty((n, core.NSTATS), dtype=dtype)
     grads = [student[0].new_empty(0) for _ in range(3)]

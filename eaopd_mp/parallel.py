@@ -87,7 +87,7 @@ def vocab_parallel_eaopd_loss(
     z = student_logits.reshape(-1, width)
     return plan.run([z], teacher, labels, token_shape, options, student_form="logits",
                     teacher_form=form, width=width, tp=info,
-                    entropy=flat_entropy(teacher_entropy, form))
+                    entropy=flat_entropy(teacher_entropy))
 
 
 def fused_linear_vocab_parallel_eaopd_loss(
@@ -159,7 +159,7 @@ def fused_linear_vocab_parallel_eaopd_loss(
         teacher = topk_tensors(teacher_topk_logprobs, teacher_topk_indices)
     return plan.run(student, teacher, labels, token_shape, options, student_form="linear",
                     teacher_form=form, width=width, tp=info,
-                    entropy=flat_entropy(teacher_entropy, form))
+                    entropy=flat_entropy(teacher_entropy))
 
 
 __all__ = [

@@ -184,6 +184,33 @@ def _check_topk_loss_func(rank, tp, sp, seed):
     assert int(num) == int(labels.sum())
 
 
+def _check_entropy_override(rank, world, group):
+    """teacher_entropy with dense shards (logits-in, fused sum with padding) equals the
+    single-device loss with the same entropy."""
+    h, w, _, th, tw, labels = _data(7, tp=world)
+    width = w.shape[0] // world
+    shard = slice(rank * width, (rank + 1) * width)
+    ent = torch.rand(labels.shape) * 3
+    y = th @ tw.T
+    opts = dict(labels=labels, temperature=1.3, teacher_entropy=ent, chunk_size=4)
+    got = vocab_parallel_eaopd_loss((h @ w.T)[..., shard], y[..., shard], tp_group=group,
+                                    reduction="none", **opts)
+    _close(got, entropy_aware_opd_loss(h @ w.T, y, reduction="none", **opts))
+    wl = w[shard].clone().requires_grad_()
+    loss = fused_linear_vocab_parallel_eaopd_loss(h, wl, teacher_hidden=th,
+                                                  teacher_weight=tw[shard], tp_group=group,
+                                                  vocab_size=25, reduction="sum", **opts)
+    loss.backward()
+    wr = w[:25].clone().requires_grad_()
+    ref = fused_linear_eaopd_loss(h, wr, teacher_hidden=th, teacher_weight=tw[:25],
+                                  reduction="sum", **opts)
+    ref.backward()
+    _close(loss, ref)
+    want = torch.zeros_like(w)
+    want[:25] = wr.grad
+    _close(wl.grad, want[shard])
+
+
 def _check_topk_collectives(rank, world, group):
     """Top-k forward: the header + ONE all-gather per chunk (k + 2 numbers per token)."""
     h, w, _, _, _, _ = _data(1, tokens=(10,), tp=world)
@@ -231,6 +258,7 @@ def _tp4_worker(rank, world):
         check_topk_case(rank, world, group, reduction=reduction, tau=tau,
                         vocab_size=vocab_size, tail=tail, fused=fused)
     _check_topk_collectives(rank, world, group)
+    _check_entropy_override(rank, world, group)
     _check_collectives(rank, world, group)
     _check_disagreement(rank, world, group)
     _check_mask_disagreement(rank, world, group)

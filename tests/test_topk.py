@@ -336,3 +336,40 @@ def test_inside_a_compiled_step(monkeypatch):
         out.append((loss.detach(), wl.grad, lin.weight.grad))
     for a, b in zip(*out, strict=True):
         close(a, b)
+
+
+def _dense_given(z, y, ent, tau, **gate):
+    """Dense per-token loss with the gate's entropy given (float64)."""
+    s = F.log_softmax(z.double() / tau, -1)
+    t = F.log_softmax(y.double() / tau, -1)
+    fwd = F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
+    rev = F.kl_div(t, s, log_target=True, reduction="none").sum(-1)
+    return _gate(ent.double(), fwd, rev, vocab=z.shape[-1], **gate)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_entropy_override_dense_teachers(eager, reduction):
+    """teacher_entropy with teacher logits and a teacher linear head (both gradient
+    modes): the dense KLs gated by the given entropy; NaN entropy -> NaN token."""
+    h, w, _, _, labels = _data()
+    th, tw = torch.randn(3, 4, 6), torch.randn(29, 6) * 1.5
+    y = th @ tw.T
+    ent = torch.rand(3, 4) * 3
+    opts = dict(temperature=1.5, labels=labels, reduction=reduction, chunk_size=5)
+    hd, wd = h.double().requires_grad_(), w.double().requires_grad_()
+    want = reduce(_dense_given(hd @ wd.T, y, ent, 1.5), labels, reduction)
+    want.backward(_grad_out(want))
+    for t_kw in (dict(teacher_logits=y), dict(teacher_hidden=th, teacher_weight=tw)):
+        hg, wg = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = fused_linear_eaopd_loss(hg, wg, teacher_entropy=ent, **t_kw, **opts)
+        loss.backward(_grad_out(loss))
+        close(loss.double(), want.detach())
+        close(hg.grad.double(), hd.grad)
+        close(wg.grad.double(), wd.grad)
+    zg = (h @ w.T).requires_grad_()
+    loss = entropy_aware_opd_loss(zg, y, teacher_entropy=ent, **opts)
+    close(loss.double(), want.detach())
+    bad = ent.clone()
+    bad[0, 0] = float("nan")
+    per_tok = entropy_aware_opd_loss(h @ w.T, y, teacher_entropy=bad, reduction="none")
+    assert torch.isnan(per_tok[0, 0]) and torch.isfinite(per_tok.flatten()[1:]).all()
