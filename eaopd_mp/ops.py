@@ -144,18 +144,20 @@ def _plan(student, teacher, mask, spec: Spec, agree: bool = True) -> Plan:
     n = _n_tokens(student, spec)
     weight = mask_weight(mask, _compute_dtype(student, teacher, spec))
     combiner = TPCombiner(spec.group, spec.sequence_parallel) if spec.group else None
-    problem = ids_problem(teacher[1], spec.vocab_size) if spec.teacher == "topk" and agree \
-        else None
-    if combiner is not None and agree:
-        header = _header(student, teacher, spec, n, weight) + [float(problem is not None)]
-        combiner.check_agreement(header, student[0].device)
-    if problem is not None:  # every rank has the same ids (agreed): every rank raises
-        raise ValueError(problem)
     rows = None
     if weight is not None:
         keep = weight != 0
         if int(keep.sum()) != n:
             rows = keep.nonzero().squeeze(1)
+    problem = None
+    if spec.teacher == "topk" and agree:  # the ids of masked tokens are never read
+        problem = ids_problem(teacher[1] if rows is None else teacher[1][rows],
+                              spec.vocab_size)
+    if combiner is not None and agree:
+        header = _header(student, teacher, spec, n, weight) + [float(problem is not None)]
+        combiner.check_agreement(header, student[0].device)
+    if problem is not None:  # every rank has the same ids (agreed): every rank raises
+        raise ValueError(problem)
     s_head, t_head = _heads(student, teacher, spec, combiner)
     entropy = _split_entropy(teacher, spec)[1] if spec.teacher != "topk" else None
     return Plan(s_head, t_head, rows, weight, n, spec, combiner, entropy)

@@ -270,6 +270,19 @@ def test_bad_input_raises_before_work(change, match, fused):
     assert hg.grad is None
 
 
+def test_masked_tokens_ids_are_not_read(eager):
+    """A masked token may carry padding ids (-1) and NaN log-probs: not checked, not read."""
+    h, w, lp, ids, labels = _data()
+    labels[0, 0] = 0.0
+    lp_pad, ids_pad = lp.clone(), ids.clone()
+    lp_pad[0, 0], ids_pad[0, 0] = float("nan"), -1
+    kw = dict(labels=labels, reduction="sum")
+    got = entropy_aware_opd_loss(h @ w.T, teacher_topk_logprobs=lp_pad,
+                                 teacher_topk_indices=ids_pad, **kw)
+    close(got, entropy_aware_opd_loss(h @ w.T, teacher_topk_logprobs=lp,
+                                      teacher_topk_indices=ids, **kw))
+
+
 def test_one_teacher_form_and_options():
     h, w, lp, ids, _ = _data()
     z = h @ w.T
