@@ -270,6 +270,8 @@ class TopkHead:
     def logits(self, rows) -> tuple:
         """``(ids, logprobs, entropy)`` of the rows; a dummy entropy view if none."""
         lp = self.lp[rows]
+        if isinstance(rows, slice):  # a copy, never a view of the caller's tensor: a
+            lp = lp.clone()          # one-token chunk's kernel writes its first argument
         ent = self.entropy[rows] if self.entropy is not None else lp[:, 0]
         return self.ids[rows], lp, ent
 
