@@ -12,7 +12,8 @@ them); the student ``p = softmax(z / tau)`` is over the whole vocabulary. Two ta
 * ``"renormalize"``: both distributions renormalised over the ``k`` ids, nothing else
   (what NeMo-RL and verl compute).
 
-Numerics (see ``docs`` in the README, "Served teachers"):
+Numerics (the README's "A served teacher: top-k log-probabilities" says the same for
+users):
 
 * ``log P_tail`` is a log-sum-exp over the tail columns themselves, never
   ``log(1 - sum_k P_k)``: no cancellation when the top-k hold almost all the mass, no
@@ -25,7 +26,9 @@ Numerics (see ``docs`` in the README, "Served teachers"):
   :data:`TAIL_FLOOR`, so rounding alone cannot make the reverse KL infinite: the tail
   term is then at most ``P_tail log(P_tail / TAIL_FLOOR) <= 13.8`` nats.
 * The gate's entropy is that of the bucketed teacher, ``-sum_b Q_b log Q_b`` (a lower
-  bound of the true one), unless ``teacher_entropy`` is given.
+  bound of the true one, in both tail modes), unless ``teacher_entropy`` is given.
+* The KLs are not clamped at 0: the gradient is that of the value returned (the floor can
+  make the reverse KL negative by at most ``TAIL_FLOOR`` nats).
 
 Per-token statistics use the dense layout of :mod:`eaopd_mp.core` (``(n, 7)``) with one
 column reinterpreted: ``LSE_T`` holds ``log P_tail`` (bucket) or ``log sum_k P_k``
