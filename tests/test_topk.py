@@ -386,3 +386,25 @@ def test_entropy_override_dense_teachers(eager, reduction):
     bad[0, 0] = float("nan")
     per_tok = entropy_aware_opd_loss(h @ w.T, y, teacher_entropy=bad, reduction="none")
     assert torch.isnan(per_tok[0, 0]) and torch.isfinite(per_tok.flatten()[1:]).all()
+
+
+@pytest.mark.parametrize("gate_kw", [dict(gate="threshold", gate_threshold=1.0),
+                                     dict(gate="fixed", fkl_weight=0.3)])
+def test_other_gates_compile_and_match_eager(monkeypatch, gate_kw):
+    """The threshold and fixed gates through the compiled top-k kernels (the linear one is
+    compiled above): no fallback to eager, eager's values."""
+    h, w, lp, ids, labels = _data()
+    z = h @ w.T
+    out = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("EAOPD_COMPILE", flag)
+        zg = z.clone().requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            loss = entropy_aware_opd_loss(zg, teacher_topk_logprobs=lp,
+                                          teacher_topk_indices=ids, labels=labels,
+                                          temperature=1.5, chunk_size=5, **gate_kw)
+            loss.backward()
+        out.append((loss.detach(), zg.grad))
+    for a, b in zip(*out, strict=True):
+        close(a, b)
