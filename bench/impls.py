@@ -195,6 +195,56 @@ def eaopd_fused_recompute(case: Case, x: Inputs) -> Step:
     return step
 
 
+def served_teacher(case: Case, x: Inputs, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-k log-probabilities and ids, as a server would return them
+    (computed chunk by chunk outside the timed step)."""
+    lps, ids = [], []
+    with torch.no_grad():
+        for lo in range(0, case.tokens, case.chunk):
+            y = (x.ht[lo:lo + case.chunk] @ x.wt.t()).float()
+            lp, i = torch.log_softmax(y, -1).topk(k, dim=-1)
+            lps.append(lp)
+            ids.append(i)
+    return torch.cat(lps), torch.cat(ids)
+
+
+def eaopd_fused_topk(k: int) -> Callable[[Case, Inputs], Step]:
+    """Fused with the lm head against a served top-k teacher (tail bucket): no teacher
+    GEMM; the student's logits, their gradient and a (chunk, k) gather/scatter."""
+
+    def make(case: Case, x: Inputs) -> Step:
+        lp, ids = served_teacher(case, x, k)
+
+        def step():
+            loss = eaopd_mp.fused_linear_eaopd_loss(
+                x.hs, x.ws, teacher_topk_logprobs=lp, teacher_topk_indices=ids,
+                chunk_size=case.chunk)
+            loss.backward()
+            return loss
+
+        return step
+
+    return make
+
+
+def floor_topk(case: Case, x: Inputs) -> Step:
+    """The three GEMMs a top-k teacher leaves, chunk by chunk: student logits, dX, dW."""
+    hs, ws = x.hs.detach(), x.ws.detach()
+
+    def step():
+        grad_h = torch.empty_like(hs)
+        grad_w = torch.zeros_like(ws)
+        for lo in range(0, hs.shape[0], case.chunk):
+            h = hs[lo : lo + case.chunk]
+            g = h @ ws.t()
+            torch.mm(g, ws, out=grad_h[lo : lo + case.chunk])
+            grad_w.addmm_(g.t(), h)
+            del g
+        x.hs.grad, x.ws.grad = grad_h, grad_w
+
+    return step
+
+
 def floor(case: Case, x: Inputs) -> Step:
     """The four unavoidable GEMMs at full size: two logits GEMMs and two gradient GEMMs.
 
@@ -315,6 +365,13 @@ IMPLS: dict[str, Impl] = {
              per_token=2, exact=False),
         Impl("floor_chunked", "the same 4 GEMMs chunk by chunk", floor_chunked,
              per_chunk=4, exact=False),
+        Impl("eaopd_fused_topk32", "eaopd_mp fused, served top-32 teacher (tail bucket; a "
+             "different loss, not checked against the dense reference)",
+             eaopd_fused_topk(32), per_chunk=10, exact=False),
+        Impl("eaopd_fused_topk256", "the same with the top-256", eaopd_fused_topk(256),
+             per_chunk=10, exact=False),
+        Impl("floor_topk", "the 3 GEMMs a top-k teacher leaves (student logits, dX, dW), "
+             "chunked", floor_topk, per_chunk=3, exact=False),
         Impl("liger_jsd", "Liger LigerFusedLinearJSDLoss (a different loss: cost "
              "reference)", liger_jsd, per_chunk=12, exact=False, needs=_needs_liger),
         Impl("liger_eaopd", "EAOPD on Liger's LigerFusedLinearDistillationBase",

@@ -8,6 +8,7 @@
     python bench/run.py --suite gpu --dry-run               # its plan, also without CUDA
     python bench/run.py --suite startup --out bench-startup # cold/warm first calls (CPU)
     python bench/run.py --suite cpu-bf16 --out bench-bf16   # bf16 next to fp32 on CPU
+    python bench/run.py --suite topk --out bench-topk       # served top-k teacher (CPU)
 
 Writes ``results.json`` (one record per implementation and point), ``results.md``
 (tables), ``meta.json`` (machine, versions, command) and one PNG per sweep into
@@ -40,6 +41,7 @@ from suites import (
     gpu_suite,
     issue2_suite,
     main_suite,
+    topk_suite,
 )
 
 # A dry run of a CUDA suite on a machine without CUDA sizes its budget for this much
@@ -106,6 +108,8 @@ def select_cases(args: argparse.Namespace):
         cases = gpu_suite()
     elif args.suite == "cpu-bf16":
         cases = cpu_bf16_suite()
+    elif args.suite == "topk":
+        cases = topk_suite()
     else:
         cases = main_suite(args.device, args.dtype, args.quick)
     if args.sweeps:

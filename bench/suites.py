@@ -4,7 +4,8 @@
 chunk size; ``--quick`` keeps a small tokens sweep. ``issue2``: the acceptance numbers
 of the fused loss against the GEMM floor (CPU, fp32, V = 32000). ``gpu``: issue 13's
 GPU table (CUDA, bf16, V = 128256, H = 4096, N = 4k/8k/16k). ``cpu-bf16``: the fused
-loss and the chunked GEMM floor in bf16 next to fp32 on CPU. ``startup`` (first-call
+loss and the chunked GEMM floor in bf16 next to fp32 on CPU. ``topk``: a served top-k
+teacher (issue 12). ``startup`` (first-call
 times in fresh processes) is not a list of cases: see ``startup.py``.
 
 CPU sweeps use a small hidden size: on two cores the GEMMs of a realistic one (4096)
@@ -19,7 +20,10 @@ from impls import IMPLS, TP_IMPL
 
 from eaopd_mp.driver import default_chunk_size
 
-ALL = tuple(IMPLS)
+TOPK = ("eaopd_fused", "eaopd_fused_topk32", "eaopd_fused_topk256", "floor_chunked",
+        "floor_topk")
+ALL = tuple(i for i in IMPLS if i not in ("eaopd_fused_topk32", "eaopd_fused_topk256",
+                                          "floor_topk"))  # the topk suite runs them
 CHUNKED = ("eaopd_fused", "eaopd_fused_recompute", TP_IMPL, "floor_chunked", "liger_jsd",
            "liger_eaopd")
 ISSUE2 = ("eaopd_fused", "floor", "floor_chunked", "naive_compiled", "liger_eaopd")
@@ -136,6 +140,15 @@ def cpu_bf16_suite() -> list[Case]:
                                vocab=V32K, impls=impls)]
 
 
+def topk_suite() -> list[Case]:
+    """Issue 12: the fused loss against a served top-k teacher (k = 32, 256) next to the
+    dense fused loss, the four-GEMM and the three-GEMM (no teacher GEMM) chunked floors,
+    at issue 2's CPU shapes (fp32, V = 32000)."""
+    return [case for tokens, hidden in ((2048, 512), (4096, 128))
+            for case in _sweep(f"topk-H{hidden}", "tokens", "cpu", "fp32", (tokens,),
+                               hidden=hidden, vocab=V32K, impls=TOPK)]
+
+
 def custom_sweep(device: str, dtype: str, tokens: tuple[int, ...], hidden: int, vocab: int,
                  chunk: int | None = None) -> list[Case]:
     """One tokens sweep at the given shapes (``--tokens``), every implementation."""
@@ -145,4 +158,4 @@ def custom_sweep(device: str, dtype: str, tokens: tuple[int, ...], hidden: int, 
 
 # The device and dtype a suite is defined on (None: chosen by --device/--dtype).
 SUITES = {"main": None, "issue2": ("cpu", "fp32"), "gpu": ("cuda", "bf16"),
-          "cpu-bf16": ("cpu", None), "startup": ("cpu", "fp32")}
+          "cpu-bf16": ("cpu", None), "startup": ("cpu", "fp32"), "topk": ("cpu", "fp32")}

@@ -158,3 +158,39 @@ def teacher_source(
             "vocabularies are padded differently, pass vocab_size=<the real shared "
             "vocabulary>)"
         )
+
+
+def topk_teacher(logprobs: object, ids: object, token_shape, vocab: int) -> int:
+    """A served teacher: ``(..., k)`` floating log-probs and ``(..., k)`` integer ids with
+    the student's token shape, ``1 <= k <= vocab``. Returns ``k``. (Id values are checked
+    inside the op: :func:`eaopd_mp.topk.ids_problem`.)"""
+    if logprobs is None or ids is None:
+        raise ValueError("teacher_topk_logprobs and teacher_topk_indices must be given "
+                         "together")
+    tensor("teacher_topk_logprobs", logprobs, min_dim=1)
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"teacher_topk_indices must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"teacher_topk_indices must hold integer vocabulary ids (int64), "
+                         f"got dtype {ids.dtype}")
+    if tuple(ids.shape) != tuple(logprobs.shape):
+        raise ValueError(f"teacher_topk_indices shape {tuple(ids.shape)} != "
+                         f"teacher_topk_logprobs shape {tuple(logprobs.shape)}")
+    k = logprobs.shape[-1]
+    want = (*token_shape, k)
+    if tuple(logprobs.shape) != want:
+        raise ValueError(f"teacher_topk_logprobs shape {tuple(logprobs.shape)} != {want} "
+                         "(the student's token shape + k)")
+    if not 1 <= k <= vocab:
+        raise ValueError(f"teacher top-k needs 1 <= k <= vocabulary size {vocab}, got k={k}")
+    return k
+
+
+def entropy(x: object, token_shape) -> None:
+    """``teacher_entropy``: a floating ``(...)`` tensor with the token shape, or None."""
+    if x is None:
+        return
+    tensor("teacher_entropy", x)
+    if tuple(x.shape) != tuple(token_shape):
+        raise ValueError(f"teacher_entropy shape {tuple(x.shape)} != token shape "
+                         f"{tuple(token_shape)}")

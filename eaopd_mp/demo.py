@@ -18,8 +18,11 @@ scores every generated position, and
 masks the prompt). Three runs share the budget, the seed and the starting weights:
 reverse KL only, forward KL only, and the entropy-aware gate.
 
-Run ``python -m eaopd_mp.demo [--steps N] [--seed S] [--out DIR]``; it writes
-``DIR/summary.json``, ``DIR/history.json`` and ``DIR/curves.png`` and prints a table.
+With ``--teacher-topk K`` the runs are the gate on the full teacher and on the teacher's
+top-K log-probabilities (what an inference server returns) in both ``topk_tail`` modes.
+
+Run ``python -m eaopd_mp.demo [--steps N] [--seed S] [--out DIR] [--teacher-topk K]``; it
+writes ``DIR/summary.json``, ``DIR/history.json`` and ``DIR/curves.png`` and prints a table.
 """
 
 from __future__ import annotations
@@ -275,10 +278,16 @@ def distill_step(model: TinyLM, opt: torch.optim.Optimizer, lang: Language, cfg:
     seq = generate(model, sample_prompts(lang, cfg.batch, gen), cfg.gen_len, gen)
     inp = seq[:, :-1]  # (B, T-1)
     hidden, _ = model.hidden(inp)  # (B, T-1, dim)
+    opts = dict(gate)
+    k = opts.pop("teacher_topk", None)
+    if k is None:
+        teacher = dict(teacher_logits=lang.teacher[inp])
+    else:  # what a server returns: the top-k log-probabilities and their ids
+        lp, ids = torch.log_softmax(lang.teacher[inp], -1).topk(k, dim=-1)
+        teacher = dict(teacher_topk_logprobs=lp, teacher_topk_indices=ids)
     loss, stats = fused_linear_eaopd_loss(
-        hidden, model.head.weight, student_bias=model.head.bias,
-        teacher_logits=lang.teacher[inp], labels=loss_labels(*seq.shape, cfg.prompt_len),
-        return_stats=True, **gate,
+        hidden, model.head.weight, student_bias=model.head.bias, **teacher,
+        labels=loss_labels(*seq.shape, cfg.prompt_len), return_stats=True, **opts,
     )
     with torch.no_grad():
         record = measure(lang, seq, model.head(hidden), cfg.prompt_len)
@@ -357,7 +366,24 @@ PANELS = (
     ("kl_fwd", "KL(teacher || student) per generated token", "nats (log scale)"),
     ("kl_rev", "KL(student || teacher) per generated token", "nats (log scale)"),
 )
-COLORS = {"rkl": "tab:red", "fkl": "tab:blue", "eaopd": "tab:green"}
+COLORS = {"rkl": "tab:red", "fkl": "tab:blue", "eaopd": "tab:green",
+          "topk-bucket": "tab:purple", "topk-renormalize": "tab:orange"}
+
+
+def methods(topk: int | None) -> dict[str, dict]:
+    """The runs: reverse KL, forward KL and the gate on the full teacher; with
+    ``--teacher-topk K``, the gate on the full teacher and on its top-K in both tails."""
+    if topk is None:
+        return dict(METHODS)
+    return {"eaopd": METHODS["eaopd"],
+            **{f"topk-{tail}": {"gate": "linear", "teacher_topk": topk, "topk_tail": tail}
+               for tail in ("bucket", "renormalize")}}
+
+
+def label(method: str, topk: int | None) -> str:
+    if method.startswith("topk-"):
+        return f"entropy-aware, top-{topk} teacher, {method[5:]}"
+    return LABELS[method]
 
 
 def smooth(values: Sequence[float], window: int) -> list[float]:
@@ -371,7 +397,8 @@ def smooth(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def plot(histories: dict, teacher: dict, path: Path, title: str) -> None:
+def plot(histories: dict, teacher: dict, path: Path, title: str,
+         topk: int | None = None) -> None:
     """Write the 2 x 3 figure of per-step curves (faint: raw, solid: moving average)."""
     import matplotlib
 
@@ -385,7 +412,7 @@ def plot(histories: dict, teacher: dict, path: Path, title: str) -> None:
             xs = range(1, len(ys) + 1)
             ax.plot(xs, ys, color=COLORS[method], alpha=0.2, linewidth=0.8)
             ax.plot(xs, smooth(ys, max(1, len(ys) // 25)), color=COLORS[method],
-                    linewidth=2, label=LABELS[method])
+                    linewidth=2, label=label(method, topk))
         if key in teacher and not key.startswith("kl"):
             ax.axhline(teacher[key], color="black", linestyle="--", linewidth=1.2,
                        label="teacher")
@@ -408,7 +435,7 @@ def table(summary: dict) -> str:
             "fwd KL", "rev KL", "final loss")
     keys = (*METRICS, "kl_fwd", "kl_rev", "final_loss")
     rows = [("teacher", summary["teacher"]), ("start", summary["start"])]
-    rows += [(m, summary["methods"][m]) for m in METHODS]
+    rows += list(summary["methods"].items())
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, vals in rows:
         cells = [f"{vals[k]:.3f}" if k in vals else "-" for k in keys]
@@ -417,7 +444,8 @@ def table(summary: dict) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Command line: ``--steps``, ``--seed``, ``--out``, ``--h-max``, ``--no-progress``."""
+    """Command line: ``--steps``, ``--seed``, ``--out``, ``--h-max``, ``--teacher-topk``,
+    ``--no-progress``."""
     p = argparse.ArgumentParser(
         prog="python -m eaopd_mp.demo",
         description="On-policy distillation of a collapsed student: reverse KL vs forward KL "
@@ -430,10 +458,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="h_max of the linear gate (default: the library's log(V))")
     p.add_argument("--warm-steps", type=int, default=Config.warm_steps,
                    help="collapsed fine-tuning steps of the starting student")
+    p.add_argument("--teacher-topk", type=int, default=None, metavar="K",
+                   help="also distil from the teacher's top-K log-probabilities (both "
+                   "topk_tail modes) next to the full teacher, instead of the rkl/fkl runs")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warm_steps < 0:
         p.error("--steps must be >= 1 and --warm-steps >= 0")
+    if args.teacher_topk is not None and not 1 <= args.teacher_topk <= Config().vocab:
+        p.error(f"--teacher-topk must be in [1, {Config().vocab}]")
     return args
 
 
@@ -452,23 +485,26 @@ def run(args: argparse.Namespace) -> dict:
     summary["teacher_entropy_high"] = summary["teacher"]["student_entropy_high"]
     summary["teacher_entropy_low"] = summary["teacher"]["student_entropy_low"]
     histories = {}
-    for name, spec in METHODS.items():
+    summary["teacher_topk"] = args.teacher_topk
+    for name, spec in methods(args.teacher_topk).items():
         gate = spec | ({"h_max": h_max} if spec["gate"] == "linear" else {})
         histories[name], summary["methods"][name] = run_method(
             name, start, lang, cfg, args.steps, args.seed, gate, not args.no_progress)
-    write_outputs(args.out, summary, histories, cfg, h_max)
+    write_outputs(args.out, summary, histories, cfg, h_max, args.teacher_topk)
     return summary
 
 
 def write_outputs(out: Path, summary: dict, histories: dict, cfg: Config,
-                  h_max: float) -> None:
+                  h_max: float, topk: int | None = None) -> None:
     """``summary.json``, ``history.json`` and ``curves.png`` under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "history.json").write_text(json.dumps(histories) + "\n")
     title = (f"On-policy distillation of a collapsed student (V={cfg.vocab}, K={cfg.k} "
              f"choices at free positions; eaopd: linear gate, h_max={h_max:.3f})")
-    plot(histories, summary["teacher"], out / "curves.png", title)
+    if topk is not None:
+        title += f"; served top-{topk} teacher"
+    plot(histories, summary["teacher"], out / "curves.png", title, topk)
 
 
 @contextlib.contextmanager

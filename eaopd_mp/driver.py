@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import core
+from . import core, topk
+from .gates import gate_weights
 
 # Size of one float32 (chunk, V) buffer that the default chunk size aims for.
 CHUNK_BYTES = 64 * 2**20
@@ -209,6 +210,8 @@ class Plan:
         weight: ``(N,)`` mask weights in the compute dtype, or None.
         spec: the call's :class:`eaopd_mp.plan.Spec`.
         combiner: None on one device; a :class:`eaopd_mp.tp.TPCombiner` otherwise.
+        entropy: ``(N,)`` gate entropy given by the caller for a dense teacher, or None
+            (a top-k teacher head carries its own).
     """
 
     student: LogitsHead | LinearHead
@@ -218,6 +221,7 @@ class Plan:
     n_tokens: int
     spec: object
     combiner: object = None
+    entropy: torch.Tensor | None = None
 
     def __post_init__(self):
         self.n_kept = self.n_tokens if self.rows is None else int(self.rows.numel())
@@ -257,10 +261,15 @@ def _empty_partial(n: int, dtype, device) -> torch.Tensor:
     return out
 
 
-def _chunk(plan: Plan, z, y, scale):
+def _chunk(plan: Plan, z, y, scale, entropy=None):
     """Statistics ``(n, 7)`` of one chunk; with ``scale``, the gradient is written over
-    ``z`` (the student head's buffer) and ``z`` is returned as the gradient."""
+    ``z`` (the student head's buffer) and ``z`` is returned as the gradient.
+    ``entropy``: the chunk's ``(n,)`` given gate entropy (dense teacher), or None."""
     spec, params, x = plan.spec, plan.params, plan.extra
+    if spec.teacher == "topk":
+        return topk.chunk(plan, z, y, scale)
+    if entropy is not None:
+        return _chunk_given_entropy(plan, z, y, scale, entropy)
     kind, untempered = spec.gate, spec.inv_tau == 1.0
     tf = plan.transformed
     if plan.combiner is None:
@@ -281,6 +290,40 @@ def _chunk(plan: Plan, z, y, scale):
     return kernel(z, y, gathered, scale, params, kind, *x), z
 
 
+def _override_gate(stats: torch.Tensor, entropy: torch.Tensor, params: torch.Tensor,
+                  kind: str) -> torch.Tensor:
+    """Dense ``(n, 7)`` statistics with the gate recomputed from a given ``(n,)``
+    entropy (a NaN entropy makes the token's loss NaN)."""
+    ent = entropy.to(stats.dtype)
+    a, b = gate_weights(ent, kind, params[1], params[2])
+    fwd = torch.where(torch.isnan(ent), torch.full_like(ent, float("nan")), stats[:, core.KL_FWD])
+    return torch.cat([stats[:, :core.KL_FWD], fwd[:, None], stats[:, core.KL_REV:core.ENTROPY],
+                      torch.stack([ent, a, b], dim=-1)], dim=1)
+
+
+def _chunk_given_entropy(plan: Plan, z, y, scale, entropy):
+    """:func:`_chunk` with the caller's gate entropy: the dense statistics, the gate
+    recomputed from ``entropy`` (:func:`_override_gate`), then the gradient
+    from those statistics (one more pass over the chunk than the fused kernel)."""
+    spec, params, x, tf = plan.spec, plan.params, plan.extra, plan.transformed
+    untempered = spec.inv_tau == 1.0
+    if plan.combiner is None:
+        kernel = core.stats_x_kernel if tf else core.stats_kernel
+        stats = kernel(z, y, params, spec.gate, untempered, *x)
+    else:
+        partial = core.partial_x_kernel if tf else core.partial_kernel
+        parts = _empty_partial(z.shape[0], plan.dtype, z.device) if z.shape[1] == 0 \
+            else partial(z, y, params, untempered, *x)
+        stats = core.combine_stats(plan.combiner.gather(parts), params, spec.gate)
+    stats = _override_gate(stats, entropy, params, spec.gate)
+    if scale is None:
+        return stats, None
+    if z.shape[1] > 0:
+        kernel = core.grad_x_kernel_ if tf else core.grad_kernel_
+        kernel(z, y, stats, scale, params, *x)
+    return stats, z
+
+
 def run_forward(plan: Plan, scale: torch.Tensor | None) -> torch.Tensor:
     """Per-kept-token statistics ``(n_kept, 7)``; with ``scale`` also the student gradient."""
     student, teacher = plan.student, plan.teacher
@@ -288,7 +331,8 @@ def run_forward(plan: Plan, scale: torch.Tensor | None) -> torch.Tensor:
     for lo, hi, rows in plan.chunks():
         z, y = student.logits(rows), teacher.logits(rows)
         s = None if scale is None else scale[lo:hi]
-        stats[lo:hi], grad = _chunk(plan, z, y, s)
+        ent = None if plan.entropy is None else plan.entropy[rows]
+        stats[lo:hi], grad = _chunk(plan, z, y, s, ent)
         if grad is not None:
             student.add_grad(grad, rows)
     student.release()
@@ -303,8 +347,11 @@ def run_backward(plan: Plan, stats: torch.Tensor, scale: torch.Tensor) -> None:
         z, y = student.logits(rows), teacher.logits(rows)
         if z.shape[1] == 0:
             continue
-        kernel = core.grad_x_kernel_ if plan.transformed else core.grad_kernel_
-        kernel(z, y, stats[lo:hi], scale[lo:hi], plan.params, *plan.extra)
+        if plan.spec.teacher == "topk":
+            topk.backward_chunk(plan, z, y, stats[lo:hi], scale[lo:hi])
+        else:
+            kernel = core.grad_x_kernel_ if plan.transformed else core.grad_kernel_
+            kernel(z, y, stats[lo:hi], scale[lo:hi], plan.params, *plan.extra)
         student.add_grad(z, rows)
     student.release()
     teacher.release()

@@ -5,7 +5,8 @@ both to the shared plan builder (:func:`eaopd_mp.plan.run`); they differ only in
 tensor forms. ``**options`` are those of :class:`~eaopd_mp.options.LossOptions`:
 ``h_max``, ``temperature``, ``reduction``, ``return_stats``, ``gate``, ``gate_threshold``,
 ``fkl_coef``, ``fkl_weight``, ``chunk_size``, the head transforms ``student_softcap``,
-``teacher_softcap``, ``student_logit_scale``, ``teacher_logit_scale`` and ``vocab_size``.
+``teacher_softcap``, ``student_logit_scale``, ``teacher_logit_scale``, ``vocab_size`` and
+``topk_tail``.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ def teacher_entropy(teacher_logits: torch.Tensor) -> torch.Tensor:
 
 def entropy_aware_opd_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
     *,
+    teacher_topk_logprobs: torch.Tensor | None = None,
+    teacher_topk_indices: torch.Tensor | None = None,
+    teacher_entropy: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     **options,
 ) -> torch.Tensor | tuple[torch.Tensor, plan.Stats]:
@@ -44,29 +48,69 @@ def entropy_aware_opd_loss(
     Args:
         student_logits: ``(..., V)`` floating; receives the gradient.
         teacher_logits: ``(..., V)`` floating, same shape (with ``vocab_size``: the same
-            token shape and ``V_t >= vocab_size``); never receives a gradient.
+            token shape and ``V_t >= vocab_size``); never receives a gradient. Or, for a
+            served teacher, instead:
+        teacher_topk_logprobs, teacher_topk_indices: ``(..., k)`` log-probabilities
+            (normalised over the whole vocabulary, as vLLM/SGLang return them) and their
+            int64 vocabulary ids (distinct within a token, the same ``k`` for every token).
+            The target is set by ``topk_tail`` (see :mod:`eaopd_mp.topk`). They are the
+            teacher distribution as given: ``temperature`` divides only the student's
+            logits (a served log-probability cannot be re-tempered without the rest of
+            the vocabulary; serve at the temperature you train at).
+        teacher_entropy: ``(...)`` floating, optional: the gate's teacher entropy (nats),
+            overriding the one computed from the teacher (with a top-k teacher: the
+            entropy of the bucketed teacher, a lower bound of the true one).
         labels: ``(...)`` mask over tokens: 0/1 (bool or integer) or float weights >= 0;
             None means all tokens. Tokens of weight 0 are skipped.
         **options: :class:`~eaopd_mp.options.LossOptions` (``h_max``, ``temperature``,
-            ``reduction``, ``return_stats``, ``gate``, ...).
+            ``reduction``, ``return_stats``, ``gate``, ``topk_tail``, ...).
     Returns:
         The loss (float32; float64 for float64 inputs), or ``(loss, stats)``.
     """
-    return logits_loss(student_logits, teacher_logits, labels, LossOptions.build(options))
+    return logits_loss(student_logits, teacher_logits, labels, LossOptions.build(options),
+                       teacher_topk_logprobs, teacher_topk_indices, teacher_entropy)
 
 
-def logits_loss(student_logits, teacher_logits, labels, options: LossOptions):
+def logits_loss(student_logits, teacher_logits, labels, options: LossOptions,
+                topk_logprobs=None, topk_indices=None, entropy=None):
     """:func:`entropy_aware_opd_loss` with its options already built."""
-    _checks.logits_pair(student_logits, teacher_logits, options.vocab_size)
-    _checks.same_device(student_logits=student_logits, teacher_logits=teacher_logits,
-                        labels=labels)
+    _checks.tensor("student_logits", student_logits, min_dim=1)
     token_shape = tuple(student_logits.shape[:-1])
-    labels = _checks.labels(labels, token_shape)
     vocab = student_logits.shape[-1]
+    if teacher_logits is not None and (topk_logprobs is not None or topk_indices is not None):
+        raise ValueError("give the teacher as teacher_logits OR teacher_topk_logprobs + "
+                         "teacher_topk_indices, not both")
+    if teacher_logits is None and topk_logprobs is None and topk_indices is None:
+        raise ValueError("the teacher is missing: give teacher_logits, or "
+                         "teacher_topk_logprobs + teacher_topk_indices")
+    if teacher_logits is not None:
+        _checks.logits_pair(student_logits, teacher_logits, options.vocab_size)
+        y = teacher_logits.detach()
+        teacher, form = [y.reshape(-1, y.shape[-1])], "logits"
+    else:
+        _checks.topk_teacher(topk_logprobs, topk_indices, token_shape,
+                             options.vocab_size or vocab)
+        teacher, form = topk_tensors(topk_logprobs, topk_indices), "topk"
+    _checks.entropy(entropy, token_shape)
+    _checks.same_device(student_logits=student_logits, teacher_logits=teacher_logits,
+                        teacher_topk_logprobs=topk_logprobs,
+                        teacher_topk_indices=topk_indices, teacher_entropy=entropy,
+                        labels=labels)
+    labels = _checks.labels(labels, token_shape)
     z = student_logits.reshape(-1, vocab)
-    y = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
-    return plan.run([z], [y], labels, token_shape, options, student_form="logits",
-                    teacher_form="logits", width=vocab)
+    return plan.run([z], teacher, labels, token_shape, options, student_form="logits",
+                    teacher_form=form, width=vocab, entropy=flat_entropy(entropy))
+
+
+def topk_tensors(logprobs: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor]:
+    """The top-k teacher's tensor list ``[(N, k) log-probs, (N, k) int64 ids]``."""
+    k = logprobs.shape[-1]
+    return [logprobs.detach().reshape(-1, k), ids.detach().reshape(-1, k).to(torch.int64)]
+
+
+def flat_entropy(entropy: torch.Tensor | None) -> torch.Tensor | None:
+    """The ``(N,)`` gate entropy (detached), or None."""
+    return None if entropy is None else entropy.detach().reshape(-1)
 
 
 def fused_linear_eaopd_loss(
@@ -79,6 +123,9 @@ def fused_linear_eaopd_loss(
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
+    teacher_topk_logprobs: torch.Tensor | None = None,
+    teacher_topk_indices: torch.Tensor | None = None,
+    teacher_entropy: torch.Tensor | None = None,
     **options,
 ) -> torch.Tensor | tuple[torch.Tensor, plan.Stats]:
     """The loss on ``student_hidden @ student_weight.T + student_bias``, chunk by chunk.
@@ -91,48 +138,74 @@ def fused_linear_eaopd_loss(
         student_hidden: ``(..., H)``; student_weight: ``(V, H)`` (``nn.Linear`` layout);
             student_bias: ``(V,)`` or None. These receive gradients (in their dtype).
         teacher_hidden ``(..., H_t)`` + teacher_weight ``(V, H_t)`` (+ teacher_bias), or
-            teacher_logits ``(..., V)``: exactly one form. No gradient to the teacher.
-            With ``vocab_size``, student and teacher may have ``V_s, V_t >= vocab_size``
-            rows (columns), of which the first ``vocab_size`` count.
-        labels, **options: as :func:`entropy_aware_opd_loss`; ``student_softcap``,
-            ``student_logit_scale`` (and the teacher's) transform each head's logits as
-            Gemma and Cohere do: ``cap * tanh(scale * (h W^T + b) / cap)``.
+            teacher_logits ``(..., V)``, or teacher_topk_logprobs + teacher_topk_indices
+            ``(..., k)`` (see :func:`entropy_aware_opd_loss`): exactly one form. No
+            gradient to the teacher. With ``vocab_size``, student and teacher may have
+            ``V_s, V_t >= vocab_size`` rows (columns), of which the first ``vocab_size``
+            count.
+        labels, teacher_entropy, **options: as :func:`entropy_aware_opd_loss`;
+            ``student_softcap``, ``student_logit_scale`` (and the teacher's) transform each
+            head's logits as Gemma and Cohere do: ``cap * tanh(scale * (h W^T + b) / cap)``.
     Returns:
         The loss (float32; float64 for float64 inputs), or ``(loss, stats)``.
     """
     return linear_loss(student_hidden, student_weight, student_bias, teacher_hidden,
                        teacher_weight, teacher_bias, teacher_logits, labels,
-                       LossOptions.build(options))
+                       LossOptions.build(options), teacher_topk_logprobs,
+                       teacher_topk_indices, teacher_entropy)
 
 
 def linear_loss(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                teacher_bias, teacher_logits, labels, options: LossOptions):
+                teacher_bias, teacher_logits, labels, options: LossOptions,
+                topk_logprobs=None, topk_indices=None, entropy=None):
     """:func:`fused_linear_eaopd_loss` with its options already built."""
     _checks.linear("student", student_hidden, student_weight, student_bias)
     token_shape = tuple(student_hidden.shape[:-1])
     vocab = student_weight.shape[0]
-    _checks.teacher_source(teacher_hidden, teacher_weight, teacher_logits, teacher_bias,
-                           token_shape, vocab, options.vocab_size)
+    form = teacher_form(teacher_hidden, teacher_weight, teacher_logits, teacher_bias,
+                        topk_logprobs, topk_indices, token_shape, vocab, options.vocab_size)
+    _checks.entropy(entropy, token_shape)
     _checks.same_device(student_hidden=student_hidden, student_weight=student_weight,
                         student_bias=student_bias, teacher_hidden=teacher_hidden,
                         teacher_weight=teacher_weight, teacher_logits=teacher_logits,
-                        teacher_bias=teacher_bias, labels=labels)
+                        teacher_bias=teacher_bias, teacher_topk_logprobs=topk_logprobs,
+                        teacher_topk_indices=topk_indices, teacher_entropy=entropy,
+                        labels=labels)
     labels = _checks.labels(labels, token_shape)
     student, teacher = linear_tensors(student_hidden, student_weight, student_bias,
                                       teacher_hidden, teacher_weight, teacher_bias,
                                       teacher_logits)
+    if form == "topk":
+        teacher = topk_tensors(topk_logprobs, topk_indices)
     return plan.run(student, teacher, labels, token_shape, options, student_form="linear",
-                    teacher_form="logits" if teacher_logits is not None else "linear",
-                    width=vocab)
+                    teacher_form=form, width=vocab, entropy=flat_entropy(entropy))
+
+
+def teacher_form(t_hidden, t_weight, t_logits, t_bias, topk_logprobs, topk_indices,
+                 token_shape, vocab: int, vocab_size: int | None = None) -> str:
+    """Check the fused call's teacher (exactly one form); ``"linear"``, ``"logits"`` or
+    ``"topk"``. ``token_shape``: that of ``teacher_logits`` / the top-k tensors."""
+    if topk_logprobs is None and topk_indices is None:
+        _checks.teacher_source(t_hidden, t_weight, t_logits, t_bias, token_shape, vocab,
+                               vocab_size)
+        return "logits" if t_logits is not None else "linear"
+    if any(x is not None for x in (t_hidden, t_weight, t_logits, t_bias)):
+        raise ValueError("give the teacher in one form: teacher_hidden + teacher_weight, "
+                         "teacher_logits, or teacher_topk_logprobs + teacher_topk_indices")
+    _checks.topk_teacher(topk_logprobs, topk_indices, token_shape, vocab_size or vocab)
+    return "topk"
 
 
 def linear_tensors(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits):
-    """The student and teacher tensor lists of a fused call (token dims flattened)."""
+    """The student and teacher tensor lists of a fused call (token dims flattened; the
+    teacher list is empty for a top-k teacher, see :func:`topk_tensors`)."""
     student = [s_hidden.reshape(-1, s_hidden.shape[-1]), s_weight]
     if s_bias is not None:
         student.append(s_bias)
     if t_logits is not None:
         return student, [t_logits.detach().reshape(-1, t_logits.shape[-1])]
+    if t_hidden is None:
+        return student, []
     teacher = [t_hidden.detach().reshape(-1, t_hidden.shape[-1]), t_weight.detach()]
     if t_bias is not None:
         teacher.append(t_bias.detach())

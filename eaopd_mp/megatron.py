@@ -111,8 +111,8 @@ def output_layer_weight(model) -> torch.Tensor:
 def eaopd_loss_func(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
     loss_mask: torch.Tensor,
     *,
     sequence_parallel: bool = False,
@@ -136,6 +136,10 @@ def eaopd_loss_func(
         student_weight: this rank's ``[V / tp, h]`` output-layer shard. Gets the gradient.
         teacher_hidden: ``[s, b, h_t]`` (``[s / tp, b, h_t]`` under sequence parallelism).
         teacher_weight: this rank's ``[V / tp, h_t]`` teacher output-layer shard.
+            Both None for a served teacher: pass ``teacher_topk_logprobs`` and
+            ``teacher_topk_indices`` ``[s, b, k]`` (the full sequence even under sequence
+            parallelism, global vocabulary ids, the same on every tensor-parallel rank)
+            in ``loss_options``.
         loss_mask: ``[b, s]`` 0/1 (megatron's layout): the positions that count.
         sequence_parallel: the hidden states are split along the sequence (megatron's
             ``config.sequence_parallel``).
@@ -143,8 +147,9 @@ def eaopd_loss_func(
             ``--make-vocab-size-divisible-by``): padding columns get no probability.
         tp_group: default megatron's tensor-parallel group.
         loss_options: ``h_max``, ``temperature``, ``gate``, ``gate_threshold``,
-            ``fkl_coef``, ``fkl_weight``, ``chunk_size``, ``student_bias``,
-            ``teacher_bias`` of
+            ``fkl_coef``, ``fkl_weight``, ``chunk_size``, ``topk_tail``, ``student_bias``,
+            ``teacher_bias``, ``teacher_topk_logprobs``, ``teacher_topk_indices``,
+            ``teacher_entropy`` of
             :func:`eaopd_mp.parallel.fused_linear_vocab_parallel_eaopd_loss`.
     Returns:
         ``(loss_sum, num_tokens, logged)``: the float32 loss summed over the masked

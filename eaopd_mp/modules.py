@@ -21,26 +21,34 @@ class _Options(nn.Module):
 class EntropyAwareOPDLoss(_Options):
     """Module form of :func:`eaopd_mp.entropy_aware_opd_loss`.
 
-    ``EntropyAwareOPDLoss(**options)(student_logits, teacher_logits, labels=None)``, the
-    options being those of :class:`~eaopd_mp.options.LossOptions` (``h_max``,
-    ``temperature``, ``reduction``, ``return_stats``, ``gate``, ...).
+    ``EntropyAwareOPDLoss(**options)(student_logits, teacher_logits, labels=None)``, or
+    with a served teacher ``(student_logits, teacher_topk_logprobs=...,
+    teacher_topk_indices=...)``; the options being those of
+    :class:`~eaopd_mp.options.LossOptions` (``h_max``, ``temperature``, ``reduction``,
+    ``return_stats``, ``gate``, ``topk_tail``, ...).
     """
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                labels: torch.Tensor | None = None):
-        return logits_loss(student_logits, teacher_logits, labels, self.options)
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, *, teacher_topk_logprobs=None,
+                teacher_topk_indices=None, teacher_entropy=None):
+        return logits_loss(student_logits, teacher_logits, labels, self.options,
+                           teacher_topk_logprobs, teacher_topk_indices, teacher_entropy)
 
 
 class FusedLinearEAOPDLoss(_Options):
     """Module form of :func:`eaopd_mp.fused_linear_eaopd_loss`.
 
     ``loss_fn(student_hidden, student_weight, teacher_hidden=..., teacher_weight=...,
-    labels=...)``; the weights are arguments, so the module holds no parameters and works
-    with any ``lm_head`` (pass ``lm_head.weight`` and ``lm_head.bias``).
+    labels=...)`` (or ``teacher_logits=``, or ``teacher_topk_logprobs=`` +
+    ``teacher_topk_indices=``); the weights are arguments, so the module holds no
+    parameters and works with any ``lm_head`` (pass ``lm_head.weight`` and
+    ``lm_head.bias``).
     """
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, *,
                 teacher_hidden=None, teacher_weight=None, teacher_logits=None,
-                student_bias=None, teacher_bias=None, labels=None):
+                student_bias=None, teacher_bias=None, labels=None, teacher_topk_logprobs=None,
+                teacher_topk_indices=None, teacher_entropy=None):
         return linear_loss(student_hidden, student_weight, student_bias, teacher_hidden,
-                           teacher_weight, teacher_bias, teacher_logits, labels, self.options)
+                           teacher_weight, teacher_bias, teacher_logits, labels, self.options,
+                           teacher_topk_logprobs, teacher_topk_indices, teacher_entropy)

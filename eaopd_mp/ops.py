@@ -27,6 +27,7 @@ from .driver import LinearHead, LogitsHead, Plan, run_backward, run_forward
 from .gates import GATES
 from .options import REDUCTIONS
 from .plan import Spec, parse
+from .topk import TopkHead, ids_problem
 from .tp import TPCombiner, mask_fingerprint
 
 _INTEGER_MASK = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -57,9 +58,19 @@ def _width(student: list[torch.Tensor], spec: Spec) -> int:
     return student[1].shape[0] if spec.student == "linear" else student[0].shape[-1]
 
 
-def _compute_dtype(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.dtype:
+def _split_entropy(teacher: list[torch.Tensor], spec: Spec):
+    """The teacher's own tensors and the ``(N,)`` gate entropy (None if not given)."""
+    if spec.entropy_given:
+        return list(teacher[:-1]), teacher[-1]
+    return list(teacher), None
+
+
+def _compute_dtype(student: list[torch.Tensor], teacher: list[torch.Tensor],
+                   spec: Spec) -> torch.dtype:
     s = student[0] if len(student) == 1 else student[1]
-    t = teacher[0] if len(teacher) == 1 else teacher[1]
+    teacher, _ = _split_entropy(teacher, spec)
+    # teacher[1] is W_t (linear) or the int64 ids (top-k: log-probs first)
+    t = teacher[0] if len(teacher) == 1 or spec.teacher == "topk" else teacher[1]
     return core.compute_dtype(s.dtype, t.dtype)
 
 
@@ -101,7 +112,10 @@ def _heads(student, teacher, spec: Spec, combiner: TPCombiner | None):
         h, w, *b = student
         s_head = LinearHead(gathered(h), w, b[0] if b else None, spec.cols, need,
                             spec.autocast)
-    if spec.teacher == "logits":
+    teacher, entropy = _split_entropy(teacher, spec)
+    if spec.teacher == "topk":
+        t_head = TopkHead(teacher[0], teacher[1], entropy)
+    elif spec.teacher == "logits":
         t_head = LogitsHead(teacher[0], spec.cols)
     else:
         th, tw, *tb = teacher
@@ -110,29 +124,45 @@ def _heads(student, teacher, spec: Spec, combiner: TPCombiner | None):
     return s_head, t_head
 
 
-def _header(student, spec: Spec, n: int, weight: torch.Tensor | None) -> list[float]:
+def _header(student, teacher, spec: Spec, n: int, weight: torch.Tensor | None) -> list[float]:
     """This rank's view of the call, in the order of :data:`eaopd_mp.tp.HEADER`."""
     kept = n if weight is None else int((weight != 0).sum())
     return [student[0].shape[0], kept, *mask_fingerprint(weight, n), _width(student, spec),
             spec.chunk, spec.vocab_size, spec.inv_tau, spec.p1, spec.p2,
             GATES.index(spec.gate), REDUCTIONS.index(spec.reduction),
-            spec.s_scale, spec.s_cap or 0.0, spec.t_scale, spec.t_cap or 0.0]
+            spec.s_scale, spec.s_cap or 0.0, spec.t_scale, spec.t_cap or 0.0,
+            _topk_code(teacher, spec)]
+
+
+def _topk_code(teacher, spec: Spec) -> int:
+    """0 for a dense teacher; else ``k`` (x -1 with the renormalized target)."""
+    if spec.teacher != "topk":
+        return 0
+    return teacher[0].shape[1] * (1 if spec.topk_tail == "bucket" else -1)
 
 
 def _plan(student, teacher, mask, spec: Spec, agree: bool = True) -> Plan:
     """Validate the mask, agree with the other ranks (forward only), build the heads."""
     n = _n_tokens(student, spec)
-    weight = mask_weight(mask, _compute_dtype(student, teacher))
+    weight = mask_weight(mask, _compute_dtype(student, teacher, spec))
     combiner = TPCombiner(spec.group, spec.sequence_parallel) if spec.group else None
-    if combiner is not None and agree:
-        combiner.check_agreement(_header(student, spec, n, weight), student[0].device)
     rows = None
     if weight is not None:
         keep = weight != 0
         if int(keep.sum()) != n:
             rows = keep.nonzero().squeeze(1)
+    problem = None
+    if spec.teacher == "topk" and agree:  # the ids of masked tokens are never read
+        problem = ids_problem(teacher[1] if rows is None else teacher[1][rows],
+                              spec.vocab_size)
+    if combiner is not None and agree:
+        header = _header(student, teacher, spec, n, weight) + [float(problem is not None)]
+        combiner.check_agreement(header, student[0].device)
+    if problem is not None:  # every rank has the same ids (agreed): every rank raises
+        raise ValueError(problem)
     s_head, t_head = _heads(student, teacher, spec, combiner)
-    return Plan(s_head, t_head, rows, weight, n, spec, combiner)
+    entropy = _split_entropy(teacher, spec)[1] if spec.teacher != "topk" else None
+    return Plan(s_head, t_head, rows, weight, n, spec, combiner, entropy)
 
 
 def _pad3(grads: tuple, student) -> list[torch.Tensor]:
@@ -168,7 +198,7 @@ def loss_op(student: list[torch.Tensor], teacher: list[torch.Tensor],
 def _loss_fake(student, teacher, mask, spec):
     spec_ = parse(spec)
     n = _n_tokens(student, spec_)
-    dtype = _compute_dtype(student, teacher)
+    dtype = _compute_dtype(student, teacher, spec_)
     out = student[0].new_empty((n,) if spec_.reduction == "none" else (), dtype=dtype)
     stats = student[0].new_empty((n, core.NSTATS), dtype=dtype)
     grads = [student[0].new_empty(0) for _ in range(3)]

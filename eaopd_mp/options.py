@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .gates import Gate, real_number, resolve_gate
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
+TOPK_TAILS = ("bucket", "renormalize")
 
 
 def positive_int(name: str, value: object) -> int:
@@ -40,7 +41,8 @@ class LossOptions:
         h_max: entropy normaliser of the linear gate; None means ``log(V)`` (V the real
             vocabulary: ``vocab_size`` when given).
         temperature: divides student and teacher logits (the gate uses the untempered
-            teacher).
+            teacher). A top-k teacher's served log-probabilities are the target as given
+            (serve them at the temperature you train at): only the student is divided.
         reduction: ``"batchmean"`` (sum / first token dim, the specification's default),
             ``"sum"``, ``"mean"`` (sum / number of tokens, masked ones included) or
             ``"none"`` (float32, token-shaped).
@@ -57,6 +59,10 @@ class LossOptions:
             ``vocab_size`` columns count (no probability, no gradient past them), and
             student and teacher may then have different widths ``>= vocab_size``. Under
             tensor parallelism, the global real vocabulary.
+        topk_tail: with a top-k teacher, ``"bucket"`` (every other id in one tail bucket:
+            exact KLs of the bucketed distributions) or ``"renormalize"`` (both
+            distributions renormalised over the k ids: NeMo-RL's and verl's loss). See
+            :mod:`eaopd_mp.topk`.
     """
 
     h_max: float | None = None
@@ -73,6 +79,7 @@ class LossOptions:
     student_logit_scale: float = 1.0
     teacher_logit_scale: float = 1.0
     vocab_size: int | None = None
+    topk_tail: str = "bucket"
 
     def __post_init__(self):
         tau = real_number("temperature", self.temperature)
@@ -93,6 +100,8 @@ class LossOptions:
             if getattr(self, cap) is not None:
                 object.__setattr__(self, cap, positive_real(cap, getattr(self, cap)))
             object.__setattr__(self, scale, positive_real(scale, getattr(self, scale)))
+        if self.topk_tail not in TOPK_TAILS:
+            raise ValueError(f"topk_tail must be one of {TOPK_TAILS}, got {self.topk_tail!r}")
         self.resolve_gate(2)  # every gate check that does not depend on the vocabulary
 
     @classmethod

@@ -3,7 +3,8 @@
 Rank ``r`` of a tensor-parallel group of size ``tp`` holds vocabulary columns
 ``[r * V_local, (r + 1) * V_local)`` (Megatron's ``VocabUtility`` layout). Each chunk of
 tokens costs one collective: an all-gather of the ``(n, 6)`` partial statistics of
-:func:`eaopd_mp.core.partial_stats`, combined locally into the exact global statistics.
+:func:`eaopd_mp.core.partial_stats` (``(n, k + 2)`` with a top-k teacher,
+:func:`eaopd_mp.topk.partial_stats`), combined locally into the exact global statistics.
 The gradient of the local logits needs nothing more; the fused path adds one all-reduce
 of the hidden-state gradient (a reduce-scatter under sequence parallelism), as a
 column-parallel output layer would. Communication lives in :mod:`eaopd_mp.tp`.
@@ -21,18 +22,21 @@ from __future__ import annotations
 import torch
 
 from . import _checks, ops, plan, tp  # noqa: F401 - ops registers the custom ops
-from .loss import linear_tensors
+from .loss import flat_entropy, linear_tensors, teacher_form, topk_tensors
 from .options import LossOptions
 from .tp import TPCombiner
 
 
 def vocab_parallel_eaopd_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
     *,
     labels: torch.Tensor | None = None,
     tp_group=None,
     vocab_size: int | None = None,
+    teacher_topk_logprobs: torch.Tensor | None = None,
+    teacher_topk_indices: torch.Tensor | None = None,
+    teacher_entropy: torch.Tensor | None = None,
     **options,
 ) -> torch.Tensor | tuple[torch.Tensor, plan.Stats]:
     """:func:`eaopd_mp.entropy_aware_opd_loss` on this rank's vocabulary shards.
@@ -40,6 +44,12 @@ def vocab_parallel_eaopd_loss(
     Args:
         student_logits, teacher_logits: ``(..., V_local)`` shards of the logits (rank r
             holds columns ``[r V_local, (r+1) V_local)``), the same tokens on every rank.
+        teacher_topk_logprobs, teacher_topk_indices: instead of ``teacher_logits``, a
+            served teacher ``(..., k)``, identical on every rank, with *global* ids in
+            ``[0, vocab_size)`` (each lives on one rank); see
+            :func:`eaopd_mp.entropy_aware_opd_loss`. The chunk's one all-gather then
+            carries ``k + 2`` numbers per token.
+        teacher_entropy: ``(...)``, optional, identical on every rank: the gate's entropy.
         labels: the token mask, identical on every rank (checked).
         tp_group: the tensor-parallel group; None means megatron-core's.
         vocab_size: the real vocabulary when it was padded; columns past it get no
@@ -50,17 +60,34 @@ def vocab_parallel_eaopd_loss(
         logits. Backward needs no communication.
     """
     options = LossOptions.build(dict(options, vocab_size=vocab_size))
-    _checks.logits_pair(student_logits, teacher_logits, sharded=True)
-    _checks.same_device(student_logits=student_logits, teacher_logits=teacher_logits,
-                        labels=labels)
+    _checks.tensor("student_logits", student_logits, min_dim=1)
     token_shape = tuple(student_logits.shape[:-1])
-    labels = _checks.labels(labels, token_shape)
     width = student_logits.shape[-1]
     info = tp.resolve(tp_group, width, options.vocab_size, False)
+    topk = teacher_topk_logprobs is not None or teacher_topk_indices is not None
+    if teacher_logits is not None and topk:
+        raise ValueError("give the teacher as teacher_logits OR teacher_topk_logprobs + "
+                         "teacher_topk_indices, not both")
+    if topk:
+        _checks.topk_teacher(teacher_topk_logprobs, teacher_topk_indices, token_shape,
+                             info.vocab_size)
+        teacher, form = topk_tensors(teacher_topk_logprobs, teacher_topk_indices), "topk"
+    else:
+        if teacher_logits is None:
+            raise ValueError("the teacher is missing: give teacher_logits, or "
+                             "teacher_topk_logprobs + teacher_topk_indices")
+        _checks.logits_pair(student_logits, teacher_logits, sharded=True)
+        teacher, form = [teacher_logits.detach().reshape(-1, width)], "logits"
+    _checks.entropy(teacher_entropy, token_shape)
+    _checks.same_device(student_logits=student_logits, teacher_logits=teacher_logits,
+                        teacher_topk_logprobs=teacher_topk_logprobs,
+                        teacher_topk_indices=teacher_topk_indices,
+                        teacher_entropy=teacher_entropy, labels=labels)
+    labels = _checks.labels(labels, token_shape)
     z = student_logits.reshape(-1, width)
-    y = teacher_logits.detach().reshape(-1, width)
-    return plan.run([z], [y], labels, token_shape, options, student_form="logits",
-                    teacher_form="logits", width=width, tp=info)
+    return plan.run([z], teacher, labels, token_shape, options, student_form="logits",
+                    teacher_form=form, width=width, tp=info,
+                    entropy=flat_entropy(teacher_entropy))
 
 
 def fused_linear_vocab_parallel_eaopd_loss(
@@ -76,6 +103,9 @@ def fused_linear_vocab_parallel_eaopd_loss(
     tp_group=None,
     vocab_size: int | None = None,
     sequence_parallel: bool = False,
+    teacher_topk_logprobs: torch.Tensor | None = None,
+    teacher_topk_indices: torch.Tensor | None = None,
+    teacher_entropy: torch.Tensor | None = None,
     **options,
 ) -> torch.Tensor | tuple[torch.Tensor, plan.Stats]:
     """:func:`eaopd_mp.fused_linear_eaopd_loss` with vocabulary-sharded output layers.
@@ -87,7 +117,10 @@ def fused_linear_vocab_parallel_eaopd_loss(
         student_weight, student_bias: this rank's ``(V_local, H)`` / ``(V_local,)`` shards.
         teacher_hidden + teacher_weight (+ teacher_bias): like the student's (split the
             same way under sequence parallelism); or teacher_logits ``(..., V_local)``
-            shards with the full token shape.
+            shards with the full token shape; or teacher_topk_logprobs +
+            teacher_topk_indices ``(..., k)`` with the full token shape and global ids
+            (see :func:`vocab_parallel_eaopd_loss`).
+        teacher_entropy: ``(...)`` over the full token shape, optional.
         labels: mask over the full (gathered) token shape.
         tp_group, vocab_size: as :func:`vocab_parallel_eaopd_loss`.
         **options: as the single-device function.
@@ -105,19 +138,28 @@ def fused_linear_vocab_parallel_eaopd_loss(
             raise ValueError("sequence_parallel=True needs student_hidden with a sequence dim, "
                              f"got shape {tuple(student_hidden.shape)}")
         token_shape = (local_shape[0] * info.size, *local_shape[1:])
-    _checks.teacher_source(teacher_hidden, teacher_weight, teacher_logits, teacher_bias,
-                           token_shape if teacher_logits is not None else local_shape, width)
+    topk = teacher_topk_logprobs is not None or teacher_topk_indices is not None
+    full_tokens = teacher_logits is not None or topk
+    form = teacher_form(teacher_hidden, teacher_weight, teacher_logits, teacher_bias,
+                        teacher_topk_logprobs, teacher_topk_indices,
+                        token_shape if full_tokens else local_shape,
+                        info.vocab_size if topk else width)
+    _checks.entropy(teacher_entropy, token_shape)
     _checks.same_device(student_hidden=student_hidden, student_weight=student_weight,
                         student_bias=student_bias, teacher_hidden=teacher_hidden,
                         teacher_weight=teacher_weight, teacher_logits=teacher_logits,
-                        teacher_bias=teacher_bias, labels=labels)
+                        teacher_bias=teacher_bias, teacher_topk_logprobs=teacher_topk_logprobs,
+                        teacher_topk_indices=teacher_topk_indices,
+                        teacher_entropy=teacher_entropy, labels=labels)
     labels = _checks.labels(labels, token_shape)
     student, teacher = linear_tensors(student_hidden, student_weight, student_bias,
                                       teacher_hidden, teacher_weight, teacher_bias,
                                       teacher_logits)
+    if form == "topk":
+        teacher = topk_tensors(teacher_topk_logprobs, teacher_topk_indices)
     return plan.run(student, teacher, labels, token_shape, options, student_form="linear",
-                    teacher_form="logits" if teacher_logits is not None else "linear",
-                    width=width, tp=info)
+                    teacher_form=form, width=width, tp=info,
+                    entropy=flat_entropy(teacher_entropy))
 
 
 __all__ = [

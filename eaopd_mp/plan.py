@@ -5,7 +5,9 @@ tensors, builds :class:`~eaopd_mp.options.LossOptions`, and calls :func:`run` wi
 student and teacher tensors in one of their *forms*:
 
 * student ``"logits"``: ``[z (N, V)]``; ``"linear"``: ``[h (N, H), W (V, H)(, b (V,))]``;
-* teacher ``"logits"``: ``[y (N, V)]``; ``"linear"``: ``[h_t (N, H_t), W_t (V, H_t)(, b_t)]``.
+* teacher ``"logits"``: ``[y (N, V)]``; ``"linear"``: ``[h_t (N, H_t), W_t (V, H_t)(, b_t)]``;
+  ``"topk"``: ``[logprobs (N, k), ids (N, k) int64]``;
+* any teacher form may end with an ``(N,)`` gate entropy (``entropy_given``).
 
 :func:`run` turns the options and the tensors' static properties into a :class:`Spec` (plain
 values, passed to the custom op as a string), calls ``torch.ops.eaopd_mp.loss`` (see
@@ -51,6 +53,8 @@ class Spec:
             device), its size, and whether hidden states are split along the sequence.
         s_scale, s_cap, t_scale, t_cap: the head transforms (logit scale, softcap or
             None) of the student and the teacher.
+        topk_tail: the top-k teacher's target (``"bucket"`` or ``"renormalize"``).
+        entropy_given: the teacher list ends with an ``(N,)`` gate entropy.
     """
 
     student: str
@@ -72,6 +76,8 @@ class Spec:
     s_cap: float | None = None
     t_scale: float = 1.0
     t_cap: float | None = None
+    topk_tail: str = "bucket"
+    entropy_given: bool = False
 
     def key(self) -> str:
         """The spec as a string argument of the custom ops (see :func:`parse`)."""
@@ -110,7 +116,7 @@ def _autocast_dtype(device: torch.device) -> str:
 
 def run(student: list, teacher: list, labels: torch.Tensor | None, token_shape: tuple,
         options: LossOptions, *, student_form: str, teacher_form: str, width: int,
-        tp: TPInfo | None = None):
+        tp: TPInfo | None = None, entropy: torch.Tensor | None = None):
     """Evaluate the loss through the custom op; the reduction and statistics around it.
 
     Args:
@@ -121,10 +127,16 @@ def run(student: list, teacher: list, labels: torch.Tensor | None, token_shape: 
         width: logit columns held here (the student's ``V`` on one device, where
             ``options.vocab_size`` may keep fewer; ``V_local`` on a rank).
         tp: the tensor-parallel group, or None on one device.
+        entropy: the ``(N,)`` gate entropy overriding the teacher's, or None.
     Returns:
         The loss (float32, float64 for float64 inputs), or ``(loss, stats)``.
     """
     vocab = (options.vocab_size or width) if tp is None else tp.vocab_size
+    if teacher_form == "topk" and _transformed(options):
+        raise ValueError(
+            "student_softcap / student_logit_scale / teacher_softcap / teacher_logit_scale "
+            "are not supported with a top-k teacher (its log-probabilities are final; the "
+            "student's transform is not in the top-k kernels yet)")
     gate = options.resolve_gate(vocab)
     grad = torch.is_grad_enabled()
     need = tuple(bool(grad and t is not None and t.requires_grad) for t in student)
@@ -139,7 +151,10 @@ def run(student: list, teacher: list, labels: torch.Tensor | None, token_shape: 
         sequence_parallel=False if tp is None else tp.sequence_parallel,
         s_scale=options.student_logit_scale, s_cap=options.student_softcap,
         t_scale=options.teacher_logit_scale, t_cap=options.teacher_softcap,
+        topk_tail=options.topk_tail, entropy_given=entropy is not None,
     )
+    if entropy is not None:
+        teacher = [*teacher, entropy.detach()]
     mask = None if labels is None else labels.reshape(-1)
     out, stats, *_ = torch.ops.eaopd_mp.loss(student, teacher, mask, spec.key())
     if options.reduction == "none":
@@ -151,6 +166,12 @@ def run(student: list, teacher: list, labels: torch.Tensor | None, token_shape: 
     result: Stats = dict(summarize(stats, mask))
     result.update(gate.describe())
     return loss, result
+
+
+def _transformed(options: LossOptions) -> bool:
+    """Whether any head transform (softcap, logit scale) is asked for."""
+    return (options.student_softcap is not None or options.teacher_softcap is not None
+            or options.student_logit_scale != 1.0 or options.teacher_logit_scale != 1.0)
 
 
 def _divisor(reduction: str, token_shape: tuple):

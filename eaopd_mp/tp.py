@@ -24,7 +24,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 HEADER = ("tokens", "kept tokens", "mask sum", "mask first moment", "mask second moment",
            "shard width", "chunk_size", "vocab_size", "1/temperature", "gate p1", "gate p2",
            "gate", "reduction", "student_logit_scale", "student_softcap",
-           "teacher_logit_scale", "teacher_softcap")
+           "teacher_logit_scale", "teacher_softcap", "teacher top-k", "teacher ids invalid")
 
 
 def _collective(new: str, old: str):

@@ -21,6 +21,9 @@ on-policy: every step it samples continuations of short prompts itself (a
 teacher_hidden_states`), and the student's schedule computes the loss on the positions
 whose next token it sampled (:func:`eaopd_mp.megatron.eaopd_forward_step`). The loss works
 on the output layers' vocabulary shards and never gathers logits; only sampling does.
+``--teacher-topk K`` scores with a served teacher instead: only the teacher's top-K
+log-probabilities and ids (made here as a server would, ``served_topk``) reach the loss
+(``--topk-tail bucket|renormalize``).
 
 The vocabulary has 60 tokens, padded as megatron pads it; the loss is told the real size.
 Each step line shows the loss (nats per token, megatron's token-weighted mean over the
@@ -62,7 +65,13 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # n
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from megatron.core.transformer.module import Float16Module  # noqa: E402
 
-from eaopd_mp.megatron import eaopd_forward_step, teacher_hidden_states  # noqa: E402
+from eaopd_mp.megatron import (  # noqa: E402
+    eaopd_forward_step,
+    eaopd_loss_func,
+    gpt_hidden_states,
+    output_layer_weight,
+    teacher_hidden_states,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,6 +95,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=4)
     p.add_argument("--vocab-size", type=int, default=60)
     p.add_argument("--lr", type=float, default=1e-2, help="student learning rate (Adam)")
+    p.add_argument("--teacher-topk", type=int, default=None, metavar="K",
+                   help="score with a served teacher: only its top-K log-probabilities and "
+                   "ids reach the loss (as from vLLM/SGLang), not its hidden states")
+    p.add_argument("--topk-tail", choices=("bucket", "renormalize"), default="bucket",
+                   help="the top-k loss's target (eaopd_mp's topk_tail)")
     return p.parse_args(argv)
 
 
@@ -300,6 +314,53 @@ def generate(model, prompts: torch.Tensor, args, generator: torch.Generator) -> 
     return tokens
 
 
+def served_topk(teacher, teacher_hidden: list[torch.Tensor], k: int, vocab_size: int,
+                sequence_parallel: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """What an inference server would return for each micro-batch: the teacher's top-k
+    log-probabilities over the real vocabulary and their ids, ``[s, b, k]`` each (the
+    full sequence, the same on every tensor-parallel rank). Here they are made from the
+    frozen teacher's last-stage hidden states by gathering its logits (a server's job)."""
+    if not teacher_hidden:  # not the last pipeline stage
+        return []
+    group = parallel_state.get_tensor_model_parallel_group()
+    tp = dist.get_world_size(group)
+    weight = output_layer_weight(teacher)
+    out = []
+    for hidden in teacher_hidden:
+        with torch.no_grad():
+            if sequence_parallel and tp > 1:
+                parts = [torch.empty_like(hidden) for _ in range(tp)]
+                dist.all_gather(parts, hidden.contiguous(), group=group)
+                hidden = torch.cat(parts, dim=0)
+            shard = (hidden @ weight.t()).float()
+            shards = [torch.empty_like(shard) for _ in range(tp)]
+            dist.all_gather(shards, shard, group=group)
+            logits = torch.cat(shards, dim=-1)[..., :vocab_size]
+            lp, ids = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+        out.append((lp, ids))
+    return out
+
+
+def topk_forward_step(served: list, *, sequence_parallel: bool, vocab_size: int,
+                      topk_tail: str):
+    """:func:`eaopd_mp.megatron.eaopd_forward_step` for a served teacher: the last stage
+    binds :func:`eaopd_loss_func` to the micro-batch's top-k tensors (no teacher model)."""
+    remaining = iter(served)
+
+    def forward_step(data_iterator, model):
+        tokens, position_ids, attention_mask, loss_mask = get_batch(data_iterator)
+        hidden = gpt_hidden_states(model, tokens, position_ids, attention_mask)
+        if not parallel_state.is_pipeline_last_stage():
+            return hidden, None
+        lp, ids = next(remaining)
+        return hidden, partial(
+            eaopd_loss_func, student_weight=output_layer_weight(model), teacher_hidden=None,
+            teacher_weight=None, loss_mask=loss_mask, sequence_parallel=sequence_parallel,
+            vocab_size=vocab_size, teacher_topk_logprobs=lp, teacher_topk_indices=ids,
+            topk_tail=topk_tail)
+    return forward_step
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -351,9 +412,16 @@ def main(argv: list[str] | None = None) -> None:
         batches = micro_batches(tokens, loss_mask, args.micro_batches)
         teacher_hidden = teacher_hidden_states(get_forward_backward_func(), teacher,
                                                iter(batches), get_batch, **shapes)
-        forward_step = eaopd_forward_step(get_batch, teacher, teacher_hidden,
-                                          sequence_parallel=args.sequence_parallel,
-                                          vocab_size=args.vocab_size)
+        if args.teacher_topk:
+            served = served_topk(teacher, teacher_hidden, args.teacher_topk,
+                                 args.vocab_size, args.sequence_parallel)
+            forward_step = topk_forward_step(served, sequence_parallel=args.sequence_parallel,
+                                             vocab_size=args.vocab_size,
+                                             topk_tail=args.topk_tail)
+        else:
+            forward_step = eaopd_forward_step(get_batch, teacher, teacher_hidden,
+                                              sequence_parallel=args.sequence_parallel,
+                                              vocab_size=args.vocab_size)
         logged = train_step(forward_step, batches, student, optimizer, args)
         if logged:
             say(f"step {step:3d} loss {logged['eaopd loss']:.4f} "

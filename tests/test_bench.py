@@ -64,6 +64,17 @@ def test_startup_and_cpu_bf16_dry_runs(capsys):
                          flags=re.M)
 
 
+def test_topk_dry_run(capsys):
+    """The topk suite plans the dense fused loss, both top-k sizes and both floors at
+    issue 2's CPU shapes."""
+    out = _dry_run(capsys, "--suite", "topk")
+    for tokens, hidden in ((2048, 512), (4096, 128)):
+        for impl in ("eaopd_fused", "eaopd_fused_topk32", "eaopd_fused_topk256",
+                     "floor_chunked", "floor_topk"):
+            assert re.search(rf"^topk-H{hidden}\s+{tokens}\s+{hidden}\s+32000\s+\d+\s+"
+                             rf".*{impl}", out, flags=re.M), (impl, out)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_gpu_suite_without_cuda_is_an_error(capsys):
     with pytest.raises(SystemExit) as exc:

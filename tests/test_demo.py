@@ -135,3 +135,15 @@ def test_module_entry_point():
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0
     assert "--steps" in proc.stdout and "--seed" in proc.stdout and "--out" in proc.stdout
+
+
+def test_teacher_topk_runs_both_tails(tmp_path):
+    """``--teacher-topk 2``: the gate on the full teacher and on its top-2 in both tails;
+    every run in the summary and the table, evaluated against the full teacher."""
+    summary = demo.main([*TINY, "--teacher-topk", "2", "--out", str(tmp_path)])
+    assert list(summary["methods"]) == ["eaopd", "topk-bucket", "topk-renormalize"]
+    assert summary["teacher_topk"] == 2
+    for vals in summary["methods"].values():
+        assert all(math.isfinite(vals[k]) for k in (*demo.METRICS, "kl_fwd", "kl_rev"))
+    assert "| topk-renormalize |" in demo.table(summary)
+    assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_MAGIC

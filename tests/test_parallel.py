@@ -132,6 +132,132 @@ def check_logits_case(rank, tp, group, *, reduction, tau, mask, vocab_size, gate
     _close(z.grad, want[..., shard])
 
 
+def _topk_teacher(seed, tokens, real, width, tp, k=6):
+    """A served teacher over the real vocabulary whose ids land on every rank, on each
+    rank's first and last columns, and next to the padding (id real - 1)."""
+    g = torch.Generator().manual_seed(seed)
+    n = 1
+    for d in tokens:
+        n *= d
+    ids = torch.stack([torch.randperm(real, generator=g)[:k] for _ in range(n)])
+    edges = sorted({real - 1, 0, *(r * width for r in range(tp) if r * width < real),
+                    *(r * width - 1 for r in range(1, tp) if r * width - 1 < real)})
+    for i in range(min(n, len(edges))):  # token i holds edge i (distinct ids kept)
+        if edges[i] not in ids[i]:
+            ids[i, 0] = edges[i]
+    y = torch.randn(n, real, generator=g) * 2
+    lp = torch.log_softmax(y, -1).gather(1, ids)
+    return lp.view(*tokens, k), ids.view(*tokens, k)
+
+
+def check_topk_case(rank, tp, group, *, reduction, tau, vocab_size, tail, seed=0, sp=False,
+                    fused=True, chunk=4):
+    """Top-k teacher on vocabulary shards (fused, or logits-in with backward counted at
+    zero collectives) against the single-device top-k loss on the real vocabulary."""
+    h, w, b, _, _, labels = _data(seed, tp=tp)
+    width = w.shape[0] // tp
+    real = vocab_size or w.shape[0]
+    shard = slice(rank * width, (rank + 1) * width)
+    lp, ids = _topk_teacher(seed, h.shape[:-1], real, width, tp)
+    opts = dict(labels=labels, temperature=tau, reduction=reduction, chunk_size=chunk,
+                teacher_topk_logprobs=lp, teacher_topk_indices=ids, topk_tail=tail)
+    wl = w[shard].clone().requires_grad_()
+    if fused:
+        hl = (h.chunk(tp, 0)[rank] if sp else h).clone().requires_grad_()
+        loss = fused_linear_vocab_parallel_eaopd_loss(
+            hl, wl, tp_group=group, vocab_size=vocab_size, sequence_parallel=sp, **opts)
+        loss.backward(_grad_out(loss))
+    else:
+        z = (h @ w.T)[..., shard].clone().requires_grad_()
+        loss = vocab_parallel_eaopd_loss(z, tp_group=group, vocab_size=vocab_size, **opts)
+        with CollectiveCounter() as counter:
+            loss.backward(_grad_out(loss))
+        assert counter.calls == [], "logits-in backward must not communicate"
+    hr, wr = h.clone().requires_grad_(), w[:real].clone().requires_grad_()
+    ref = fused_linear_eaopd_loss(hr, wr, **opts)
+    ref.backward(_grad_out(ref))
+    tag = f"[top-k {tail} {reduction} tau={tau} V={vocab_size} sp={sp} fused={fused}] "
+    _close(loss, ref, msg=tag)
+    want_w = torch.zeros_like(w)
+    want_w[:real] = wr.grad
+    if fused:
+        _close(hl.grad, hr.grad.chunk(tp, 0)[rank] if sp else hr.grad, msg=tag + "grad h ")
+        _close(wl.grad, want_w[shard], msg=tag + "grad W ")
+    else:
+        want_z = torch.zeros(*h.shape[:-1], w.shape[0])
+        zr = (h @ w[:real].T).clone().requires_grad_()
+        ref_z = entropy_aware_opd_loss(zr, **opts)
+        ref_z.backward(_grad_out(ref_z))
+        want_z[..., :real] = zr.grad
+        _close(z.grad, want_z[..., shard], msg=tag + "grad z ")
+
+
+def _check_topk_loss_func(rank, tp, sp, seed):
+    """megatron's loss_func with a served teacher ([s, b, k], full sequence): the summed
+    loss and token count of the single-device top-k loss."""
+    h, w, _, _, _, labels = _data(seed, tp=tp)  # h: [s=4, b=3, H]
+    width = w.shape[0] // tp
+    lp, ids = _topk_teacher(seed, h.shape[:-1], 13, width, tp)
+    wl = w[rank * width:(rank + 1) * width].clone().requires_grad_()
+    hl = (h.chunk(tp, 0)[rank] if sp else h).clone().requires_grad_()
+    loss, num, _ = eaopd_loss_func(hl, wl, None, None, labels.t(), sequence_parallel=sp,
+                                   vocab_size=13, teacher_topk_logprobs=lp,
+                                   teacher_topk_indices=ids, temperature=1.5)
+    ref = fused_linear_eaopd_loss(h, w[:13], teacher_topk_logprobs=lp, teacher_topk_indices=ids,
+                                  labels=labels, reduction="sum", temperature=1.5)
+    _close(loss, ref, msg="loss_func top-k: ")
+    assert int(num) == int(labels.sum())
+
+
+def _check_entropy_override(rank, world, group):
+    """teacher_entropy with dense shards (logits-in, fused sum with padding) equals the
+    single-device loss with the same entropy."""
+    h, w, _, th, tw, labels = _data(7, tp=world)
+    width = w.shape[0] // world
+    shard = slice(rank * width, (rank + 1) * width)
+    ent = torch.rand(labels.shape) * 3
+    y = th @ tw.T
+    opts = dict(labels=labels, temperature=1.3, teacher_entropy=ent, chunk_size=4)
+    got = vocab_parallel_eaopd_loss((h @ w.T)[..., shard], y[..., shard], tp_group=group,
+                                    reduction="none", **opts)
+    _close(got, entropy_aware_opd_loss(h @ w.T, y, reduction="none", **opts))
+    wl = w[shard].clone().requires_grad_()
+    loss = fused_linear_vocab_parallel_eaopd_loss(h, wl, teacher_hidden=th,
+                                                  teacher_weight=tw[shard], tp_group=group,
+                                                  vocab_size=25, reduction="sum", **opts)
+    loss.backward()
+    wr = w[:25].clone().requires_grad_()
+    ref = fused_linear_eaopd_loss(h, wr, teacher_hidden=th, teacher_weight=tw[:25],
+                                  reduction="sum", **opts)
+    ref.backward()
+    _close(loss, ref)
+    want = torch.zeros_like(w)
+    want[:25] = wr.grad
+    _close(wl.grad, want[shard])
+
+
+def _check_topk_collectives(rank, world, group):
+    """Top-k forward: the header + ONE all-gather per chunk (k + 2 numbers per token)."""
+    h, w, _, _, _, _ = _data(1, tokens=(10,), tp=world)
+    width = w.shape[0] // world
+    lp, ids = _topk_teacher(1, (10,), w.shape[0], width, world)
+    hl, wl = h.clone().requires_grad_(), w[rank * width:(rank + 1) * width].clone()
+    with CollectiveCounter() as fwd:
+        fused_linear_vocab_parallel_eaopd_loss(
+            hl, wl.requires_grad_(), teacher_topk_logprobs=lp, teacher_topk_indices=ids,
+            tp_group=group, reduction="sum", chunk_size=4)
+    gather = "all_gather_single" if hasattr(dist, "all_gather_single") \
+        else "all_gather_into_tensor"
+    assert fwd.calls == [gather] * (1 + 3), fwd.calls
+    bad = ids.clone()
+    if rank == 1:
+        bad[2, 1] = bad[2, 0]  # one rank's ids repeat: every rank raises, none hangs
+    with pytest.raises(ValueError, match="ranks disagree on teacher ids invalid"):
+        fused_linear_vocab_parallel_eaopd_loss(
+            h, wl.detach(), teacher_topk_logprobs=lp, teacher_topk_indices=bad,
+            tp_group=group)
+
+
 GATES = [{}, {"h_max": 1.1}, {"gate": "threshold", "gate_threshold": 2.5},
          {"gate": "fixed", "fkl_weight": 0.3}]
 
@@ -151,6 +277,14 @@ def _tp4_worker(rank, world):
     check_fused_case(rank, world, group, reduction="sum", tau=0.8, mask=True, vocab_size=20,
                      bias=True, gate={}, teacher="linear")
     _check_transforms(rank, world, group)
+    topk_grid = [("sum", 1.0, 25, "bucket", True), ("none", 1.5, 25, "bucket", False),
+                 ("mean", 1.5, None, "renormalize", True), ("none", 1.0, 20, "bucket", True),
+                 ("batchmean", 1.0, 25, "renormalize", False)]
+    for reduction, tau, vocab_size, tail, fused in topk_grid:
+        check_topk_case(rank, world, group, reduction=reduction, tau=tau,
+                        vocab_size=vocab_size, tail=tail, fused=fused)
+    _check_topk_collectives(rank, world, group)
+    _check_entropy_override(rank, world, group)
     _check_collectives(rank, world, group)
     _check_disagreement(rank, world, group)
     _check_mask_disagreement(rank, world, group)
@@ -323,6 +457,9 @@ def _megatron_worker(rank, world, tp, use_sp, compile_check):
             check_fused_case(tp_rank, tp, group, reduction="batchmean", tau=0.9, mask=True,
                              vocab_size=13, bias=True, gate={}, teacher="linear",
                              seed=10 + dp_rank, sp=use_sp, xf=(0.7, 2.5, 1.3, 5.0))
+        check_topk_case(tp_rank, tp, group, reduction="sum", tau=1.5, vocab_size=13,
+                        tail="bucket", seed=10 + dp_rank, sp=use_sp)
+        _check_topk_loss_func(tp_rank, tp, use_sp, 10 + dp_rank)
         if compile_check:
             check_logits_case(tp_rank, tp, group, reduction="mean", tau=1.0, mask=True,
                               vocab_size=None, gate={}, seed=dp_rank)

@@ -1,0 +1,330 @@
+"""The loss against a served teacher: its top-k log-probabilities and their ids.
+
+Per token the teacher is given as ``k`` global vocabulary ids ``I`` and their
+log-probabilities ``l`` (normalised over the whole vocabulary, as vLLM/SGLang return
+them); the student ``p = softmax(z / tau)`` is over the whole vocabulary. Two targets
+(``topk_tail``):
+
+* ``"bucket"`` (default): each id of ``I`` is its own bucket and every other id shares one
+  *tail* bucket, ``Q_tail = 1 - sum_k Q_k``, ``P_tail = sum_{j not in I} p_j``. The KLs are
+  the exact KLs between these ``k + 1``-bucket distributions: lower bounds of the full
+  KLs, equal to them when ``k = V`` (there is then no tail bucket).
+* ``"renormalize"``: both distributions renormalised over the ``k`` ids, nothing else
+  (what NeMo-RL and verl compute).
+
+Numerics (the README's "A served teacher: top-k log-probabilities" says the same for
+users):
+
+* ``log P_tail`` is a log-sum-exp over the tail columns themselves, never
+  ``log(1 - sum_k P_k)``: no cancellation when the top-k hold almost all the mass, no
+  underflow when the student is confident.
+* ``Q_tail`` comes from the served numbers only, ``-expm1(logsumexp(l))``; rounding can
+  make it ``<= 0``. Where ``Q_tail`` only *weights* a term (``Q_tail log(Q_tail/P_tail)``
+  in ``KL_fwd``, ``-Q_tail log Q_tail`` in the entropy) it is clamped at 0 and the term
+  vanishes by continuity (``x log x -> 0``). Where it sits *inside a logarithm* as the
+  reference mass (``P_tail log(P_tail / Q_tail)`` in ``KL_rev``) it is floored at
+  :data:`TAIL_FLOOR`, so rounding alone cannot make the reverse KL infinite: the tail
+  term is then at most ``P_tail log(P_tail / TAIL_FLOOR) <= 13.8`` nats.
+* The gate's entropy is that of the bucketed teacher, ``-sum_b Q_b log Q_b`` (a lower
+  bound of the true one, in both tail modes), unless ``teacher_entropy`` is given.
+* The KLs are not clamped at 0: the gradient is that of the value returned (the floor can
+  make the reverse KL negative by at most ``TAIL_FLOOR`` nats).
+
+Per-token statistics use the dense layout of :mod:`eaopd_mp.core` (``(n, 7)``) with one
+column reinterpreted: ``LSE_T`` holds ``log P_tail`` (bucket) or ``log sum_k P_k``
+(renormalize), the student-side number the recomputing backward needs.
+
+Under tensor parallelism each id lives on one rank. A rank's partial statistics of a
+chunk are ``k + 2`` numbers per token: its local log-sum-exp of ``z/tau``, that of its
+tail columns, and ``z_{I_k}/tau`` for the ids it holds (``-inf`` elsewhere); one
+all-gather of them gives every rank everything (teacher numbers are replicated).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import core
+from .core import KL_REV, LSE_S, LSE_T, Kernel
+from .gates import gate_weights
+
+# Floor of Q_tail inside log(Q_tail) (reverse KL only): about the float32 resolution of
+# 1 - sum_k exp(l_k) for a few dozen served log-probabilities (each rounded at ~6e-8).
+TAIL_FLOOR = 1e-6
+_LOCAL_LSE, _TAIL_LSE = 0, 1  # columns of the partial statistics; then the k ids
+
+
+def ids_problem(ids: torch.Tensor, vocab_size: int) -> str | None:
+    """What is wrong with ``(n, k)`` int64 ids (run inside the op before any chunk), or
+    None: an id outside ``[0, vocab_size)``, or an id repeated within a token."""
+    if ids.numel() == 0:
+        return None
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bool(bad.any()):
+        return (f"teacher_topk_indices must be vocabulary ids in [0, {vocab_size}), got "
+                f"{ids[bad][:3].tolist()}")
+    if ids.shape[1] > 1:
+        srt = ids.sort(dim=1).values
+        dup = (srt[:, 1:] == srt[:, :-1]).any(1)
+        if bool(dup.any()):
+            row = int(dup.nonzero()[0, 0])
+            return ("teacher_topk_indices repeats an id within a token (token "
+                    f"{row}: {ids[row].tolist()[:8]}); each token needs k distinct ids")
+    return None
+
+
+def _held(ids: torch.Tensor, lo: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which ids fall in this shard's real columns ``[lo, lo + cols)``, and their local
+    column (0 where not held)."""
+    local = ids - lo
+    held = (local >= 0) & (local < cols)
+    return held, torch.where(held, local, torch.zeros_like(local))
+
+
+def partial_stats(z: torch.Tensor, ids: torch.Tensor, params: torch.Tensor, lo: int
+                  ) -> torch.Tensor:
+    """Per-token partial statistics of one set of student columns.
+
+    Args:
+        z: ``(n, c)`` student logits of the columns ``[lo, lo + c)``, any float dtype.
+        ids: ``(n, k)`` int64 global teacher ids.
+        params: ``[1/tau, p1, p2]`` in the compute dtype.
+        lo: the global id of column 0.
+    Returns:
+        ``(n, k + 2)`` in the compute dtype: ``[lse(z/tau), lse over the columns not in
+        ids, z_{I_k}/tau where held else -inf]``. A row with NaN or ``+inf`` gets NaN.
+    """
+    torch._check(z.shape[0] == ids.shape[0])
+    x = z.to(params.dtype) * params[0]
+    dx, m, broken = core._shifted(x)
+    e = dx.exp()
+    held, col = _held(ids, lo, z.shape[1])
+    in_topk = torch.zeros_like(e).scatter_add(1, col, held.to(e.dtype)) > 0
+    lse = m + e.sum(-1).log()
+    tail = m + torch.where(in_topk, torch.zeros_like(e), e).sum(-1).log()
+    at = x.gather(1, col)
+    at_ids = torch.where(held, at, torch.full_like(at, float("-inf")))
+    out = torch.cat([lse[:, None], tail[:, None], at_ids], dim=1)
+    return torch.where(broken[:, None], torch.full_like(out, float("nan")), out)
+
+
+def _teacher(lp: torch.Tensor, has_tail: bool):
+    """Teacher buckets from the ``(n, k)`` served log-probs: ``Q_tail`` clamped at 0 (a
+    weight), ``log Q_tail`` floored at :data:`TAIL_FLOOR` (inside the reverse KL)."""
+    lse = torch.logsumexp(lp, dim=-1)
+    q_tail = (-torch.expm1(lse)).clamp_min(0.0)
+    if not has_tail:
+        q_tail = torch.zeros_like(q_tail)
+    log_q_tail = q_tail.clamp_min(TAIL_FLOOR).log()
+    return q_tail, log_q_tail
+
+
+def _xlogy(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``w * x`` with 0 where ``w == 0`` (0 * -inf counts as 0)."""
+    return torch.where(w > 0, w * x, torch.zeros_like(w))
+
+
+def bucket_entropy(lp: torch.Tensor, has_tail: bool) -> torch.Tensor:
+    """``-sum_b Q_b log Q_b`` of the bucketed teacher, ``(n, k)`` -> ``(n,)``."""
+    q_tail, _ = _teacher(lp, has_tail)
+    return -_xlogy(lp.exp(), lp).sum(-1) - _xlogy(q_tail, q_tail.log())
+
+
+def combine_stats(parts: torch.Tensor, lp: torch.Tensor, entropy: torch.Tensor, given: bool,
+                  params: torch.Tensor, kind: str, mode: str, has_tail: bool) -> torch.Tensor:
+    """Merge ``(r, n, k + 2)`` partials of ``r`` column sets; KLs, entropy and gate.
+
+    Args:
+        parts: :func:`partial_stats` of each column set (``r = 1`` on one device).
+        lp: ``(n, k)`` served teacher log-probabilities; entropy: ``(n,)``, the gate's
+            entropy when ``given`` (else ignored: the bucketed teacher's is used).
+        params, kind: as :func:`eaopd_mp.core.combine_stats`; mode: ``"bucket"`` or
+            ``"renormalize"``; has_tail: ``k`` is below the real vocabulary.
+    Returns:
+        ``(n, 7)`` ``[lse_s, log P_tail | log sum P_k, KL_fwd, KL_rev, H, a, b]``.
+    """
+    lp = lp.to(params.dtype)
+    total = core._lse_shards(parts[..., _LOCAL_LSE])
+    log_pk = parts[..., 2:].amax(0) - total[:, None]  # one rank holds each id
+    ent = entropy.to(params.dtype) if given else bucket_entropy(lp, has_tail)
+    if mode == "bucket":
+        log_pt = core._lse_shards(parts[..., _TAIL_LSE]) - total
+        q_tail, log_q_rev = _teacher(lp, has_tail)
+        pk, pt = log_pk.exp(), log_pt.exp()
+        fwd = _xlogy(lp.exp(), lp - log_pk).sum(-1) + _xlogy(q_tail, q_tail.log() - log_pt)
+        rev = _xlogy(pk, log_pk - lp).sum(-1) + _xlogy(pt, log_pt - log_q_rev)
+        norm = log_pt
+    else:
+        norm = torch.logsumexp(log_pk, dim=-1)
+        lq = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
+        lpk = log_pk - norm[:, None]
+        fwd = _xlogy(lq.exp(), lq - lpk).sum(-1)
+        rev = _xlogy(lpk.exp(), lpk - lq).sum(-1)
+    nan = torch.isnan(ent) | torch.isnan(total)
+    fwd = torch.where(nan, torch.full_like(fwd, float("nan")), fwd)
+    a, b = gate_weights(ent, kind, params[1], params[2])
+    return torch.stack([total, norm, fwd, rev, ent, a, b], dim=-1)
+
+
+def grad_logits(z: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, stats: torch.Tensor,
+                scale: torch.Tensor, params: torch.Tensor, mode: str, has_tail: bool,
+                lo: int) -> torch.Tensor:
+    """Closed-form gradient of ``scale * L`` with respect to the local student logits.
+
+    For column ``j`` in bucket ``b(j)``: ``(p_j / tau) [a (1 - Q_b/P_b) + b (log P_b -
+    log Q_b - KL_rev)]``; the tail columns share one coefficient and ``p_j Q_t / P_t`` is
+    ``Q_t exp(z_j/tau - lse_tail)`` (no division). Renormalize: 0 off the ids,
+    ``[a (P^_k - Q^_k) + b P^_k (log P^_k - log Q^_k - KL_rev)] / tau`` at them.
+
+    Args:
+        z: ``(n, c)`` student logits of columns ``[lo, lo + c)``; ids, lp: ``(n, k)``;
+        stats: ``(n, 7)`` from :func:`combine_stats`; scale: ``(n,)``.
+    Returns:
+        ``(n, c)`` in the compute dtype.
+    """
+    torch._check(z.shape[0] == stats.shape[0])
+    torch._check(z.shape[0] == scale.shape[0])
+    inv_tau = params[0]
+    x = z.to(params.dtype) * inv_tau
+    lp = lp.to(params.dtype)
+    lse, norm, kl_rev = stats[:, LSE_S, None], stats[:, LSE_T, None], stats[:, KL_REV, None]
+    ca = (scale * stats[:, core.A] * inv_tau)[:, None]
+    cb = (scale * stats[:, core.B] * inv_tau)[:, None]
+    held, col = _held(ids, lo, z.shape[1])
+    log_pk = x.gather(1, col) - lse
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    if mode == "bucket":
+        q_tail, log_q_rev = _teacher(lp, has_tail)
+        p = (x - lse).exp()
+        live = norm > float("-inf")  # a tail with mass (else every tail p_j is 0)
+        ratio = torch.where(live, (x - lse - torch.where(live, norm, zero)).exp(), zero)
+        d_tail = torch.where(live, norm - log_q_rev[:, None] - kl_rev, zero)
+        row = ca * (p - q_tail[:, None] * ratio) + cb * torch.where(p > 0, p * d_tail, zero)
+        pk = log_pk.exp()
+        at_ids = ca * (pk - lp.exp()) + cb * _xlogy(pk, log_pk - lp - kl_rev)
+    else:
+        row = torch.zeros_like(x)
+        lpk = log_pk - norm
+        lq = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
+        pk = lpk.exp()
+        at_ids = ca * (pk - lq.exp()) + cb * _xlogy(pk, lpk - lq - kl_rev)
+    held_f = held.to(x.dtype)
+    in_topk = torch.zeros_like(x).scatter_add(1, col, held_f) > 0
+    placed = torch.zeros_like(x).scatter_add(1, col, torch.where(held, at_ids, zero))
+    return torch.where(in_topk, placed, row)
+
+
+# ----------------------------------------------------------------- kernels and chunks
+
+
+def single_stats(z, ids, lp, ent, given, params, kind, mode, has_tail):
+    """One device, no gradient: ``(n, 7)`` statistics of a chunk."""
+    parts = partial_stats(z, ids, params, 0).unsqueeze(0)
+    return combine_stats(parts, lp, ent, given, params, kind, mode, has_tail)
+
+
+def grad_logits_(z, ids, lp, stats, scale, params, mode, has_tail, lo):
+    """:func:`grad_logits` written over ``z`` (a buffer of ours); returns ``stats``."""
+    z.copy_(grad_logits(z, ids, lp, stats, scale, params, mode, has_tail, lo))
+    return stats
+
+
+def single_grad_(z, ids, lp, ent, scale, given, params, kind, mode, has_tail):
+    """One device: ``(n, 7)`` statistics; the gradient overwrites ``z``."""
+    stats = single_stats(z, ids, lp, ent, given, params, kind, mode, has_tail)
+    return grad_logits_(z, ids, lp, stats, scale, params, mode, has_tail, 0)
+
+
+def shard_stats(lp, ent, parts, given, params, kind, mode, has_tail):
+    """Column shards, no gradient: combine the gathered ``(r, n, k + 2)`` partials."""
+    torch._check(parts.shape[1] == lp.shape[0])
+    return combine_stats(parts, lp, ent, given, params, kind, mode, has_tail)
+
+
+def shard_grad_(z, ids, lp, ent, parts, scale, given, params, kind, mode, has_tail, lo):
+    """Column shards: ``(n, 7)`` statistics from the gathered partials; the local
+    gradient overwrites ``z``."""
+    torch._check(parts.shape[1] == z.shape[0])
+    stats = combine_stats(parts, lp, ent, given, params, kind, mode, has_tail)
+    return grad_logits_(z, ids, lp, stats, scale, params, mode, has_tail, lo)
+
+
+# Token dims (position -> dim). ``ent`` is always an ``(n,)`` tensor (a dummy view when
+# the entropy is not given), so that a one-token chunk can be padded like the others.
+_N = {0: 0, 1: 0, 2: 0, 3: 0}
+stats_kernel = Kernel(single_stats, _N)
+fwd_grad_kernel_ = Kernel(single_grad_, {**_N, 4: 0})
+partial_kernel = Kernel(partial_stats, {0: 0, 1: 0})
+shard_stats_kernel = Kernel(shard_stats, {0: 0, 1: 0, 2: 1})
+shard_grad_kernel_ = Kernel(shard_grad_, {**_N, 4: 1, 5: 0})
+grad_kernel_ = Kernel(grad_logits_, {0: 0, 1: 0, 2: 0, 3: 0, 4: 0})
+
+
+class TopkHead:
+    """The served teacher of ``N`` tokens: ``(N, k)`` log-probs and int64 ids, and an
+    ``(N,)`` gate entropy or None."""
+
+    def __init__(self, logprobs: torch.Tensor, ids: torch.Tensor,
+                 entropy: torch.Tensor | None = None):
+        self.lp, self.ids, self.entropy = logprobs, ids, entropy
+        self.dtype = logprobs.dtype
+        self.device = logprobs.device
+
+    def logits(self, rows) -> tuple:
+        """``(ids, logprobs, entropy)`` of the rows; a dummy entropy view if none."""
+        lp = self.lp[rows]
+        if isinstance(rows, slice):  # a copy, never a view of the caller's tensor: a
+            lp = lp.clone()          # one-token chunk's kernel writes its first argument
+        ent = self.entropy[rows] if self.entropy is not None else lp[:, 0]
+        return self.ids[rows], lp, ent
+
+    def release(self) -> None:
+        pass
+
+
+def _empty_partial(n: int, k: int, dtype, device) -> torch.Tensor:
+    """Partial statistics of a shard with no real vocabulary column."""
+    return torch.full((n, k + 2), float("-inf"), dtype=dtype, device=device)
+
+
+def chunk(plan, z, teacher, scale):
+    """:func:`eaopd_mp.driver._chunk` for a top-k teacher: ``(n, 7)`` statistics, and the
+    gradient written over ``z`` (returned) when ``scale`` is given."""
+    spec, params = plan.spec, plan.params
+    ids, lp, ent = teacher
+    kind, mode, given = spec.gate, spec.topk_tail, spec.entropy_given
+    has_tail = ids.shape[1] < spec.vocab_size
+    if plan.combiner is None:
+        if scale is None:
+            return stats_kernel(z, ids, lp, ent, given, params, kind, mode, has_tail), None
+        out = fwd_grad_kernel_(z, ids, lp, ent, scale, given, params, kind, mode, has_tail)
+        return out, z
+    lo = offset(plan)
+    if z.shape[1] == 0:
+        parts = _empty_partial(z.shape[0], ids.shape[1], plan.dtype, z.device)
+    else:
+        parts = partial_kernel(z, ids, params, lo)
+    gathered = plan.combiner.gather(parts)
+    if scale is None or z.shape[1] == 0:
+        out = shard_stats_kernel(lp, ent, gathered, given, params, kind, mode, has_tail)
+        return out, (None if scale is None else z)
+    out = shard_grad_kernel_(z, ids, lp, ent, gathered, scale, given, params, kind, mode,
+                             has_tail, lo)
+    return out, z
+
+
+def backward_chunk(plan, z, teacher, stats, scale) -> None:
+    """The recomputing backward of one chunk: the gradient overwrites ``z``."""
+    ids, lp, _ = teacher
+    has_tail = ids.shape[1] < plan.spec.vocab_size
+    grad_kernel_(z, ids, lp, stats, scale, plan.params, plan.spec.topk_tail, has_tail,
+                 offset(plan))
+
+
+def offset(plan) -> int:
+    """Global id of this rank's first column: rank x shard width (padding included)."""
+    if plan.combiner is None:
+        return 0
+    head = plan.student
+    width = head.w.shape[0] if hasattr(head, "w") else head.x.shape[-1]
+    return plan.combiner.rank * width

@@ -1,0 +1,410 @@
+"""Top-k (served) teacher: every single-device path against a float64 formula written here.
+
+The formula builds the bucketed distributions with ``torch.gather`` and
+``torch.logsumexp`` and takes its gradient from autograd; the code under test uses its
+own closed-form gradient and chunked kernels.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+from eaopd_mp import (
+    EntropyAwareOPDLoss,
+    FusedLinearEAOPDLoss,
+    entropy_aware_opd_loss,
+    fused_linear_eaopd_loss,
+)
+from formulas import close, reduce
+
+FLOOR = 1e-6  # the documented floor of Q_tail inside log(Q_tail) (reverse KL)
+
+
+def _gate(ent, fwd, rev, gate="linear", h_max=None, vocab=None, gate_threshold=0.8,
+          fkl_coef=1.0, fkl_weight=0.5):
+    if gate == "linear":
+        a = (ent / (math.log(vocab) if h_max is None else h_max)).clamp(0, 1)
+        return a * fwd + (1 - a) * rev
+    if gate == "threshold":
+        return rev + fkl_coef * (ent >= gate_threshold).double() * fwd
+    return fkl_weight * fwd + (1 - fkl_weight) * rev
+
+
+def formula(z, ids, lp, *, temperature=1.0, topk_tail="bucket", entropy=None, **gate):
+    """Per-token loss, float64, from the definitions (autograd gives the gradient)."""
+    z, lp = z.double(), lp.double()
+    vocab, k = z.shape[-1], ids.shape[-1]
+    s = F.log_softmax(z / temperature, dim=-1)
+    log_pk = torch.gather(s, -1, ids)
+    q = lp.exp()
+    q_tail = (1 - q.sum(-1)).clamp_min(0) if k < vocab else torch.zeros_like(q[..., 0])
+    xlogx = torch.where(q_tail > 0, q_tail * q_tail.clamp_min(1e-300).log(),
+                        torch.zeros_like(q_tail))
+    ent = -(q * lp).sum(-1) - xlogx if entropy is None else entropy.double()
+    if topk_tail == "bucket":
+        fwd = (q * (lp - log_pk)).sum(-1)
+        rev = (log_pk.exp() * (log_pk - lp)).sum(-1)
+        if k < vocab:
+            in_topk = torch.zeros_like(s, dtype=torch.bool).scatter(-1, ids, True)
+            log_pt = torch.logsumexp(s.masked_fill(in_topk, float("-inf")), dim=-1)
+            fwd = fwd + torch.where(q_tail > 0, xlogx - q_tail * log_pt,
+                                    torch.zeros_like(q_tail))
+            rev = rev + log_pt.exp() * (log_pt - (1 - q.sum(-1)).clamp_min(FLOOR).log())
+    else:
+        lph = torch.log_softmax(torch.gather(z / temperature, -1, ids), dim=-1)
+        lqh = torch.log_softmax(lp, dim=-1)
+        fwd = (lqh.exp() * (lqh - lph)).sum(-1)
+        rev = (lph.exp() * (lph - lqh)).sum(-1)
+    return _gate(ent, fwd, rev, vocab=vocab, **gate)
+
+
+def served(y, k, generator=None):
+    """A served teacher from logits ``y``: top-k log-probs and ids, in random order."""
+    lp, ids = torch.log_softmax(y.double(), -1).topk(k, dim=-1)
+    perm = torch.argsort(torch.rand(ids.shape, generator=generator), dim=-1)
+    return lp.gather(-1, perm).to(y.dtype), ids.gather(-1, perm)
+
+
+def _data(n=(3, 4), vocab=29, k=5, seed=0, hid=8, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*n, hid, generator=g, dtype=torch.float64)
+    w = torch.randn(vocab, hid, generator=g, dtype=torch.float64) * 0.7
+    y = torch.randn(*n, vocab, generator=g, dtype=torch.float64) * 2.5
+    lp, ids = served(y, k, g)
+    labels = (torch.rand(n, generator=g) > 0.3).float()
+    return h.to(dtype), w.to(dtype), lp.to(dtype), ids, labels
+
+
+def _grad_out(loss):
+    if loss.dim() == 0:
+        return torch.full((), 0.7, dtype=loss.dtype)
+    return torch.linspace(-1, 1, loss.numel(), dtype=loss.dtype).view(loss.shape)
+
+
+def _want(h, w, lp, ids, labels, reduction, opts):
+    """The formula's loss and gradients (h, w) in float64."""
+    hd = h.double().requires_grad_()
+    wd = w.double().requires_grad_()
+    per_tok = formula(hd @ wd.T, ids, lp, **opts)
+    loss = reduce(per_tok, labels, reduction)
+    loss.backward(_grad_out(loss))
+    return loss.detach(), hd.grad, wd.grad
+
+
+GATES = [{}, {"h_max": 1.3}, {"gate": "threshold", "gate_threshold": 1.2},
+         {"gate": "fixed", "fkl_weight": 0.3}]
+GRID = list(itertools.product(["batchmean", "sum", "mean", "none"], [1.0, 1.5],
+                              ["bucket", "renormalize"]))
+
+
+@pytest.mark.parametrize("reduction,tau,tail", GRID)
+def test_every_path_equals_the_formula(eager, reduction, tau, tail):
+    """Logits-in, fused, both modules; masks and gates vary over the grid; fp32 inputs
+    vs the float64 formula at rtol 1e-5."""
+    i = GRID.index((reduction, tau, tail))
+    gate = GATES[i % len(GATES)]
+    h, w, lp, ids, labels = _data(seed=i)
+    labels = labels if i % 2 else None
+    opts = dict(temperature=tau, topk_tail=tail, **gate)
+    want, want_h, want_w = _want(h, w, lp, ids, labels, reduction, opts)
+    kw = dict(teacher_topk_logprobs=lp, teacher_topk_indices=ids, labels=labels)
+    gopts = dict(reduction=reduction, chunk_size=5, **opts)
+    for path in ("logits", "fused", "module logits", "module fused"):
+        hg, wg = h.clone().requires_grad_(), w.clone().requires_grad_()
+        if path == "logits":
+            loss = entropy_aware_opd_loss(hg @ wg.T, **kw, **gopts)
+        elif path == "fused":
+            loss = fused_linear_eaopd_loss(hg, wg, **kw, **gopts)
+        elif path == "module logits":
+            loss = EntropyAwareOPDLoss(**gopts)(hg @ wg.T, **kw)
+        else:
+            loss = FusedLinearEAOPDLoss(**gopts)(hg, wg, **kw)
+        loss.backward(_grad_out(loss))
+        tag = f"{path} {reduction} tau={tau} {tail} {gate}: "
+        assert loss.dtype == torch.float32
+        close(loss.double(), want, msg=tag)
+        close(hg.grad.double(), want_h, msg=tag + "grad h ")
+        close(wg.grad.double(), want_w, msg=tag + "grad W ")
+
+
+def test_float64_is_exact_and_gradcheck(eager):
+    """float64: the closed form matches autograd of the formula to 1e-12, and
+    torch.autograd.gradcheck passes on the op itself (both tails, tempered)."""
+    h, w, lp, ids, labels = _data(n=(2, 3), vocab=13, k=4, dtype=torch.float64)
+    z = (h @ w.T).requires_grad_()
+    for tail, reduction in (("bucket", "sum"), ("renormalize", "none"), ("bucket", "none")):
+        opts = dict(temperature=1.5, topk_tail=tail)
+        zf = z.detach().clone().requires_grad_()
+        want = reduce(formula(zf, ids, lp, **opts), labels, reduction)
+        want.backward(_grad_out(want))
+        zg = z.detach().clone().requires_grad_()
+        got = entropy_aware_opd_loss(zg, teacher_topk_logprobs=lp, teacher_topk_indices=ids,
+                                     labels=labels, reduction=reduction, **opts)
+        got.backward(_grad_out(got))
+        torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(zg.grad, zf.grad, rtol=1e-12, atol=1e-12)
+        assert torch.autograd.gradcheck(
+            lambda x, opts=opts, reduction=reduction: entropy_aware_opd_loss(
+                x, teacher_topk_logprobs=lp, teacher_topk_indices=ids, labels=labels,
+                reduction=reduction, chunk_size=4, **opts), (z,))
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+def test_k_equals_v_is_the_dense_loss(eager, tail):
+    """All V ids (any order): the dense loss (no phantom tail bucket; renormalising over
+    everything changes nothing), logits-in and fused, with gradients. Served log-probs are
+    the tempered teacher ``log_softmax(y / tau)``; at tau != 1 the dense gate's entropy (of
+    the untempered ``y``) is passed as ``teacher_entropy``."""
+    h, w, _, _, labels = _data(vocab=17)
+    y = torch.randn(3, 4, 17, dtype=torch.float64) * 2
+    for tau in (1.0, 1.5):
+        lp, ids = served(y / tau, 17)
+        ent = torch.distributions.Categorical(logits=y).entropy().float() if tau != 1 \
+            else None
+        opts = dict(temperature=tau, labels=labels, reduction="sum")
+        topk = dict(teacher_topk_logprobs=lp.float(), teacher_topk_indices=ids,
+                    teacher_entropy=ent, topk_tail=tail)
+        for fused in (False, True):
+            out = []
+            for t_kw in (dict(teacher_logits=y.float()), topk):
+                hg, wg = h.clone().requires_grad_(), w.clone().requires_grad_()
+                loss = fused_linear_eaopd_loss(hg, wg, **t_kw, **opts) if fused else \
+                    entropy_aware_opd_loss(hg @ wg.T, **t_kw, **opts)
+                loss.backward()
+                out.append((loss.detach(), hg.grad, wg.grad))
+            for a, b in zip(out[1], out[0], strict=True):
+                close(a, b, msg=f"tau={tau} fused={fused}: ")
+
+
+def test_rounding_case_is_finite(eager):
+    """sum_k Q_k >= 1 (rounding): Q_tail is 0 as a weight, floored inside log for the
+    reverse KL; loss and gradients finite and equal to the formula, both tails."""
+    z = torch.randn(4, 10, dtype=torch.float64)
+    ids = torch.tensor([[0, 1, 2]] * 4)
+    q = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    lp = (q.log() + torch.tensor([0.0, 1e-7, 3e-7, -1e-9], dtype=torch.float64)[:, None])
+    assert (lp.exp().sum(-1)[:3] >= 1).all()
+    for tail in ("bucket", "renormalize"):
+        for gate in ({}, {"gate": "fixed", "fkl_weight": 0.0}):
+            zg = z.clone().requires_grad_()
+            loss = entropy_aware_opd_loss(zg, teacher_topk_logprobs=lp, teacher_topk_indices=ids,
+                                          topk_tail=tail, reduction="none", **gate)
+            loss.sum().backward()
+            zf = z.clone().requires_grad_()
+            want = formula(zf, ids, lp, topk_tail=tail, **gate)
+            want.sum().backward()
+            assert torch.isfinite(loss).all() and torch.isfinite(zg.grad).all()
+            close(loss, want.detach())
+            close(zg.grad, zf.grad)
+    # The reverse tail term is bounded by log(1 / FLOOR) per unit of student tail mass.
+    assert loss.max() < math.log(1 / FLOOR)
+
+
+def test_entropy_override_and_default(eager):
+    """teacher_entropy replaces the gate's entropy; the default is the bucketed entropy,
+    returned in the statistics."""
+    h, w, lp, ids, _ = _data()
+    z = h @ w.T
+    ent = torch.rand(3, 4) * 3
+    for e in (None, ent):
+        loss, stats = entropy_aware_opd_loss(z, teacher_topk_logprobs=lp,
+                                             teacher_topk_indices=ids, teacher_entropy=e,
+                                             return_stats=True)
+        want = formula(z, ids, lp, entropy=e)
+        close(loss.double(), want.sum() / 3)
+        q = lp.double().exp()
+        bucket = -(q * lp.double()).sum(-1) - (1 - q.sum(-1)) * (1 - q.sum(-1)).log()
+        close(stats["teacher_entropy"].double(), (bucket if e is None else e.double()).mean())
+
+
+def test_nan_in_nan_out(eager):
+    """NaN in the served log-probs, the entropy or the student: that token's loss is
+    NaN, the others are not."""
+    h, w, lp, ids, _ = _data(n=(5,))
+    z = h @ w.T
+    lp, z, ent = lp.clone(), z.clone(), torch.ones(5)
+    lp[0, 1] = float("nan")
+    z[1, 3] = float("nan")
+    ent[2] = float("nan")
+    loss = entropy_aware_opd_loss(z, teacher_topk_logprobs=lp, teacher_topk_indices=ids,
+                                  teacher_entropy=ent, reduction="none")
+    assert torch.isnan(loss[:3]).all() and torch.isfinite(loss[3:]).all()
+
+
+BAD = [
+    (dict(ids=lambda i: torch.cat([i[..., :1], i[..., :-1]], -1)), "repeats an id"),
+    (dict(ids=lambda i: i.clone().index_fill_(-1, torch.tensor([0]), 29)), r"in \[0, 29\)"),
+    (dict(ids=lambda i: i.clone().index_fill_(-1, torch.tensor([0]), -1)), r"in \[0, 29\)"),
+    (dict(ids=lambda i: i.float()), "integer vocabulary ids"),
+    (dict(ids=lambda i: i[..., :4]), "teacher_topk_indices shape"),
+    (dict(lp=lambda x: x[:2]), "teacher_topk_logprobs shape"),
+    (dict(ids=lambda i: torch.zeros(3, 4, 30, dtype=torch.long),
+          lp=lambda x: torch.zeros(3, 4, 30)), "k <= vocabulary size 29"),
+    (dict(ids=lambda i: None), "must be given together"),
+    (dict(ent=lambda e: torch.ones(3)), "teacher_entropy shape"),
+]
+
+
+@pytest.mark.parametrize("change,match", BAD)
+@pytest.mark.parametrize("fused", [False, True])
+def test_bad_input_raises_before_work(change, match, fused):
+    h, w, lp, ids, _ = _data()
+    lp = change.get("lp", lambda x: x)(lp)
+    ids = change.get("ids", lambda x: x)(ids)
+    ent = change.get("ent", lambda x: None)(None)
+    hg = h.clone().requires_grad_()
+    with pytest.raises(ValueError, match=match):
+        if fused:
+            fused_linear_eaopd_loss(hg, w, teacher_topk_logprobs=lp, teacher_topk_indices=ids,
+                                    teacher_entropy=ent)
+        else:
+            entropy_aware_opd_loss(hg @ w.T, teacher_topk_logprobs=lp, teacher_topk_indices=ids,
+                                   teacher_entropy=ent)
+    assert hg.grad is None
+
+
+def test_masked_tokens_ids_are_not_read(eager):
+    """A masked token may carry padding ids (-1) and NaN log-probs: not checked, not read."""
+    h, w, lp, ids, labels = _data()
+    labels[0, 0] = 0.0
+    lp_pad, ids_pad = lp.clone(), ids.clone()
+    lp_pad[0, 0], ids_pad[0, 0] = float("nan"), -1
+    kw = dict(labels=labels, reduction="sum")
+    got = entropy_aware_opd_loss(h @ w.T, teacher_topk_logprobs=lp_pad,
+                                 teacher_topk_indices=ids_pad, **kw)
+    close(got, entropy_aware_opd_loss(h @ w.T, teacher_topk_logprobs=lp,
+                                      teacher_topk_indices=ids, **kw))
+
+
+def test_one_teacher_form_and_options():
+    h, w, lp, ids, _ = _data()
+    z = h @ w.T
+    with pytest.raises(ValueError, match="not both"):
+        entropy_aware_opd_loss(z, z, teacher_topk_logprobs=lp, teacher_topk_indices=ids)
+    with pytest.raises(ValueError, match="teacher is missing"):
+        entropy_aware_opd_loss(z)
+    with pytest.raises(ValueError, match="one form"):
+        fused_linear_eaopd_loss(h, w, teacher_logits=z, teacher_topk_logprobs=lp,
+                                teacher_topk_indices=ids)
+    with pytest.raises(ValueError, match="topk_tail"):
+        entropy_aware_opd_loss(z, teacher_topk_logprobs=lp, teacher_topk_indices=ids,
+                               topk_tail="drop")
+
+
+def _compiled_step(n, reduction, tail):
+    g = torch.Generator().manual_seed(n)
+    h = torch.randn(n, 8, generator=g, requires_grad=True)
+    w = torch.randn(40, 8, generator=g, requires_grad=True)
+    lp, ids = served(torch.randn(n, 40, generator=g) * 2, 6, g)
+    loss = fused_linear_eaopd_loss(h, w, teacher_topk_logprobs=lp, teacher_topk_indices=ids,
+                                   temperature=1.5, reduction=reduction, chunk_size=16,
+                                   topk_tail=tail)
+    loss.sum().backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def test_compiled_no_recompiles_and_equals_eager(monkeypatch):
+    """The compiled kernels: one graph per variant, none added as lengths change; the
+    same values as eager."""
+    monkeypatch.setenv("EAOPD_COMPILE", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback to eager
+        for reduction, tail in (("sum", "bucket"), ("none", "renormalize")):
+            _compiled_step(40, reduction, tail)
+        counters.clear()
+        for n in (1, 3, 17, 33):
+            for reduction, tail in (("sum", "bucket"), ("none", "renormalize")):
+                got = _compiled_step(n, reduction, tail)
+                monkeypatch.setenv("EAOPD_COMPILE", "0")
+                want = _compiled_step(n, reduction, tail)
+                monkeypatch.setenv("EAOPD_COMPILE", "1")
+                for a, b in zip(got, want, strict=True):
+                    close(a, b)
+    assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
+
+
+def test_inside_a_compiled_step(monkeypatch):
+    """A user's torch.compile'd step around the fused top-k loss: same loss and grads."""
+    h, w, lp, ids, labels = _data()
+    lin = torch.nn.Linear(8, 8)
+
+    def step(x, wl):
+        return fused_linear_eaopd_loss(lin(x), wl, teacher_topk_logprobs=lp,
+                                       teacher_topk_indices=ids, labels=labels,
+                                       reduction="mean", chunk_size=5)
+
+    out = []
+    for fn in (step, torch.compile(step)):
+        wl = w.clone().requires_grad_()
+        lin.zero_grad(set_to_none=True)
+        loss = fn(h, wl)
+        loss.backward()
+        out.append((loss.detach(), wl.grad, lin.weight.grad))
+    for a, b in zip(*out, strict=True):
+        close(a, b)
+
+
+def _dense_given(z, y, ent, tau, **gate):
+    """Dense per-token loss with the gate's entropy given (float64)."""
+    s = F.log_softmax(z.double() / tau, -1)
+    t = F.log_softmax(y.double() / tau, -1)
+    fwd = F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
+    rev = F.kl_div(t, s, log_target=True, reduction="none").sum(-1)
+    return _gate(ent.double(), fwd, rev, vocab=z.shape[-1], **gate)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_entropy_override_dense_teachers(eager, reduction):
+    """teacher_entropy with teacher logits and a teacher linear head (both gradient
+    modes): the dense KLs gated by the given entropy; NaN entropy -> NaN token."""
+    h, w, _, _, labels = _data()
+    th, tw = torch.randn(3, 4, 6), torch.randn(29, 6) * 1.5
+    y = th @ tw.T
+    ent = torch.rand(3, 4) * 3
+    opts = dict(temperature=1.5, labels=labels, reduction=reduction, chunk_size=5)
+    hd, wd = h.double().requires_grad_(), w.double().requires_grad_()
+    want = reduce(_dense_given(hd @ wd.T, y, ent, 1.5), labels, reduction)
+    want.backward(_grad_out(want))
+    for t_kw in (dict(teacher_logits=y), dict(teacher_hidden=th, teacher_weight=tw)):
+        hg, wg = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = fused_linear_eaopd_loss(hg, wg, teacher_entropy=ent, **t_kw, **opts)
+        loss.backward(_grad_out(loss))
+        close(loss.double(), want.detach())
+        close(hg.grad.double(), hd.grad)
+        close(wg.grad.double(), wd.grad)
+    zg = (h @ w.T).requires_grad_()
+    loss = entropy_aware_opd_loss(zg, y, teacher_entropy=ent, **opts)
+    close(loss.double(), want.detach())
+    bad = ent.clone()
+    bad[0, 0] = float("nan")
+    per_tok = entropy_aware_opd_loss(h @ w.T, y, teacher_entropy=bad, reduction="none")
+    assert torch.isnan(per_tok[0, 0]) and torch.isfinite(per_tok.flatten()[1:]).all()
+
+
+@pytest.mark.parametrize("gate_kw", [dict(gate="threshold", gate_threshold=1.0),
+                                     dict(gate="fixed", fkl_weight=0.3)])
+def test_other_gates_compile_and_match_eager(monkeypatch, gate_kw):
+    """The threshold and fixed gates through the compiled top-k kernels (the linear one is
+    compiled above): no fallback to eager, eager's values."""
+    h, w, lp, ids, labels = _data()
+    z = h @ w.T
+    out = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("EAOPD_COMPILE", flag)
+        zg = z.clone().requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            loss = entropy_aware_opd_loss(zg, teacher_topk_logprobs=lp,
+                                          teacher_topk_indices=ids, labels=labels,
+                                          temperature=1.5, chunk_size=5, **gate_kw)
+            loss.backward()
+        out.append((loss.detach(), zg.grad))
+    for a, b in zip(*out, strict=True):
+        close(a, b)
