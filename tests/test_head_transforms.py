@@ -288,3 +288,34 @@ def test_vocab_size_errors(call, match):
 def test_transform_option_errors(kw, exc, match):
     with pytest.raises(exc, match=match):
         entropy_aware_opd_loss(torch.randn(2, 5), torch.randn(2, 5), **kw)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_transforms_with_a_given_teacher_entropy(reduction):
+    """teacher_entropy= with head transforms: the transformed kernels still run (the
+    override path picks them too), equal to the logits-in loss on transformed logits."""
+    h0, w0, b, th, tw, tb, labels = _data(3)
+    xf = TRANSFORMS[2]
+    entropy = torch.rand(N) * 3
+    h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    loss = fused_linear_eaopd_loss(h, w, student_bias=b, teacher_hidden=th, teacher_weight=tw,
+                                   teacher_bias=tb, labels=labels, reduction=reduction,
+                                   teacher_entropy=entropy, chunk_size=4, **_opts(xf))
+    hr, wr = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    z = transformed(hr @ wr.T + b, xf[0], xf[1])
+    y = transformed(th @ tw.T + tb, xf[2], xf[3])
+    ref = entropy_aware_opd_loss(z, y, labels=labels, reduction=reduction,
+                                 teacher_entropy=entropy)
+    close(loss, ref)
+    loss.backward(_grad_out(loss))
+    ref.backward(_grad_out(ref))
+    close(h.grad, hr.grad)
+    close(w.grad, wr.grad)
+
+
+def test_transforms_with_a_topk_teacher_are_refused():
+    h, w, *_ = _data()
+    lp = torch.log_softmax(torch.randn(N, V), -1).topk(4, -1)
+    with pytest.raises(ValueError, match="not supported with a top-k teacher"):
+        fused_linear_eaopd_loss(h, w, teacher_topk_logprobs=lp.values,
+                                teacher_topk_indices=lp.indices, student_softcap=3.0)
