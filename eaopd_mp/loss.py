@@ -174,9 +174,7 @@ def linear_loss(student_hidden, student_weight, student_bias, teacher_hidden, te
     labels = _checks.labels(labels, token_shape)
     student, teacher = linear_tensors(student_hidden, student_weight, student_bias,
                                       teacher_hidden, teacher_weight, teacher_bias,
-                                      teacher_logits)
-    if form == "topk":
-        teacher = topk_tensors(topk_logprobs, topk_indices)
+                                      teacher_logits, topk_logprobs, topk_indices)
     return plan.run(student, teacher, labels, token_shape, options, student_form="linear",
                     teacher_form=form, width=vocab, entropy=flat_entropy(entropy))
 
@@ -196,16 +194,17 @@ def teacher_form(t_hidden, t_weight, t_logits, t_bias, topk_logprobs, topk_indic
     return "topk"
 
 
-def linear_tensors(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits):
-    """The student and teacher tensor lists of a fused call (token dims flattened; the
-    teacher list is empty for a top-k teacher, see :func:`topk_tensors`)."""
+def linear_tensors(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits,
+                   topk_logprobs=None, topk_indices=None):
+    """The student and teacher tensor lists of a fused call (token dims flattened), for
+    whichever teacher form was given (see :func:`teacher_form`)."""
     student = [s_hidden.reshape(-1, s_hidden.shape[-1]), s_weight]
     if s_bias is not None:
         student.append(s_bias)
     if t_logits is not None:
         return student, [t_logits.detach().reshape(-1, t_logits.shape[-1])]
-    if t_hidden is None:
-        return student, []
+    if topk_logprobs is not None:
+        return student, topk_tensors(topk_logprobs, topk_indices)
     teacher = [t_hidden.detach().reshape(-1, t_hidden.shape[-1]), t_weight.detach()]
     if t_bias is not None:
         teacher.append(t_bias.detach())

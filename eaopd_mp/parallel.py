@@ -154,9 +154,8 @@ def fused_linear_vocab_parallel_eaopd_loss(
     labels = _checks.labels(labels, token_shape)
     student, teacher = linear_tensors(student_hidden, student_weight, student_bias,
                                       teacher_hidden, teacher_weight, teacher_bias,
-                                      teacher_logits)
-    if form == "topk":
-        teacher = topk_tensors(teacher_topk_logprobs, teacher_topk_indices)
+                                      teacher_logits, teacher_topk_logprobs,
+                                      teacher_topk_indices)
     return plan.run(student, teacher, labels, token_shape, options, student_form="linear",
                     teacher_form=form, width=width, tp=info,
                     entropy=flat_entropy(teacher_entropy))
