@@ -227,24 +227,6 @@ def eaopd_fused_topk(k: int) -> Callable[[Case, Inputs], Step]:
     return make
 
 
-def floor_topk(case: Case, x: Inputs) -> Step:
-    """The three GEMMs a top-k teacher leaves, chunk by chunk: student logits, dX, dW."""
-    hs, ws = x.hs.detach(), x.ws.detach()
-
-    def step():
-        grad_h = torch.empty_like(hs)
-        grad_w = torch.zeros_like(ws)
-        for lo in range(0, hs.shape[0], case.chunk):
-            h = hs[lo : lo + case.chunk]
-            g = h @ ws.t()
-            torch.mm(g, ws, out=grad_h[lo : lo + case.chunk])
-            grad_w.addmm_(g.t(), h)
-            del g
-        x.hs.grad, x.ws.grad = grad_h, grad_w
-
-    return step
-
-
 def floor(case: Case, x: Inputs) -> Step:
     """The four unavoidable GEMMs at full size: two logits GEMMs and two gradient GEMMs.
 
@@ -263,12 +245,10 @@ def floor(case: Case, x: Inputs) -> Step:
     return step
 
 
-def floor_chunked(case: Case, x: Inputs) -> Step:
-    """The same four GEMMs chunk by chunk, like the fused loss: ``(chunk, V)`` at a time.
-
-    ``grad_h`` is written per chunk; ``grad_w`` accumulates in place (``addmm_``, in the
-    input dtype).
-    """
+def _floor_chunked(case: Case, x: Inputs, teacher: bool) -> Step:
+    """The loss's GEMMs chunk by chunk, ``(chunk, V)`` at a time: student logits, the
+    teacher's (if ``teacher``), ``G W`` and ``G^T h``. ``grad_h`` is written per chunk;
+    ``grad_w`` accumulates in place (``addmm_``, in the input dtype)."""
     hs, ws = x.hs.detach(), x.ws.detach()
 
     def step():
@@ -277,13 +257,23 @@ def floor_chunked(case: Case, x: Inputs) -> Step:
         for lo in range(0, hs.shape[0], case.chunk):
             h = hs[lo : lo + case.chunk]
             g = h @ ws.t()
-            y = x.ht[lo : lo + case.chunk] @ x.wt.t()
+            y = x.ht[lo : lo + case.chunk] @ x.wt.t() if teacher else None
             torch.mm(g, ws, out=grad_h[lo : lo + case.chunk])
             grad_w.addmm_(g.t(), h)
             del g, y
         x.hs.grad, x.ws.grad = grad_h, grad_w
 
     return step
+
+
+def floor_chunked(case: Case, x: Inputs) -> Step:
+    """The same four GEMMs as :func:`floor`, chunk by chunk, like the fused loss."""
+    return _floor_chunked(case, x, teacher=True)
+
+
+def floor_topk(case: Case, x: Inputs) -> Step:
+    """The three GEMMs a top-k teacher leaves, chunk by chunk: student logits, dX, dW."""
+    return _floor_chunked(case, x, teacher=False)
 
 
 def _liger_labels(case: Case, x: Inputs) -> torch.Tensor:

@@ -124,9 +124,9 @@ def _heads(student, teacher, spec: Spec, combiner: TPCombiner | None):
     return s_head, t_head
 
 
-def _header(student, teacher, spec: Spec, n: int, weight: torch.Tensor | None) -> list[float]:
+def _header(student, teacher, spec: Spec, n: int, kept: int,
+            weight: torch.Tensor | None) -> list[float]:
     """This rank's view of the call, in the order of :data:`eaopd_mp.tp.HEADER`."""
-    kept = n if weight is None else int((weight != 0).sum())
     return [student[0].shape[0], kept, *mask_fingerprint(weight, n), _width(student, spec),
             spec.chunk, spec.vocab_size, spec.inv_tau, spec.p1, spec.p2,
             GATES.index(spec.gate), REDUCTIONS.index(spec.reduction),
@@ -146,17 +146,18 @@ def _plan(student, teacher, mask, spec: Spec, agree: bool = True) -> Plan:
     n = _n_tokens(student, spec)
     weight = mask_weight(mask, _compute_dtype(student, teacher, spec))
     combiner = TPCombiner(spec.group, spec.sequence_parallel) if spec.group else None
-    rows = None
+    rows, kept = None, n
     if weight is not None:
         keep = weight != 0
-        if int(keep.sum()) != n:
+        kept = int(keep.sum())
+        if kept != n:
             rows = keep.nonzero().squeeze(1)
     problem = None
     if spec.teacher == "topk" and agree:  # the ids of masked tokens are never read
         problem = ids_problem(teacher[1] if rows is None else teacher[1][rows],
                               spec.vocab_size)
     if combiner is not None and agree:
-        header = _header(student, teacher, spec, n, weight) + [float(problem is not None)]
+        header = _header(student, teacher, spec, n, kept, weight) + [float(problem is not None)]
         combiner.check_agreement(header, student[0].device)
     if problem is not None:  # every rank has the same ids (agreed): every rank raises
         raise ValueError(problem)
