@@ -16,6 +16,14 @@ def tensor(name: str, x: object, *, floating: bool = True, min_dim: int = 0) -> 
     return x
 
 
+def nonempty_vocab(name: str, x: torch.Tensor, dim: int = -1) -> None:
+    """The vocabulary dim ``dim`` of ``x`` holds at least one column: the kernels cannot
+    take an empty one (and no distribution lives on it)."""
+    if x.shape[dim] == 0:
+        raise ValueError(f"{name} has an empty vocabulary dim (shape {tuple(x.shape)}): "
+                         "the loss needs at least one vocabulary column")
+
+
 def same_device(**tensors: torch.Tensor | None) -> None:
     """All given tensors live on one device."""
     devices = {k: v.device for k, v in tensors.items() if isinstance(v, torch.Tensor)}
@@ -82,6 +90,10 @@ def linear(prefix: str, hidden: object, weight: object, bias: object) -> None:
         raise ValueError(
             f"{prefix}_weight must be (vocab, hidden), got shape {tuple(weight.shape)}"
         )
+    nonempty_vocab(f"{prefix}_weight", weight, 0)
+    if weight.shape[1] == 0:
+        raise ValueError(f"{prefix}_weight has an empty hidden dim (shape "
+                         f"{tuple(weight.shape)}): the head needs at least one feature")
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"{prefix}_hidden width {hidden.shape[-1]} (shape {tuple(hidden.shape)}) != "

@@ -75,6 +75,7 @@ def logits_loss(student_logits, teacher_logits, labels, options: LossOptions,
                 topk_logprobs=None, topk_indices=None, entropy=None):
     """:func:`entropy_aware_opd_loss` with its options already built."""
     _checks.tensor("student_logits", student_logits, min_dim=1)
+    _checks.nonempty_vocab("student_logits", student_logits)
     token_shape = tuple(student_logits.shape[:-1])
     vocab = student_logits.shape[-1]
     if teacher_logits is not None and (topk_logprobs is not None or topk_indices is not None):

@@ -61,6 +61,7 @@ def vocab_parallel_eaopd_loss(
     """
     options = LossOptions.build(dict(options, vocab_size=vocab_size))
     _checks.tensor("student_logits", student_logits, min_dim=1)
+    _checks.nonempty_vocab("student_logits", student_logits)
     token_shape = tuple(student_logits.shape[:-1])
     width = student_logits.shape[-1]
     info = tp.resolve(tp_group, width, options.vocab_size, False)
