@@ -24,7 +24,8 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 HEADER = ("tokens", "kept tokens", "mask sum", "mask fingerprint", "mask fingerprint 2",
            "shard width", "chunk_size", "vocab_size", "1/temperature", "gate p1", "gate p2",
            "gate", "reduction", "student_logit_scale", "student_softcap",
-           "teacher_logit_scale", "teacher_softcap", "teacher top-k", "teacher ids invalid")
+           "teacher_logit_scale", "teacher_softcap", "teacher top-k", "topk_tail",
+           "teacher ids invalid", "teacher log-probs invalid")
 
 
 def _collective(new: str, old: str):

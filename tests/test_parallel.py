@@ -256,6 +256,18 @@ def _check_topk_collectives(rank, world, group):
         fused_linear_vocab_parallel_eaopd_loss(
             h, wl.detach(), teacher_topk_logprobs=lp, teacher_topk_indices=bad,
             tp_group=group)
+    kw = dict(teacher_topk_indices=ids, tp_group=group)
+    over = lp.clone()
+    over[3] = over[3] + 1.0  # log-probs > 0 (logits by mistake)
+    with pytest.raises(ValueError, match="ranks disagree on teacher log-probs invalid"):
+        fused_linear_vocab_parallel_eaopd_loss(h, wl.detach(), **kw,
+                                               teacher_topk_logprobs=over if rank else lp)
+    with pytest.raises(ValueError, match="teacher_topk_logprobs must be log-prob.*token 3"):
+        fused_linear_vocab_parallel_eaopd_loss(h, wl.detach(), teacher_topk_logprobs=over, **kw)
+    tails = ("bucket", "renormalize", "truncate")
+    with pytest.raises(ValueError, match="ranks disagree on topk_tail"):
+        fused_linear_vocab_parallel_eaopd_loss(h, wl.detach(), teacher_topk_logprobs=lp, **kw,
+                                               topk_tail=tails[rank % 3])
 
 
 GATES = [{}, {"h_max": 1.1}, {"gate": "threshold", "gate_threshold": 2.5},
@@ -279,7 +291,9 @@ def _tp4_worker(rank, world):
     _check_transforms(rank, world, group)
     topk_grid = [("sum", 1.0, 25, "bucket", True), ("none", 1.5, 25, "bucket", False),
                  ("mean", 1.5, None, "renormalize", True), ("none", 1.0, 20, "bucket", True),
-                 ("batchmean", 1.0, 25, "renormalize", False)]
+                 ("batchmean", 1.0, 25, "renormalize", False),
+                 ("sum", 1.5, 25, "truncate", True), ("none", 1.0, 20, "truncate", True),
+                 ("mean", 1.0, None, "truncate", False)]
     for reduction, tau, vocab_size, tail, fused in topk_grid:
         check_topk_case(rank, world, group, reduction=reduction, tau=tau,
                         vocab_size=vocab_size, tail=tail, fused=fused)
