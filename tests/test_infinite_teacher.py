@@ -295,7 +295,8 @@ def test_topk_minus_inf_logprob(eager, tail, gate):
 @pytest.mark.parametrize("tail", ["bucket", "renormalize", "truncate"])
 def test_topk_one_hot_is_cross_entropy(eager, tail):
     """A served one-hot teacher ([0, -inf, -inf]), fkl_weight=1: cross-entropy on the
-    full vocabulary (bucket: Q_tail = 0; truncate) or over the k ids (renormalize); fp32 and bf16."""
+    full vocabulary (bucket: Q_tail = 0; truncate) or over the k ids (renormalize); fp32
+    and bf16."""
     z64, ids, _ = _served(k=3)
     lp = torch.tensor([0.0, INF, INF]).expand(6, 3)
     tgt = ids[:, 0]
