@@ -117,10 +117,11 @@ def _run(fn, cfg, compiled, fullgraph=False, seed=0):
     return _call(step, model, kind, seed)
 
 
-@pytest.mark.parametrize("name", list(_entry_points()))
+@pytest.mark.parametrize("name", [n for n in _entry_points() if n != "topk"])
 @pytest.mark.parametrize("fullgraph", [False, True])
 def test_compiled_step_equals_eager(name, fullgraph):
-    """Issue 9's repro generalised: the loss inside a compiled step, every config."""
+    """Issue 9's repro generalised: the loss inside a compiled step, every config (the
+    top-k teacher's static compiled step: tests/test_topk.py; dynamic: below)."""
     fn = _entry_points()[name]
     with torch._dynamo.config.patch(recompile_limit=64):
         for cfg in CONFIGS:
