@@ -298,7 +298,7 @@ def tp_dim(weight, name: str) -> int:
             dims.append(i)
         elif not isinstance(p, Replicate):
             raise TypeError(
-                f"{name} is a {_layout(weight)}: {p} is not supported. The supported layout "
+                f"{name} is a {_layout(weight)}: {p!r} is not supported. The supported layout "
                 "is Shard(0) over the vocabulary (torchtitan's ColwiseParallel output layer) "
                 "on one mesh dim, Replicate() on the others")
     if len(dims) != 1:
@@ -335,7 +335,7 @@ def _local(name: str, x, mesh, dim: int, ok_dims=(), what: str = ""):
             continue
         supported = "Replicate()" + (f" or {what}" if what else "")
         raise TypeError(
-            f"{name} is a {_layout(x)}: {p} on mesh dim {i} is not supported; supported: "
+            f"{name} is a {_layout(x)}: {p!r} on mesh dim {i} is not supported; supported: "
             f"{supported} on the TP mesh dim {dim}, Replicate() on the others (no sharding "
             "along the hidden dim, no Partial)")
     return x.to_local(), sharded

@@ -185,6 +185,118 @@ def helper_case(rank, world, mesh, head_unit):
               msg=f"grad {name}: ")
 
 
+# --------------------------------------------------------------------------- DTensor TP
+
+
+def _tp_data(seed=0, vocab=61, k=None):
+    """Full tensors, the same on every rank: (B, T) = (2, 4) tokens, V = 61 (uneven over 2:
+    31 + 30 rows, torch.chunk's layout)."""
+    g = torch.Generator().manual_seed(seed)
+    h, th = torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, 6, generator=g)
+    w, tw = torch.randn(vocab, 8, generator=g), torch.randn(vocab, 6, generator=g) * 1.5
+    b = torch.randn(vocab, generator=g)
+    labels = (torch.rand(2, 4, generator=g) > 0.3).float()
+    return h, th, w, tw, b, labels
+
+
+def _grad_out(loss):
+    return torch.tensor(0.9) if loss.dim() == 0 else torch.linspace(-1, 1, loss.numel()).view(
+        loss.shape)
+
+
+def tp_fused_case(mesh, placement, reduction, teacher, bias):
+    """fused_linear_eaopd_loss on DTensors: weights Shard(0), hidden ``placement``."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    h, th, w, tw, b, labels = _tp_data()
+    opts = dict(labels=labels, reduction=reduction, chunk_size=3, temperature=0.9)
+    hr, wr, br = (x.clone().requires_grad_() for x in (h, w, b))
+    t_ref, t_kw = {}, {}
+    hd = distribute_tensor(h, mesh, [placement]).requires_grad_()
+    wd = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_()
+    bd = distribute_tensor(b, mesh, [Shard(0)]).requires_grad_()
+    if teacher == "linear":
+        t_ref = dict(teacher_hidden=th, teacher_weight=tw)
+        t_kw = dict(teacher_hidden=distribute_tensor(th, mesh, [placement]),
+                    teacher_weight=distribute_tensor(tw, mesh, [Shard(0)]))
+    elif teacher == "logits":
+        y = th @ tw.T
+        t_ref = dict(teacher_logits=y)
+        t_kw = dict(teacher_logits=distribute_tensor(y, mesh, [Shard(2)]))
+    else:  # a served top-k teacher, replicated (plain tensors)
+        lp, ids = torch.log_softmax(th @ tw.T, -1).topk(5, -1)
+        t_ref = t_kw = dict(teacher_topk_logprobs=lp, teacher_topk_indices=ids)
+    ref = fused_linear_eaopd_loss(hr, wr, student_bias=br if bias else None, **t_ref, **opts)
+    ref.backward(_grad_out(ref))
+    loss = fused_linear_eaopd_loss(hd, wd, student_bias=bd if bias else None, **t_kw, **opts)
+    assert type(loss) is torch.Tensor  # plain, the same on every rank
+    loss.backward(_grad_out(loss))
+    close(loss, ref.detach())
+    assert wd.grad.placements == (Shard(0),) and hd.grad.placements == (placement,)
+    close(wd.grad.full_tensor(), wr.grad, msg="grad W: ")
+    close(hd.grad.full_tensor(), hr.grad, msg="grad h: ")
+    if bias:
+        close(bd.grad.full_tensor(), br.grad, msg="grad b: ")
+    assert isinstance(placement, (Replicate, Shard))
+
+
+def tp_logits_case(mesh, reduction, topk):
+    """entropy_aware_opd_loss on vocabulary-sharded DTensor logits (uneven shards)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    h, th, w, tw, _, labels = _tp_data(1)
+    z, y = (h @ w.T), (th @ tw.T)
+    zr = z.clone().requires_grad_()
+    zd = distribute_tensor(z, mesh, [Shard(2)]).requires_grad_()
+    opts = dict(labels=labels, reduction=reduction, chunk_size=3)
+    if topk:
+        lp, ids = torch.log_softmax(y, -1).topk(4, -1)
+        t_ref = t_kw = dict(teacher_topk_logprobs=lp, teacher_topk_indices=ids)
+    else:
+        t_ref, t_kw = dict(teacher_logits=y), dict(teacher_logits=distribute_tensor(
+            y, mesh, [Shard(2)]))
+    ref = entropy_aware_opd_loss(zr, **t_ref, **opts)
+    ref.backward(_grad_out(ref))
+    loss = entropy_aware_opd_loss(zd, **t_kw, **opts)
+    loss.backward(_grad_out(loss))
+    close(loss, ref.detach())
+    assert zd.grad.placements == (Shard(2),)
+    close(zd.grad.full_tensor(), zr.grad, msg="grad z: ")
+
+
+def tp_refused_case(mesh):
+    """Layouts the TP path cannot compute exactly raise TypeError/ValueError naming them."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    h, th, w, tw, _, _ = _tp_data()
+    wd = distribute_tensor(w, mesh, [Shard(0)])
+    t_kw = dict(teacher_hidden=distribute_tensor(th, mesh, [Replicate()]),
+                teacher_weight=distribute_tensor(tw, mesh, [Shard(0)]))
+    cases = [
+        (TypeError, r"student_weight is a DTensor .*Shard\(dim=1\).*Shard\(0\) over the vocab",
+         distribute_tensor(h, mesh, [Replicate()]), distribute_tensor(w, mesh, [Shard(1)])),
+        (TypeError, r"student_hidden is a DTensor .*Shard\(dim=2\) on mesh dim 0 is not "
+         r"supported.*no sharding along the hidden dim",
+         distribute_tensor(h, mesh, [Shard(2)]), wd),
+        (TypeError, r"student_hidden is a DTensor .*Partial",
+         DTensor.from_local(h, mesh, [Partial()]), wd),
+        (TypeError, r"student_weight is a DTensor .*Partial",
+         distribute_tensor(h, mesh, [Replicate()]),
+         DTensor.from_local(w, mesh, [Partial()])),
+        (ValueError, r"token dim 1 of size 3 does not split evenly",
+         distribute_tensor(h[:, :3].contiguous(), mesh, [Shard(1)]), wd),
+    ]
+    for exc, pattern, hd, w_ in cases:
+        kw = dict(t_kw)
+        if exc is ValueError:
+            kw["teacher_hidden"] = distribute_tensor(th[:, :3].contiguous(), mesh, [Shard(1)])
+        with pytest.raises(exc, match=pattern):
+            fused_linear_eaopd_loss(hd, w_, **kw)
+    with pytest.raises(TypeError, match="teacher_weight is a plain tensor"):
+        fused_linear_eaopd_loss(distribute_tensor(h, mesh, [Replicate()]), wd,
+                                teacher_hidden=th, teacher_weight=tw)
+
+
 def _two_ranks(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -202,11 +314,28 @@ def _two_ranks(rank, world):
     for head_unit in (False, True):
         cases.run(f"head_eaopd_loss head_unit={head_unit}", helper_case, rank, world, mesh,
                   head_unit)
+    _tp_cases(cases, mesh)
     cases.check()
 
 
+def _tp_cases(cases, mesh):
+    from torch.distributed.tensor import Replicate, Shard
+
+    for placement in (Replicate(), Shard(0), Shard(1)):
+        for reduction in ("batchmean", "sum", "mean", "none"):
+            for teacher in ("linear", "logits", "topk"):
+                bias = reduction == "sum"
+                cases.run(f"tp fused hidden={placement} {reduction} teacher={teacher}",
+                          tp_fused_case, mesh, placement, reduction, teacher, bias)
+    for reduction in ("batchmean", "sum", "mean", "none"):
+        for topk in (False, True):
+            cases.run(f"tp logits {reduction} topk={topk}", tp_logits_case, mesh, reduction,
+                      topk)
+    cases.run("tp refused layouts", tp_refused_case, mesh)
+
+
 def test_two_ranks():
-    """FSDP2 (hf.eaopd_loss, the public helper) at 2 ranks, one spawn."""
+    """FSDP2 (hf.eaopd_loss, the public helper) and DTensor TP at 2 ranks, one spawn."""
     spawn(_two_ranks, 2)
 
 
