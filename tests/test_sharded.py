@@ -185,6 +185,55 @@ def helper_case(rank, world, mesh, head_unit):
               msg=f"grad {name}: ")
 
 
+def _trl_hook(student, teacher, rows):
+    """TRL's compute_loss path for EAOPDDistillationTrainer's hook: the hook routed through
+    the student wrapper's forward by TRL's own _ForwardRedirection. The trainer object is
+    made without __init__ (accelerate cannot run FSDP on CPU: its state sets
+    DistributedType.FSDP only for the GPU-class distributed types, never MULTI_CPU)."""
+    from types import SimpleNamespace
+
+    from trl.models.utils import _ForwardRedirection
+
+    from eaopd_mp.options import LossOptions
+    from eaopd_mp.trl import EAOPDDistillationTrainer
+
+    trainer = EAOPDDistillationTrainer.__new__(EAOPDDistillationTrainer)
+    trainer.teacher_model = teacher
+    trainer.model_kwarg_keys = ("input_ids", "attention_mask", "logits_to_keep")
+    trainer._is_vlm = False
+    trainer.accelerator = SimpleNamespace(unwrap_model=lambda m: m, is_main_process=True)
+    trainer.args = SimpleNamespace(report_to=[])
+    trainer.state = SimpleNamespace(global_step=0)
+    trainer.loss_options = LossOptions.build(dict(reduction="sum", return_stats=True,
+                                                  temperature=0.9, chunk_size=4))
+    ids, attn, comp = _batch()
+    inputs = dict(prompt_ids=ids[rows, :4], prompt_mask=attn[rows, :4],
+                  completion_ids=ids[rows, 4:], completion_mask=(comp * attn)[rows, 4:])
+    num_items = (comp * attn)[:, 4:].sum()  # the global count, as TRL passes it
+    loss, _, _ = _ForwardRedirection()(student, student, trainer._compute_loss, student, inputs,
+                                       num_items)
+    return loss
+
+
+def trl_case(rank, world, mesh):
+    """EAOPDDistillationTrainer's loss hook on FSDP2-wrapped student and teacher, against
+    the same hook on one process and the global batch."""
+    ref_s = make_model("llama", 0)
+    ref = _trl_hook(ref_s, make_model("qwen2_tied", 1), slice(None))
+    ref.backward()
+    student = _shard(make_model("llama", 0), mesh, True, False)
+    teacher = _shard(make_model("qwen2_tied", 1).requires_grad_(False), mesh, True, False)
+    n = 4 // world
+    loss = _trl_hook(student, teacher, slice(rank * n, (rank + 1) * n))
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    close(total, ref.detach())
+    for name, p in ref_s.named_parameters():
+        close(student.get_parameter(name).grad.full_tensor(), p.grad / world,
+              msg=f"grad {name}: ")
+
+
 # --------------------------------------------------------------------------- DTensor TP
 
 
@@ -314,6 +363,7 @@ def _two_ranks(rank, world):
     for head_unit in (False, True):
         cases.run(f"head_eaopd_loss head_unit={head_unit}", helper_case, rank, world, mesh,
                   head_unit)
+    cases.run("trl hook under fsdp2", trl_case, rank, world, mesh)
     _tp_cases(cases, mesh)
     cases.check()
 
@@ -335,7 +385,8 @@ def _tp_cases(cases, mesh):
 
 
 def test_two_ranks():
-    """FSDP2 (hf.eaopd_loss, the public helper) and DTensor TP at 2 ranks, one spawn."""
+    """FSDP2 (hf.eaopd_loss, the public helper, the TRL trainer's hook) and DTensor TP at 2
+    ranks, one spawn."""
     spawn(_two_ranks, 2)
 
 
