@@ -147,15 +147,19 @@ def run_in_forward(module, fn, *args, **kwargs):
 def run_frozen(module, fn, *args, **kwargs):
     """:func:`run_in_forward` for a frozen module (a teacher): its engine's hooks run
     without gradient, so backward never all-gathers it again; ``fn`` itself runs in the
-    caller's grad mode (the loss it computes keeps its graph to the student)."""
+    caller's grad mode, and its result is handed back around the engine's post-forward hooks
+    (so the loss keeps its graph to the student: DeepSpeed passes forward outputs through
+    autograd functions, which under ``no_grad`` would cut it; FSDP2 might cast it)."""
     grad = torch.is_grad_enabled()
+    result = []
 
     def inner(*a, **k):
         with torch.set_grad_enabled(grad):
-            return fn(*a, **k)
+            result.append(fn(*a, **k))
 
     with torch.no_grad():
-        return run_in_forward(module, inner, *args, **kwargs)
+        run_in_forward(module, inner, *args, **kwargs)
+    return result[0]
 
 
 def run_in_forwards(modules, fn, *args, frozen: bool = False):
@@ -184,11 +188,28 @@ def owners(model, head) -> list:
     for m in (model, head):
         if m is not None and (is_fsdp2(m) or _is_engine(m)) and all(m is not f for f in found):
             found.append(m)
+    if _is_engine(model) and head is not None:
+        _register_external(model.module, head)
     if is_fsdp1(model) or is_fsdp1(head):
         raise TypeError("FSDP1 (FullyShardedDataParallel) is not supported: its flat "
                         "parameters hide the head's (vocab, hidden) layout; wrap the model "
                         "with FSDP2 (torch.distributed.fsdp.fully_shard)")
     return found
+
+
+def _register_external(module, head) -> None:
+    """ZeRO-3: declare the head's parameters as used in ``module``'s forward
+    (``deepspeed.zero.register_external_parameter``, idempotent), so that the engine gathers
+    them in that forward and again in its backward, where the fused loss's dense gradient
+    then accumulates into the gathered parameter and is reduce-scattered (without it the
+    first step fails with 'size of tensor a (0) must match ...')."""
+    params = [p for p in head.parameters(recurse=False) if is_zero3_param(p)]
+    if not params:
+        return
+    import deepspeed
+
+    for p in params:
+        deepspeed.zero.register_external_parameter(module, p)
 
 
 def _is_engine(module) -> bool:
