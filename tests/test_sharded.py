@@ -390,6 +390,69 @@ def test_two_ranks():
     spawn(_two_ranks, 2)
 
 
+# --------------------------------------------------------------------------- FSDP2 x TP
+
+
+def _fsdp_tp(rank, world):
+    """2 x 2 mesh (dp, tp) as torchtitan builds it: the head ColwiseParallel over tp (vocab
+    37 = 19 + 18 rows, uneven), then fully_shard over dp. The loss runs inside the root's
+    forward (head_eaopd_loss), where the head is a tp-only DTensor Shard(0)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 3, 5, generator=g)
+    labels = (torch.rand(4, 3, generator=g) > 0.3).float()
+    cases = _Failures(rank)
+
+    def case(reduction):
+        ref_s, ref_t = _Tiny(37, 8, 0), _Tiny(37, 6, 1)
+        kw = dict(labels=labels, reduction=reduction, chunk_size=2)
+        ref = fused_linear_eaopd_loss(ref_s(x), ref_s.head.weight, student_bias=ref_s.head.bias,
+                                      teacher_hidden=ref_t(x).detach(),
+                                      teacher_weight=ref_t.head.weight.detach(),
+                                      teacher_bias=ref_t.head.bias.detach(), **kw)
+        grad = torch.linspace(0.5, 1.5, 12).view(4, 3)
+        ref.backward(None if reduction != "none" else grad)
+        models = []
+        for m in (_Tiny(37, 8, 0), _Tiny(37, 6, 1).requires_grad_(False)):
+            parallelize_module(m, mesh["tp"], {"head": ColwiseParallel()})
+            fully_shard(m.body, mesh=mesh["dp"])
+            fully_shard(m, mesh=mesh["dp"])
+            models.append(m)
+        student, teacher = models
+        dp = mesh["dp"].get_local_rank()
+        rows = slice(dp * 2, dp * 2 + 2)
+        loss = sharded.head_eaopd_loss(
+            student.head, student(x[rows]), model=student, teacher_head=teacher.head,
+            teacher_hidden=teacher(x[rows]), teacher_model=teacher,
+            **dict(kw, labels=labels[rows]))
+        loss.backward(None if reduction != "none" else grad[rows])
+        if reduction == "none":
+            close(loss.detach(), ref.detach()[rows])
+        else:
+            total = loss.detach().clone()
+            dist.all_reduce(total, group=mesh["dp"].get_group())
+            # batchmean: each dp rank divides by its 2 rows, the reference by all 4
+            close(total, ref.detach() if reduction == "sum" else ref.detach() * 2)
+        # FSDP2 averages over dp (2 ranks); batchmean's per-rank 1/2 cancels that
+        div = 1 if reduction == "batchmean" else 2
+        for name, p in ref_s.named_parameters():
+            close(student.get_parameter(name).grad.full_tensor(), p.grad / div,
+                  msg=f"grad {name}: ")
+
+    for reduction in ("sum", "batchmean", "none"):
+        cases.run(f"fsdp2 x tp {reduction}", case, reduction)
+    cases.check()
+
+
+def test_four_ranks_fsdp2_x_tp():
+    """FSDP2 x TP on a 2 x 2 mesh, one spawn."""
+    spawn(_fsdp_tp, 4)
+
+
 # --------------------------------------------------------------------------- refused layouts
 
 
