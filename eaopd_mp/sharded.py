@@ -418,6 +418,9 @@ def dtensor_linear_loss(student_hidden, student_weight, student_bias, teacher_hi
     rest = [_local(n, x, mesh, dim)[0] for n, x in (
         ("labels", labels), ("teacher_topk_logprobs", topk_logprobs),
         ("teacher_topk_indices", topk_indices), ("teacher_entropy", entropy))]
+    for name, x in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
+        if x is not None and not any_dtensor(x):
+            _check_replicated(name, x, group)
     if teacher_hidden is not None and th_dim != h_dim:
         raise ValueError(f"student_hidden ({_describe(student_hidden)}) and teacher_hidden "
                          f"({_describe(teacher_hidden)}) must be sharded alike")
@@ -427,6 +430,26 @@ def dtensor_linear_loss(student_hidden, student_weight, student_bias, teacher_hi
                                *rest[1:], stride=stride)
     return _sequence_parallel(student_hidden, h_dim, size, h, w, b, th, tw, tb, tl, rest,
                               options, group, stride)
+
+
+def _check_replicated(name: str, x: torch.Tensor, group) -> None:
+    """A plain tensor beside a DTensor weight is taken as replicated over the weight's mesh
+    dim: check it (one tiny all-gather of a float64 fingerprint), so that an FSDP2-sharded
+    weight read outside its module's forward (a DTensor ``Shard(0)`` over the data-parallel
+    mesh, whose ranks hold different tokens) raises instead of mixing tokens."""
+    import torch.distributed as dist
+
+    v = x.detach().to(torch.float64)
+    mine = torch.stack([v.sum(), (v * v).sum()]).to(x.device)
+    table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(table, mine, group=group)
+    if any(not torch.equal(t, table[0]) for t in table):
+        raise ValueError(
+            f"{name} is a plain tensor of shape {tuple(x.shape)} that differs across the "
+            "ranks the weight is sharded over; a plain hidden state must be the same on "
+            "every rank (or give it as a DTensor). If the weight is an FSDP2 parameter read "
+            "outside its module's forward, run the loss inside it: "
+            "eaopd_mp.sharded.head_eaopd_loss(head, hidden, model=root, ...)")
 
 
 def _describe(x) -> str:

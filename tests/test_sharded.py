@@ -341,6 +341,9 @@ def tp_refused_case(mesh):
             kw["teacher_hidden"] = distribute_tensor(th[:, :3].contiguous(), mesh, [Shard(1)])
         with pytest.raises(exc, match=pattern):
             fused_linear_eaopd_loss(hd, w_, **kw)
+    with pytest.raises(ValueError, match="student_hidden is a plain tensor .* differs across"):
+        # e.g. an FSDP2 weight (Shard(0) over data-parallel ranks) read outside its forward
+        fused_linear_eaopd_loss(h + dist.get_rank(), wd, **t_kw)
     with pytest.raises(TypeError, match="teacher_weight is a plain tensor"):
         fused_linear_eaopd_loss(distribute_tensor(h, mesh, [Replicate()]), wd,
                                 teacher_hidden=th, teacher_weight=tw)
