@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 GPU_PYTHON ?= python3
 LIGER ?= liger-kernel==0.8.5
 
-.PHONY: demo test lint bench gpu-check gpu-wheels clean
+.PHONY: demo test lint bench gpu-check gpu-wheels clean docs docs-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,5 +42,26 @@ gpu-check:
 gpu-wheels: $(STAMP)
 	$(PY) -m pip download --quiet --no-deps --only-binary=:all: "$(LIGER)" -d gpu-wheels
 
+# The documentation site: its own venv (the `docs` extra, pinned; torch pinned first, as
+# above) and `mkdocs build --strict` into site/ from scratch, so a broken link, a missing
+# page or an unresolved API reference fails the build.
+DOCS_VENV := .venv-docs
+DOCS_STAMP := $(DOCS_VENV)/.installed
+
+$(DOCS_STAMP): pyproject.toml
+	test -x $(DOCS_VENV)/bin/python || $(PYTHON) -m venv $(DOCS_VENV)
+	$(DOCS_VENV)/bin/python -m pip install --quiet "$(TORCH)"
+	$(DOCS_VENV)/bin/python -m pip install --quiet -e ".[docs]" "$(TORCH)"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	rm -rf site
+	NO_MKDOCS_2_WARNING=1 $(DOCS_VENV)/bin/mkdocs build --strict --site-dir site
+
+# Rewrite the output block under every executed Python block of the README and the
+# guides from a fresh run (tests/test_docs.py fails while one is stale).
+docs-outputs: $(STAMP)
+	$(PY) tests/docs_blocks.py --write
+
 clean:
-	rm -rf $(VENV) demo-out bench-out gpu-check-out .pytest_cache
+	rm -rf $(VENV) $(DOCS_VENV) site demo-out bench-out gpu-check-out .pytest_cache
