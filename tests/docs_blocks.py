@@ -144,7 +144,7 @@ def rewrite(path: Path, results) -> bool:
     """Replace the page's stale output blocks with what the code printed."""
     lines = path.read_text().split("\n")
     changed = False
-    for block, output, printed in sorted(
+    for _block, output, printed in sorted(
             (r for r in results if r[1] is not None), key=lambda r: -r[1].start):
         if normalise(output.code) == normalise(printed):
             continue
