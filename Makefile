@@ -59,9 +59,10 @@ docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(DOCS_VENV)/bin/mkdocs build --strict --site-dir site
 
 # Rewrite the output block under every executed Python block of the README and the
-# guides from a fresh run (tests/test_docs.py fails while one is stale).
+# guides from a fresh run (tests/test_docs.py fails while one is stale); RECORDED=1 also
+# reruns the examples whose recorded runs the guides show (minutes, torchrun included).
 docs-outputs: $(STAMP)
-	$(PY) tests/docs_blocks.py --write
+	$(PY) tests/docs_blocks.py --write $(if $(RECORDED),--recorded)
 
 clean:
 	rm -rf $(VENV) $(DOCS_VENV) site demo-out bench-out gpu-check-out .pytest_cache

@@ -3,6 +3,8 @@
     python tests/docs_blocks.py            # run every page's Python blocks; exit 1 if an
                                            # output block is stale
     python tests/docs_blocks.py --write    # rewrite the stale output blocks (make docs-outputs)
+    python tests/docs_blocks.py --write --recorded   # also rerun the recorded example runs
+                                                     # (minutes; make docs-outputs RECORDED=1)
 
 Conventions (CONTRIBUTING.md, "The documentation"):
 
@@ -11,7 +13,10 @@ Conventions (CONTRIBUTING.md, "The documentation"):
   tests/test_megatron_schedule.py" ````) needs several processes, a GPU or a download:
   it is not run here, and that test (which must exist) runs the same thing;
 * a ```` ```text ```` block right after a Python block (blank lines between at most) is
-  that block's printed output, compared exactly (trailing spaces aside).
+  that block's printed output, compared exactly (trailing spaces aside);
+* a ```` ```console ```` block whose first line is ``$ <command>`` is a recorded run of an
+  example (timings and all): ``--write --recorded`` runs the command again and replaces
+  the block with its output; the test checks that the script it names exists.
 
 ``tests/test_docs.py`` runs this in ``make test``.
 """
@@ -21,7 +26,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import re
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,14 +164,43 @@ def rewrite(path: Path, results) -> bool:
     return changed
 
 
+def recorded(path: Path) -> list[Block]:
+    """The page's recorded runs: ```console blocks starting with ``$ <command>``."""
+    return [b for b in blocks(path) if b.lang == "console" and b.code.startswith("$ ")]
+
+
+def command(block: Block) -> str:
+    """The command of a recorded run (its first line, without ``$ ``)."""
+    return block.code.split("\n", 1)[0][2:].strip()
+
+
+def rerun(path: Path, block: Block) -> None:
+    """Run a recorded run's command again (from the repository root, this interpreter's
+    environment first on PATH) and put its output in the block."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    out = subprocess.run(command(block), shell=True, cwd=ROOT, env=env, check=True,
+                         stdout=subprocess.PIPE, text=True, timeout=1800).stdout
+    lines = path.read_text().split("\n")
+    new = [f"$ {command(block)}"] + normalise(out).split("\n")
+    lines[block.start:block.end] = [block.indent + x if x else x for x in new]
+    path.write_text("\n".join(lines))
+    print(f"reran {block.where}: {command(block)}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--write", action="store_true", help="rewrite stale output blocks")
+    p.add_argument("--recorded", action="store_true",
+                   help="with --write: also rerun the recorded example runs (slow)")
     p.add_argument("pages", nargs="*", type=Path, help="default: every page")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     status = 0
     for path in [q.resolve() for q in args.pages] or pages():
+        if args.write and args.recorded:
+            for block in reversed(recorded(path)):  # bottom up: earlier lines stay put
+                rerun(path, block)
         if not any(not b.owner for b, _ in pairs(path)):
             continue
         results = run_page(path)

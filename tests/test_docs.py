@@ -43,6 +43,17 @@ def test_blocks_not_run_here_name_an_existing_test():
                 f"{block.where}: no test {name} in {path}"
 
 
+def test_recorded_runs_name_scripts_that_exist():
+    runs = [b for p in docs_blocks.pages() for b in docs_blocks.recorded(p)]
+    assert runs, "expected the examples' recorded runs"
+    for block in runs:
+        scripts = [w for w in docs_blocks.command(block).split() if w.endswith(".py")]
+        modules = re.findall(r"-m (\S+)", docs_blocks.command(block))
+        assert scripts or modules, f"{block.where}: no script in {docs_blocks.command(block)}"
+        for script in scripts:
+            assert (ROOT / script).is_file(), f"{block.where}: {script} does not exist"
+
+
 def test_every_python_block_is_run_or_owned():
     """A Python block is either run here or names the test that runs it: nothing else."""
     for page in docs_blocks.pages():
