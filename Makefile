@@ -1,5 +1,7 @@
 # The two commands a newcomer needs: `make demo` and `make test`.
 # On a GPU machine: `make gpu-check` (uses python3 there, not the CPU venv).
+# The documentation site: `make docs` (into site/, strict); `make docs-outputs` rewrites the
+# printed outputs the README and the guides show (tests/test_docs.py checks them).
 # TORCH pins what is installed here (a CPU build lies on this machine's disk);
 # the package metadata itself accepts a range.
 PYTHON ?= python3
