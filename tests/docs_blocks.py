@@ -10,8 +10,9 @@ Conventions (CONTRIBUTING.md, "The documentation"):
 
 * every ```` ```python ```` block runs, the blocks of one page in order in one namespace;
 * a Python block whose title names a test file (```` ```python title="4 processes:
-  tests/test_megatron_schedule.py" ````) needs several processes, a GPU or a download:
-  it is not run here, and that test (which must exist) runs the same thing;
+  tests/test_megatron_schedule.py" ````), or whose first line is a comment naming one
+  (``# needs torchrun: tests/test_megatron_schedule.py``), needs several processes, a GPU
+  or a download: it is not run here, and that test (which must exist) runs the same thing;
 * a ```` ```text ```` block right after a Python block (blank lines between at most) is
   that block's printed output, compared exactly (trailing spaces aside);
 * a ```` ```console ```` block whose first line is ``$ <command>`` is a recorded run of an
@@ -58,8 +59,10 @@ class Block:
 
     @property
     def owner(self) -> tuple[str, str | None] | None:
-        """``(test file, test name or None)`` named by the title, or None."""
-        m = OWNER.search(self.title)
+        """``(test file, test name or None)`` named by the title (or by a comment on the
+        block's first line), or None."""
+        first = self.code.split("\n", 1)[0]
+        m = OWNER.search(self.title) or (OWNER.search(first) if first.startswith("#") else None)
         return (m["file"], m["test"]) if m else None
 
 
@@ -121,8 +124,15 @@ def run_page(path: Path) -> list[tuple[Block, Block | None, str]]:
             continue
         stdout = io.StringIO()
         code = compile(block.code, block.where, "exec")
-        with contextlib.redirect_stdout(stdout):
-            exec(code, namespace)
+        try:
+            with contextlib.redirect_stdout(stdout):
+                exec(code, namespace)
+        except Exception as e:
+            raise RuntimeError(
+                f"{block.where}: the block raised {type(e).__name__}: {e}. If it needs several "
+                "processes, a GPU or a download, name the test that runs the same thing in its "
+                'title (```python title="torchrun: tests/test_x.py") or first-line comment'
+            ) from e
         results.append((block, output, stdout.getvalue()))
     return results
 

@@ -68,6 +68,7 @@ def test_extractor_pairs_outputs_and_detects_a_stale_one(tmp_path, monkeypatch):
     page = tmp_path / "page.md"
     page.write_text("```python\nx = 2\nprint(x + 1)\n```\n\n```text\n4\n```\n\n"
                     "```python title=\"2 processes: tests/test_x.py\"\nraise SystemExit\n```\n\n"
+                    "```python\n# torchrun: tests/test_x.py::test_y\nraise SystemExit\n```\n\n"
                     "```python\nprint('no output block')\n```\n")
     problems = docs_blocks.stale(docs_blocks.run_page(page))
     assert len(problems) == 2
@@ -75,6 +76,9 @@ def test_extractor_pairs_outputs_and_detects_a_stale_one(tmp_path, monkeypatch):
     assert "no ```text block" in problems[1]
     docs_blocks.rewrite(page, docs_blocks.run_page(page))
     assert "```text\n3\n```" in page.read_text()
+    page.write_text("```python\nraise ValueError('boom')\n```\n")
+    with pytest.raises(RuntimeError, match=r"page.md:1: the block raised ValueError: boom"):
+        docs_blocks.run_page(page)
 
 
 # ---------------------------------------------------------------- the front page and links
