@@ -13,6 +13,8 @@ Conventions (CONTRIBUTING.md, "The documentation"):
   tests/test_megatron_schedule.py" ````), or whose first line is a comment naming one
   (``# needs torchrun: tests/test_megatron_schedule.py``), needs several processes, a GPU
   or a download: it is not run here, and that test (which must exist) runs the same thing;
+* a Python block written as a console session (``>>>`` prompts) runs as a doctest: the
+  outputs written in it are checked (``...`` matches anything);
 * a ```` ```text ```` block right after a Python block (blank lines between at most) is
   that block's printed output, compared exactly (trailing spaces aside);
 * a ```` ```console ```` block whose first line is ``$ <command>`` is a recorded run of an
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import doctest
 import io
 import os
 import re
@@ -122,6 +125,10 @@ def run_page(path: Path) -> list[tuple[Block, Block | None, str]]:
     for block, output in pairs(path):
         if block.owner:
             continue
+        if block.code.lstrip().startswith(">>>"):
+            run_doctest(block, namespace)
+            results.append((block, output, ""))
+            continue
         stdout = io.StringIO()
         code = compile(block.code, block.where, "exec")
         try:
@@ -135,6 +142,18 @@ def run_page(path: Path) -> list[tuple[Block, Block | None, str]]:
             ) from e
         results.append((block, output, stdout.getvalue()))
     return results
+
+
+def run_doctest(block: Block, namespace: dict) -> None:
+    """Run a ``>>>`` block in the page's namespace; RuntimeError with doctest's report if
+    an output differs."""
+    test = doctest.DocTestParser().get_doctest(block.code, namespace, block.where,
+                                               block.where, block.start)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    report = io.StringIO()
+    runner.run(test, out=report.write, clear_globs=False)
+    if runner.failures:
+        raise RuntimeError(f"{block.where}: the session's outputs differ:\n{report.getvalue()}")
 
 
 def normalise(text: str) -> str:

@@ -76,6 +76,11 @@ def test_extractor_pairs_outputs_and_detects_a_stale_one(tmp_path, monkeypatch):
     assert "no ```text block" in problems[1]
     docs_blocks.rewrite(page, docs_blocks.run_page(page))
     assert "```text\n3\n```" in page.read_text()
+    page.write_text("```python\n>>> 1 + 1\n2\n```\n")
+    docs_blocks.run_page(page)
+    page.write_text("```python\n>>> 1 + 1\n3\n```\n")
+    with pytest.raises(RuntimeError, match="outputs differ"):
+        docs_blocks.run_page(page)
     page.write_text("```python\nraise ValueError('boom')\n```\n")
     with pytest.raises(RuntimeError, match=r"page.md:1: the block raised ValueError: boom"):
         docs_blocks.run_page(page)
