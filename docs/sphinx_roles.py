@@ -27,8 +27,11 @@ class SphinxRoles(griffe.Extension):
         """The documented identifier ``target`` names (full, or by its last parts)."""
         if target in self.documented:
             return target
-        matches = [d for d in self.documented if d.endswith("." + target)]
-        return matches[0] if len(matches) == 1 else None
+        for suffix in (target, target.rsplit(".", 1)[-1]):  # then by its name alone
+            matches = [d for d in self.documented if d.endswith("." + suffix)]
+            if len(matches) == 1:
+                return matches[0]
+        return None
 
     def on_instance(self, *, obj: griffe.Object, **kwargs) -> None:
         if obj.docstring is None:
