@@ -133,7 +133,7 @@ def _heads(student, teacher, spec: Spec, combiner: TPCombiner | None):
 def _header(student, teacher, spec: Spec, n: int, kept: int,
             weight: torch.Tensor | None) -> list[float]:
     """This rank's view of the call, in the order of :data:`eaopd_mp.tp.HEADER`."""
-    return [student[0].shape[0], kept, *mask_fingerprint(weight, n), _width(student, spec),
+    return [student[0].shape[0], kept, *mask_fingerprint(weight, n), spec.stride,
             spec.chunk, spec.vocab_size, spec.inv_tau, spec.p1, spec.p2,
             GATES.index(spec.gate), REDUCTIONS.index(spec.reduction),
             spec.s_scale, spec.s_cap or 0.0, spec.t_scale, spec.t_cap or 0.0,

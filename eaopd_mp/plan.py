@@ -60,6 +60,8 @@ class Spec:
         group, tp, rank, sequence_parallel: the tensor-parallel group name (``""`` on one
             device), its size, this rank, and whether hidden states are split along the
             sequence.
+        stride: columns per vocabulary shard (rank ``r`` starts at ``r * stride``); 0 on
+            one device.
         s_scale, s_cap, t_scale, t_cap: the head transforms (logit scale, softcap or
             None) of the student and the teacher.
         topk_tail: the top-k teacher's target (one of
@@ -84,6 +86,7 @@ class Spec:
     tp: int = 1
     rank: int = 0
     sequence_parallel: bool = False
+    stride: int = 0
     s_scale: float = 1.0
     s_cap: float | None = None
     t_scale: float = 1.0
@@ -99,9 +102,10 @@ class Spec:
     def sized(self, width: int) -> Spec:
         """The spec with its width-derived values filled in, from ``width``, the logit
         columns held here (padding included; concrete, inside the op)."""
-        vocab = self.vocab_size or width * self.tp
+        stride = self.stride or width
+        vocab = self.vocab_size or stride * self.tp
         return dataclasses.replace(
-            self, vocab_size=vocab, cols=max(0, min(width, vocab - self.rank * width)),
+            self, vocab_size=vocab, cols=max(0, min(width, vocab - self.rank * stride)),
             chunk=self.chunk or default_chunk_size(width),
             p1=1.0 / default_h_max(vocab) if self.p1 is None else self.p1)
 
@@ -177,6 +181,7 @@ def run(student: list, teacher: list, labels: torch.Tensor | None, token_shape: 
         group="" if tp is None else tp.group, tp=1 if tp is None else tp.size,
         rank=0 if tp is None else tp.rank,
         sequence_parallel=False if tp is None else tp.sequence_parallel,
+        stride=0 if tp is None else tp.stride,
         s_scale=options.student_logit_scale, s_cap=options.student_softcap,
         t_scale=options.teacher_logit_scale, t_cap=options.teacher_softcap,
         topk_tail=options.topk_tail, entropy_given=entropy is not None,
