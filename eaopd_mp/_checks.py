@@ -87,16 +87,12 @@ def vocab_fits(vocab_size: int, **widths: int) -> None:
 def linear(prefix: str, hidden: object, weight: object, bias: object) -> None:
     """Hidden ``(..., H)``, weight ``(V, H)``, bias ``(V,)`` of one linear head."""
     tensor(f"{prefix}_hidden", hidden, min_dim=1)
-    check_weight(f"{prefix}_weight", weight)  # FSDP1 / ZeRO-3 layouts, named
+    check_weight(f"{prefix}_weight", weight)  # FSDP1 / ZeRO-3 layouts, and any empty weight
     tensor(f"{prefix}_weight", weight)
     if weight.dim() != 2:
         raise ValueError(
             f"{prefix}_weight must be (vocab, hidden), got shape {tuple(weight.shape)}"
         )
-    nonempty_vocab(f"{prefix}_weight", weight, 0)
-    if weight.shape[1] == 0:
-        raise ValueError(f"{prefix}_weight has an empty hidden dim (shape "
-                         f"{tuple(weight.shape)}): the head needs at least one feature")
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"{prefix}_hidden width {hidden.shape[-1]} (shape {tuple(hidden.shape)}) != "
