@@ -26,7 +26,7 @@ from . import core
 from .driver import LinearHead, LogitsHead, Plan, run_backward, run_forward
 from .gates import GATES
 from .options import REDUCTIONS, TOPK_TAILS
-from .plan import Spec, parse
+from .plan import Spec, parse, sized
 from .topk import TopkHead, ids_problem, logprobs_problem
 from .tp import TPCombiner, mask_fingerprint
 
@@ -51,6 +51,17 @@ def _n_tokens(student: list[torch.Tensor], spec: Spec) -> int:
     """Tokens the loss covers (the gathered count under sequence parallelism)."""
     n = student[0].shape[0]
     return n * spec.tp if spec.sequence_parallel else n
+
+
+def _width(student: list[torch.Tensor], spec: Spec) -> int:
+    """Logit columns held here (padding included)."""
+    return student[1].shape[0] if spec.student == "linear" else student[0].shape[-1]
+
+
+def _resolved(student: list[torch.Tensor], spec: str) -> Spec:
+    """The op body's spec: parsed, its width-derived values filled in from the student
+    tensors (concrete here, even when the caller's trace had a symbolic width)."""
+    return sized(spec, _width(student, parse(spec)))
 
 
 def _split_entropy(teacher: list[torch.Tensor], spec: Spec):
@@ -176,7 +187,7 @@ def loss_op(student: list[torch.Tensor], teacher: list[torch.Tensor],
             mask: torch.Tensor | None, spec: str
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """See the module docstring."""
-    spec_ = parse(spec)
+    spec_ = _resolved(student, spec)
     with _op_context(student[0].device):
         plan = _plan(student, teacher, mask, spec_)
         scale = None
@@ -225,7 +236,7 @@ def loss_backward_op(student: list[torch.Tensor], teacher: list[torch.Tensor],
                      spec: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``sum(grad_tok * per_token_loss)`` for ``reduction="none"``, recomputed
     chunk by chunk from the saved ``(N, 7)`` statistics; in the student tensors' dtypes."""
-    spec_ = parse(spec)
+    spec_ = _resolved(student, spec)
     with _op_context(student[0].device):
         plan = _plan(student, teacher, mask, spec_, agree=False)
         # Detached: a saved output still says requires_grad, which the kernels guard on.
