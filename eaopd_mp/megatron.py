@@ -61,7 +61,8 @@ def _unwrap(model):
 
 
 def gpt_hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                      attention_mask: torch.Tensor | None) -> torch.Tensor:
+                      attention_mask: torch.Tensor | None,
+                      packed_seq_params=None) -> torch.Tensor:
     """A GPTModel's forward without its output layer: the hidden states the output layer
     would read.
 
@@ -76,6 +77,8 @@ def gpt_hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor
         input_ids, position_ids: ``[b, s]``.
         attention_mask: as for ``model(...)`` (``[1, 1, s, s]`` bool, True = masked), or
             None for megatron's own causal mask.
+        packed_seq_params: megatron's ``PackedSeqParams`` for packed sequences (THD),
+            passed to the embedding's rotary tables and to every layer; None otherwise.
     Returns:
         ``[s, b, h]``, or ``[s / tp, b, h]`` (this rank's sequence slice) under sequence
         parallelism.
@@ -87,7 +90,8 @@ def gpt_hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor
         raise NotImplementedError(
             "gpt_hidden_states needs GPTModel._preprocess (written against megatron-core "
             f"0.16), got {type(gpt).__name__}")
-    pre = gpt._preprocess(input_ids=input_ids, position_ids=position_ids)
+    pre = gpt._preprocess(input_ids=input_ids, position_ids=position_ids,
+                          packed_seq_params=packed_seq_params)
     decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset = pre[:5]
     return gpt.decoder(
         hidden_states=decoder_input,
@@ -96,6 +100,7 @@ def gpt_hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor
         rotary_pos_cos=rotary_pos_cos,
         rotary_pos_sin=rotary_pos_sin,
         sequence_len_offset=sequence_len_offset,
+        packed_seq_params=packed_seq_params,
     )
 
 
@@ -108,6 +113,183 @@ def output_layer_weight(model) -> torch.Tensor:
     return gpt.output_layer.weight
 
 
+# --------------------------------------------------------------- context parallelism (CP)
+
+
+def context_parallel_layout(cp_group=None) -> tuple[int, int]:
+    """``(size, rank)`` of the context-parallel group: ``cp_group``'s, or megatron-core's
+    when it is None (``(1, 0)`` when megatron's parallel state is not initialised)."""
+    if cp_group is not None:
+        import torch.distributed as dist
+        return dist.get_world_size(cp_group), dist.get_rank(cp_group)
+    try:
+        from megatron.core import parallel_state
+    except ImportError:
+        return 1, 0
+    if not parallel_state.model_parallel_is_initialized():
+        return 1, 0
+    return (parallel_state.get_context_parallel_world_size(),
+            parallel_state.get_context_parallel_rank())
+
+
+def _cu_seqlens(packed_seq_params, padded: bool) -> torch.Tensor:
+    """``cu_seqlens_q`` (or ``cu_seqlens_q_padded``, falling back to it) as int64."""
+    cu = packed_seq_params.cu_seqlens_q
+    if padded and getattr(packed_seq_params, "cu_seqlens_q_padded", None) is not None:
+        cu = packed_seq_params.cu_seqlens_q_padded
+    if cu is None:
+        raise ValueError("packed_seq_params.cu_seqlens_q is None")
+    return cu.detach().to(torch.int64).view(-1)
+
+
+def context_parallel_index(seq_len: int, cp_size: int, cp_rank: int, *,
+                           cu_seqlens_padded: torch.Tensor | None = None,
+                           device=None) -> torch.Tensor:
+    """The positions of a ``seq_len`` sequence that context-parallel rank ``cp_rank`` holds,
+    in megatron's order: ``[seq_len / cp_size]`` int64.
+
+    The sequence is cut into ``2 * cp_size`` equal chunks and the rank holds chunks
+    ``cp_rank`` and ``2 * cp_size - 1 - cp_rank`` (causal attention's load balance), as
+    ``megatron.core.utils.get_batch_on_this_cp_rank`` slices tokens. With
+    ``cu_seqlens_padded`` (packed sequences, ``[n + 1]`` offsets ending at ``seq_len``),
+    every packed sequence is cut that way and the rank's parts are concatenated in
+    sequence order, as ``get_thd_batch_on_this_cp_rank`` (Transformer Engine's
+    ``thd_get_partitioned_indices``) slices them; each sequence's padded length must
+    divide by ``2 * cp_size``.
+    """
+    if cu_seqlens_padded is None:
+        bounds = torch.tensor([0, seq_len], dtype=torch.int64)
+    else:
+        bounds = cu_seqlens_padded.detach().to("cpu", torch.int64).view(-1)
+        if bounds.numel() < 2 or bounds[0] != 0 or bounds[-1] != seq_len:
+            raise ValueError(f"cu_seqlens_padded must run from 0 to the packed length "
+                             f"{seq_len}, got {bounds.tolist()}")
+    lengths = bounds.diff()
+    if (lengths % (2 * cp_size)).any():
+        what = "sequence length" if cu_seqlens_padded is None else "padded sequence lengths"
+        raise ValueError(f"context parallelism over {cp_size} ranks cuts every sequence into "
+                         f"{2 * cp_size} chunks: the {what} {lengths.tolist()} must divide "
+                         f"by {2 * cp_size}")
+    parts = []
+    for start, length in zip(bounds[:-1].tolist(), lengths.tolist(), strict=True):
+        chunk = length // (2 * cp_size)
+        for c in (cp_rank, 2 * cp_size - 1 - cp_rank):
+            parts.append(torch.arange(start + c * chunk, start + (c + 1) * chunk))
+    return torch.cat(parts).to(device)
+
+
+def slice_for_context_parallel(tensor: torch.Tensor, dim: int, *, cp_group=None,
+                               packed_seq_params=None) -> torch.Tensor:
+    """This context-parallel rank's part of a tensor given for the whole sequence along
+    ``dim``, exactly as megatron slices the tokens (:func:`context_parallel_index`).
+
+    Use it for per-token data made outside megatron's data loader, e.g. a served
+    teacher's ``[s, b, k]`` top-k log-probabilities and ids (``dim=0``);
+    :func:`eaopd_loss_func` does it itself for ``teacher_topk_*`` and
+    ``teacher_entropy``. With ``packed_seq_params`` (THD) each packed sequence is split
+    separately (``cu_seqlens_q_padded``, or ``cu_seqlens_q`` when there is no padding).
+    Returns ``tensor`` itself when the group has one rank.
+    """
+    cp_size, cp_rank = context_parallel_layout(cp_group)
+    if cp_size == 1:
+        return tensor
+    cu = None if packed_seq_params is None else _cu_seqlens(packed_seq_params, padded=True)
+    index = context_parallel_index(tensor.shape[dim], cp_size, cp_rank,
+                                   cu_seqlens_padded=cu, device=tensor.device)
+    return tensor.index_select(dim, index)
+
+
+# ------------------------------------------------------------- packed sequences (THD)
+
+
+def packed_loss_mask(loss_mask: torch.Tensor, packed_seq_params, *,
+                     cp_group=None) -> torch.Tensor:
+    """``loss_mask`` with every packed sequence's last token, and any padding after it,
+    weighted 0.
+
+    In a packed (THD) row the last token of a sequence would "predict" the first token of
+    the next one; its distillation loss means nothing, so the loss over the packed row is
+    the sum of the per-sequence losses only when it is dropped.
+
+    Args:
+        loss_mask: ``[1, t]`` (megatron's THD batch: one row), this context-parallel
+            rank's part when context parallelism is on (``t`` = packed length / cp).
+        packed_seq_params: ``PackedSeqParams`` with ``cu_seqlens_q`` (the real sequence
+            boundaries) and optionally ``cu_seqlens_q_padded`` (where each sequence starts
+            in the row when sequences are padded, e.g. to ``2 * cp`` multiples).
+        cp_group: default megatron's context-parallel group.
+    Returns:
+        ``[1, t]`` in ``loss_mask``'s dtype.
+    """
+    if getattr(packed_seq_params, "qkv_format", "thd") != "thd":
+        raise ValueError(f"packed_seq_params.qkv_format must be 'thd', got "
+                         f"{packed_seq_params.qkv_format!r}")
+    if loss_mask.dim() != 2 or loss_mask.shape[0] != 1:
+        raise ValueError(f"packed sequences come as one row: loss_mask must be [1, t], got "
+                         f"{tuple(loss_mask.shape)}")
+    cp_size, cp_rank = context_parallel_layout(cp_group)
+    real = _cu_seqlens(packed_seq_params, padded=False).cpu()
+    starts = _cu_seqlens(packed_seq_params, padded=True).cpu()
+    total = loss_mask.shape[1] * cp_size
+    if real.numel() != starts.numel() or starts[-1] != total or (real.diff() > starts.diff()).any():
+        raise ValueError(f"packed_seq_params do not fit a packed row of {total} tokens: "
+                         f"cu_seqlens {real.tolist()}, cu_seqlens_padded {starts.tolist()}")
+    pos = torch.arange(total)
+    seq = torch.searchsorted(starts, pos, right=True) - 1  # the sequence each position is in
+    keep = pos - starts[seq] < real.diff()[seq] - 1  # a real token followed by one of its own
+    if cp_size > 1:
+        keep = keep[context_parallel_index(total, cp_size, cp_rank, cu_seqlens_padded=starts)]
+    return loss_mask * keep.to(loss_mask.device, loss_mask.dtype).view(1, -1)
+
+
+def _slice_served_teacher(loss_options: dict, num_tokens: int, packed_seq_params,
+                          cp_group) -> dict:
+    """``loss_options`` with the served teacher's whole-sequence ``teacher_topk_logprobs``
+    / ``teacher_topk_indices`` ``[s, b, k]`` and ``teacher_entropy`` ``[s, b]`` cut to this
+    context-parallel rank's ``num_tokens`` positions (:func:`slice_for_context_parallel`).
+    A sequence length other than ``num_tokens * cp`` raises ``ValueError``."""
+    cp_size, _ = context_parallel_layout(cp_group)
+    names = ("teacher_topk_logprobs", "teacher_topk_indices", "teacher_entropy")
+    given = {n: loss_options[n] for n in names if loss_options.get(n) is not None}
+    if cp_size == 1 or not given:
+        return loss_options
+    for name, t in given.items():
+        if t.dim() < 1 or t.shape[0] != num_tokens * cp_size:
+            raise ValueError(
+                f"{name} must cover the whole sequence under context parallelism: "
+                f"[{num_tokens * cp_size}, ...] ({cp_size} ranks x {num_tokens} tokens of "
+                f"this rank's loss_mask), got {tuple(t.shape)}; the library cuts it into "
+                "this rank's zig-zag chunks itself")
+    out = dict(loss_options)
+    for name, t in given.items():
+        out[name] = slice_for_context_parallel(t, 0, cp_group=cp_group,
+                                               packed_seq_params=packed_seq_params)
+    return out
+
+
+def megatron_loss_triple(loss_sum: torch.Tensor, loss_mask: torch.Tensor,
+                         stats: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """megatron's ``(loss, num_tokens, logged)`` from this rank's summed loss.
+
+    The divisor is megatron's, never ours: ``num_tokens`` counts this rank's (this
+    context-parallel rank's) loss tokens only, as ``pretrain_gpt.py``'s ``loss_func`` does.
+    With ``calculate_per_token_loss=True`` the schedule sums ``num_tokens`` over the
+    micro-batches, ``finalize_model_grads`` all-reduces it over data x context parallel
+    ranks and divides the summed gradients by it: the per-token mean over the global
+    batch. Without it the schedule divides each micro-batch's loss by its ``num_tokens``
+    and by the number of micro-batches, and DDP averages gradients over data x context
+    parallel ranks: the mean over micro-batches and DP x CP ranks of each rank's per-token
+    mean of its own chunks. Logged pairs ``[value * n, n]`` are summed over micro-batches
+    and DP x CP ranks by Megatron-LM's ``train_step``: token-weighted means.
+    """
+    num_tokens = loss_mask.detach().sum().to(torch.int)
+    n = num_tokens.view(1).to(torch.float32)
+    logged = {"eaopd loss": torch.cat([loss_sum.detach().view(1), n])}
+    for name, key in LOGGED_STATS.items():
+        logged[name] = torch.cat([stats[key].detach().view(1) * n, n])
+    return loss_sum, num_tokens, logged
+
+
 def eaopd_loss_func(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -118,6 +300,8 @@ def eaopd_loss_func(
     sequence_parallel: bool = False,
     vocab_size: int | None = None,
     tp_group=None,
+    packed_seq_params=None,
+    cp_group=None,
     **loss_options,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """The entropy-aware OPD loss in megatron-core's ``loss_func`` convention.
@@ -139,13 +323,23 @@ def eaopd_loss_func(
             Both None for a served teacher: pass ``teacher_topk_logprobs`` and
             ``teacher_topk_indices`` ``[s, b, k]`` (the full sequence even under sequence
             parallelism, global vocabulary ids, the same on every tensor-parallel rank)
-            in ``loss_options``.
-        loss_mask: ``[b, s]`` 0/1 (megatron's layout): the positions that count.
+            in ``loss_options``. Under context parallelism give them (and
+            ``teacher_entropy``) for the *whole* sequence, ``[s * cp, b, k]``: they are cut
+            into this rank's zig-zag chunks here (:func:`slice_for_context_parallel`); any
+            other length raises ``ValueError``.
+        loss_mask: ``[b, s]`` 0/1 (megatron's layout): the positions that count; this
+            context-parallel rank's positions under context parallelism (as
+            ``get_batch_on_this_cp_rank`` slices it), like the hidden states.
         sequence_parallel: the hidden states are split along the sequence (megatron's
             ``config.sequence_parallel``).
         vocab_size: the real vocabulary when the output layer is padded (megatron's
             ``--make-vocab-size-divisible-by``): padding columns get no probability.
         tp_group: default megatron's tensor-parallel group.
+        packed_seq_params: megatron's ``PackedSeqParams`` when the micro-batch is packed
+            sequences (THD, ``b = 1``): every sequence's last token gets weight 0
+            (:func:`packed_loss_mask`), so the loss is the sum of the per-sequence losses,
+            and a served teacher is cut per sequence under context parallelism.
+        cp_group: default megatron's context-parallel group.
         loss_options: ``h_max``, ``temperature``, ``gate``, ``gate_threshold``,
             ``fkl_coef``, ``fkl_weight``, ``chunk_size``, ``topk_tail``, ``student_bias``,
             ``teacher_bias``, ``teacher_topk_logprobs``, ``teacher_topk_indices``,
@@ -160,6 +354,10 @@ def eaopd_loss_func(
     fixed = sorted(set(loss_options) & set(_FIXED))
     if fixed:
         raise TypeError(f"eaopd_loss_func sets {', '.join(fixed)} itself")
+    if packed_seq_params is not None:
+        loss_mask = packed_loss_mask(loss_mask, packed_seq_params, cp_group=cp_group)
+    loss_options = _slice_served_teacher(loss_options, loss_mask.shape[1], packed_seq_params,
+                                         cp_group)
     loss_sum, stats = fused_linear_vocab_parallel_eaopd_loss(
         student_hidden,
         student_weight,
@@ -173,21 +371,41 @@ def eaopd_loss_func(
         return_stats=True,
         **loss_options,
     )
-    num_tokens = loss_mask.detach().sum().to(torch.int)
-    n = num_tokens.view(1).to(torch.float32)
-    logged = {"eaopd loss": torch.cat([loss_sum.detach().view(1), n])}
-    for name, key in LOGGED_STATS.items():
-        logged[name] = torch.cat([stats[key].detach().view(1) * n, n])
-    return loss_sum, num_tokens, logged
+    return megatron_loss_triple(loss_sum, loss_mask, stats)
 
 
 # get_batch(data_iterator) -> (tokens [b, s], position_ids [b, s], attention_mask, loss_mask
-# [b, s]) of one micro-batch.
+# [b, s][, packed_seq_params]) of one micro-batch (this context-parallel rank's part).
 GetBatch = Callable[[Iterator], tuple]
 
 
+def _batch(get_batch: GetBatch, data_iterator) -> tuple:
+    """``(tokens, position_ids, attention_mask, loss_mask, packed_seq_params)`` of the next
+    micro-batch: ``get_batch`` returns those four, or five with megatron's
+    ``PackedSeqParams`` for packed sequences (THD)."""
+    batch = tuple(get_batch(data_iterator))
+    if len(batch) == 4:
+        return (*batch, None)
+    if len(batch) != 5:
+        raise ValueError("get_batch must return (tokens, position_ids, attention_mask, "
+                         f"loss_mask[, packed_seq_params]), got {len(batch)} values")
+    return batch
+
+
+def last_model_chunk(model):
+    """The model chunk holding the output layer: ``model`` itself, or the last of a list
+    of virtual pipeline stages (interleaved schedule)."""
+    if isinstance(model, (list, tuple)):
+        if not model:
+            raise ValueError("an empty list of model chunks")
+        return model[-1]
+    return model
+
+
 def _is_last_stage(model) -> bool:
-    return bool(_unwrap(model).post_process)
+    """Whether this (chunk of the) model is the last pipeline stage (the last virtual stage
+    of the last pipeline rank under the interleaved schedule)."""
+    return bool(_unwrap(last_model_chunk(model)).post_process)
 
 
 def teacher_forward_step(get_batch: GetBatch) -> Callable:
@@ -196,11 +414,12 @@ def teacher_forward_step(get_batch: GetBatch) -> Callable:
     Every stage returns ``(hidden, None)``: ``hidden`` is :func:`gpt_hidden_states` (on the
     last stage the final-norm output, ``[s, b, h_t]`` or ``[s / tp, b, h_t]`` under sequence
     parallelism), and with no loss function megatron's schedule keeps the last stage's
-    output of every micro-batch and returns them in order.
+    output of every micro-batch and returns them in order. ``packed_seq_params`` from
+    ``get_batch`` reach the teacher.
     """
     def forward_step(data_iterator, model):
-        tokens, position_ids, attention_mask, _ = get_batch(data_iterator)
-        return gpt_hidden_states(model, tokens, position_ids, attention_mask), None
+        tokens, position_ids, attention_mask, _, packed = _batch(get_batch, data_iterator)
+        return gpt_hidden_states(model, tokens, position_ids, attention_mask, packed), None
     return forward_step
 
 
@@ -222,14 +441,19 @@ def teacher_hidden_states(forward_backward_func: Callable, teacher, data_iterato
     Args:
         forward_backward_func: ``megatron.core.pipeline_parallel.get_forward_backward_func()``.
         teacher: the teacher GPTModel (unwrapped or wrapped); its config holds the pipeline
-            settings (``pipeline_dtype``, ``hidden_size``).
+            settings (``pipeline_dtype``, ``hidden_size``). With virtual pipeline stages
+            (interleaved schedule), the list of its model chunks.
         data_iterator: yields the step's micro-batches, the same ones, in the same order, as
-            the student's iterator.
+            the student's iterator (with virtual pipeline stages: one such iterator per
+            model chunk, as megatron's interleaved schedule takes them).
         get_batch: see :func:`eaopd_forward_step`.
         num_microbatches, seq_length, micro_batch_size: as for the student's schedule.
     Returns:
         On the last pipeline stage, ``num_microbatches`` tensors ``[s, b, h_t]`` (``[s / tp,
-        b, h_t]`` under sequence parallelism) in the teacher's dtype; ``[]`` elsewhere.
+        b, h_t]`` under sequence parallelism; ``s`` this context-parallel rank's tokens) in
+        the teacher's dtype, in micro-batch order (with virtual stages: the outputs of the
+        last model chunk, which the interleaved schedule runs in micro-batch order);
+        ``[]`` elsewhere.
     """
     with torch.no_grad():
         hidden = forward_backward_func(
@@ -259,10 +483,15 @@ def eaopd_forward_step(get_batch: GetBatch, teacher, teacher_hidden: Sequence[to
 
     Args:
         get_batch: ``get_batch(data_iterator) -> (tokens, position_ids, attention_mask,
-            loss_mask)`` for one micro-batch: ``[b, s]`` int64 tokens and positions, the
-            attention mask as for ``GPTModel.forward`` (or None), ``[b, s]`` 0/1 float loss
-            mask. Called once per micro-batch on every stage.
-        teacher: the teacher GPTModel (for its output-layer shard on the last stage).
+            loss_mask[, packed_seq_params])`` for one micro-batch: ``[b, s]`` int64 tokens
+            and positions, the attention mask as for ``GPTModel.forward`` (or None),
+            ``[b, s]`` 0/1 float loss mask, this context-parallel rank's part of each
+            (``megatron.core.utils.get_batch_on_this_cp_rank`` /
+            ``get_thd_batch_on_this_cp_rank``); optionally megatron's ``PackedSeqParams``
+            for packed sequences (THD, ``b = 1``), passed to the student, the teacher and
+            :func:`eaopd_loss_func`. Called once per micro-batch on every stage.
+        teacher: the teacher GPTModel, or the list of its virtual-stage chunks (for its
+            output-layer shard on the last stage).
         teacher_hidden: :func:`teacher_hidden_states` of the same micro-batches (used on
             the last stage only, in order; may be empty elsewhere).
         sequence_parallel, vocab_size, loss_options: as for :func:`eaopd_loss_func`.
@@ -274,8 +503,9 @@ def eaopd_forward_step(get_batch: GetBatch, teacher, teacher_hidden: Sequence[to
     remaining = iter(teacher_hidden)
 
     def forward_step(data_iterator, model):
-        tokens, position_ids, attention_mask, loss_mask = get_batch(data_iterator)
-        hidden = gpt_hidden_states(model, tokens, position_ids, attention_mask)
+        tokens, position_ids, attention_mask, loss_mask, packed = _batch(get_batch,
+                                                                         data_iterator)
+        hidden = gpt_hidden_states(model, tokens, position_ids, attention_mask, packed)
         if not _is_last_stage(model):
             return hidden, None
         t_hidden = next(remaining, None)
@@ -285,10 +515,11 @@ def eaopd_forward_step(get_batch: GetBatch, teacher, teacher_hidden: Sequence[to
             eaopd_loss_func,
             student_weight=output_layer_weight(model),
             teacher_hidden=t_hidden,
-            teacher_weight=output_layer_weight(teacher),
+            teacher_weight=output_layer_weight(last_model_chunk(teacher)),
             loss_mask=loss_mask,
             sequence_parallel=sequence_parallel,
             vocab_size=vocab_size,
+            packed_seq_params=packed,
             **loss_options,
         )
     return forward_step

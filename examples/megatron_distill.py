@@ -169,27 +169,38 @@ def build_model(args, vocab_size: int, hidden: int, layers: int, heads: int):
 
 
 def setup_training(model, args, lr: float):
-    """Wrap ``model`` in megatron's DDP, build its optimizer and wire the schedule's hooks
-    into the model config, as Megatron-LM's ``setup_model_and_optimizer`` and ``train``
-    do. Returns ``(ddp_model, optimizer)``."""
-    config = model.config
+    """Wrap ``model`` (or each of its virtual-stage chunks, given a list) in megatron's DDP,
+    build its optimizer and wire the schedule's hooks into the model config, as
+    Megatron-LM's ``setup_model_and_optimizer`` and ``train`` do. Returns ``(ddp_model,
+    optimizer)``, ``ddp_model`` a list when ``model`` is one."""
+    chunks = model if isinstance(model, list) else [model]
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=args.bf16,
         overlap_grad_reduce=True,
         use_distributed_optimizer=args.distributed_optimizer,
     )
-    ddp_model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    ddp_chunks = [
+        # Megatron-LM: only the first chunk's buffers may start reducing early.
+        DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+                                disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.0, clip_grad=1.0,
                         bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else
                         torch.float32, use_distributed_optimizer=args.distributed_optimizer),
-        [ddp_model],
+        ddp_chunks,
     )
-    config.grad_scale_func = optimizer.scale_loss
-    config.no_sync_func = ddp_model.no_sync
-    config.grad_sync_func = ddp_model.start_grad_sync  # Megatron-LM's --align-grad-reduce
-    config.finalize_model_grads_func = finalize_model_grads
-    return ddp_model, optimizer
+    one = len(ddp_chunks) == 1
+    for chunk in chunks:
+        chunk.config.grad_scale_func = optimizer.scale_loss
+        chunk.config.no_sync_func = (ddp_chunks[0].no_sync if one
+                                     else [c.no_sync for c in ddp_chunks])
+        # Megatron-LM's --align-grad-reduce
+        chunk.config.grad_sync_func = (ddp_chunks[0].start_grad_sync if one
+                                       else [c.start_grad_sync for c in ddp_chunks])
+        chunk.config.finalize_model_grads_func = finalize_model_grads
+    return (ddp_chunks[0] if not isinstance(model, list) else ddp_chunks), optimizer
 
 
 def reduce_logged(losses_reduced: list[dict]) -> dict[str, float]:
