@@ -32,6 +32,19 @@ The schedule calls ``loss_func(output_tensor)``, i.e. :func:`eaopd_loss_func` on
 student's last-stage hidden states; it returns megatron's ``(loss_sum, num_tokens,
 logged)`` triple, so ``config.calculate_per_token_loss=True`` makes the step's gradient
 that of the per-token mean over all micro-batches and data-parallel ranks.
+
+Long context (docs/guides/megatron-long-context.md):
+
+* context parallelism: ``get_batch`` returns this CP rank's zig-zag slices, as
+  ``megatron.core.utils.get_batch_on_this_cp_rank`` cuts them; the loss counts this
+  rank's tokens (:func:`megatron_loss_triple`) and megatron's schedule, DDP and
+  ``finalize_model_grads`` reduce over data x context parallel ranks. A served teacher's
+  top-k is given for the whole sequence and cut here (:func:`slice_for_context_parallel`);
+* packed sequences (THD): ``get_batch`` may return megatron's ``PackedSeqParams`` as a
+  fifth value; it reaches student, teacher and the loss, which drops every sequence's
+  last token (:func:`packed_loss_mask`);
+* interleaved pipelines: ``teacher`` may be a list of virtual-stage chunks and the data
+  iterators one per chunk, as megatron's interleaved schedule takes them.
 """
 
 from __future__ import annotations

@@ -362,6 +362,16 @@ def _cp_case(rank, ps, mc, md, tp, pp, cp, sp, teacher_kind, per_token):
                                   vocab_size=REAL_VOCAB)
     else:
         step = _topk_forward_step([topk[i] for i in mine], sequence_parallel=sp)
+        # Top-k already cut to this rank's length is a layout mismatch, not a guess.
+        lp, ids = (x[: SEQ // cp] for x in topk[0])
+        with pytest.raises(ValueError, match=r"teacher_topk_logprobs must cover the whole "
+                           rf"sequence under context parallelism: \[{SEQ}, \.\.\.\] "
+                           rf"\({cp} ranks x {SEQ // cp} tokens of this rank's loss_mask\), "
+                           rf"got \({SEQ // cp}, {MICRO_BATCH}, {TOPK}\)"):
+            eaopd_loss_func(torch.zeros(SEQ // cp, MICRO_BATCH, S_HIDDEN),
+                            torch.zeros(PADDED_VOCAB // tp, S_HIDDEN), None, None,
+                            batches[0]["loss_mask"], teacher_topk_logprobs=lp,
+                            teacher_topk_indices=ids)
 
     def ref_fn(state, t_state):
         rows = []
