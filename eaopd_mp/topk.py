@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 
 from . import core
-from .core import KL_REV, LSE_S, LSE_T, Kernel
+from .core import KL_REV, LSE_S, LSE_T, Kernel, weighted
 from .gates import gate_weights
 
 # Floor of Q_tail inside log(Q_tail) (reverse KL only): about the float32 resolution of
@@ -174,7 +174,9 @@ def grad_logits(z: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, stats: tor
     For column ``j`` in bucket ``b(j)``: ``(p_j / tau) [a (1 - Q_b/P_b) + b (log P_b -
     log Q_b - KL_rev)]``; the tail columns share one coefficient and ``p_j Q_t / P_t`` is
     ``Q_t exp(z_j/tau - lse_tail)`` (no division). Renormalize: 0 off the ids,
-    ``[a (P^_k - Q^_k) + b P^_k (log P^_k - log Q^_k - KL_rev)] / tau`` at them.
+    ``[a (P^_k - Q^_k) + b P^_k (log P^_k - log Q^_k - KL_rev)] / tau`` at them. A
+    coefficient of exactly 0 drops its term (:func:`eaopd_mp.core.weighted`): a served
+    log-prob of ``-inf`` under ``b = 0`` gives the forward KL's gradient, not NaN.
 
     Args:
         z: ``(n, c)`` student logits of columns ``[lo, lo + c)``; ids, lp: ``(n, k)``;
@@ -199,15 +201,15 @@ def grad_logits(z: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, stats: tor
         live = norm > float("-inf")  # a tail with mass (else every tail p_j is 0)
         ratio = torch.where(live, (x - lse - torch.where(live, norm, zero)).exp(), zero)
         d_tail = torch.where(live, norm - log_q_rev[:, None] - kl_rev, zero)
-        row = ca * (p - q_tail[:, None] * ratio) + cb * torch.where(p > 0, p * d_tail, zero)
+        row = ca * (p - q_tail[:, None] * ratio) + weighted(cb, _xlogy(p, d_tail))
         pk = log_pk.exp()
-        at_ids = ca * (pk - lp.exp()) + cb * _xlogy(pk, log_pk - lp - kl_rev)
+        at_ids = ca * (pk - lp.exp()) + weighted(cb, _xlogy(pk, log_pk - lp - kl_rev))
     else:
         row = torch.zeros_like(x)
         lpk = log_pk - norm
         lq = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
         pk = lpk.exp()
-        at_ids = ca * (pk - lq.exp()) + cb * _xlogy(pk, lpk - lq - kl_rev)
+        at_ids = ca * (pk - lq.exp()) + weighted(cb, _xlogy(pk, lpk - lq - kl_rev))
     held_f = held.to(x.dtype)
     in_topk = torch.zeros_like(x).scatter_add(1, col, held_f) > 0
     placed = torch.zeros_like(x).scatter_add(1, col, torch.where(held, at_ids, zero))

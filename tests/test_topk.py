@@ -22,47 +22,44 @@ from eaopd_mp import (
     entropy_aware_opd_loss,
     fused_linear_eaopd_loss,
 )
-from formulas import close, reduce
+from formulas import close, gate_weights, gated_kl, reduce
 
 FLOOR = 1e-6  # the documented floor of Q_tail inside log(Q_tail) (reverse KL)
 
 
-def _gate(ent, fwd, rev, gate="linear", h_max=None, vocab=None, gate_threshold=0.8,
-          fkl_coef=1.0, fkl_weight=0.5):
-    if gate == "linear":
-        a = (ent / (math.log(vocab) if h_max is None else h_max)).clamp(0, 1)
-        return a * fwd + (1 - a) * rev
-    if gate == "threshold":
-        return rev + fkl_coef * (ent >= gate_threshold).double() * fwd
-    return fkl_weight * fwd + (1 - fkl_weight) * rev
+def _gate(ent, fwd, rev, vocab, **gate):
+    """``a * KL_fwd + b * KL_rev`` with the gate's weights (finite KLs only)."""
+    a, b = gate_weights(ent, vocab, **gate)
+    return a * fwd + b * rev
 
 
 def formula(z, ids, lp, *, temperature=1.0, topk_tail="bucket", entropy=None, **gate):
-    """Per-token loss, float64, from the definitions (autograd gives the gradient)."""
+    """Per-token loss, float64, from the definitions (autograd gives the gradient): the
+    KLs between the bucketed (or renormalised) teacher and student, with ``F.kl_div``
+    (:func:`formulas.gated_kl`: a KL of gate weight 0 is 0, even where it is infinite)."""
     z, lp = z.double(), lp.double()
     vocab, k = z.shape[-1], ids.shape[-1]
     s = F.log_softmax(z / temperature, dim=-1)
-    log_pk = torch.gather(s, -1, ids)
     q = lp.exp()
-    q_tail = (1 - q.sum(-1)).clamp_min(0) if k < vocab else torch.zeros_like(q[..., 0])
+    rest = 1 - q.sum(-1)
+    q_tail = rest.clamp_min(0) if k < vocab else torch.zeros_like(rest)
     xlogx = torch.where(q_tail > 0, q_tail * q_tail.clamp_min(1e-300).log(),
                         torch.zeros_like(q_tail))
-    ent = -(q * lp).sum(-1) - xlogx if entropy is None else entropy.double()
+    ent = -torch.where(q > 0, q * lp, torch.zeros_like(q)).sum(-1) - xlogx \
+        if entropy is None else entropy.double()
+    a, b = gate_weights(ent, vocab, **gate)
     if topk_tail == "bucket":
-        fwd = (q * (lp - log_pk)).sum(-1)
-        rev = (log_pk.exp() * (log_pk - lp)).sum(-1)
-        if k < vocab:
+        student, teacher_fwd, teacher_rev = torch.gather(s, -1, ids), lp, lp
+        if k < vocab:  # the tail bucket: Q_tail as served (floored inside the reverse KL)
             in_topk = torch.zeros_like(s, dtype=torch.bool).scatter(-1, ids, True)
-            log_pt = torch.logsumexp(s.masked_fill(in_topk, float("-inf")), dim=-1)
-            fwd = fwd + torch.where(q_tail > 0, xlogx - q_tail * log_pt,
-                                    torch.zeros_like(q_tail))
-            rev = rev + log_pt.exp() * (log_pt - (1 - q.sum(-1)).clamp_min(FLOOR).log())
+            log_pt = torch.logsumexp(s.masked_fill(in_topk, float("-inf")), -1, keepdim=True)
+            student = torch.cat([student, log_pt], -1)
+            teacher_fwd = torch.cat([lp, q_tail.log()[..., None]], -1)
+            teacher_rev = torch.cat([lp, rest.clamp_min(FLOOR).log()[..., None]], -1)
     else:
-        lph = torch.log_softmax(torch.gather(z / temperature, -1, ids), dim=-1)
-        lqh = torch.log_softmax(lp, dim=-1)
-        fwd = (lqh.exp() * (lqh - lph)).sum(-1)
-        rev = (lph.exp() * (lph - lqh)).sum(-1)
-    return _gate(ent, fwd, rev, vocab=vocab, **gate)
+        student = torch.log_softmax(torch.gather(z / temperature, -1, ids), dim=-1)
+        teacher_fwd = teacher_rev = torch.log_softmax(lp, dim=-1)
+    return gated_kl(a, teacher_fwd, student) + gated_kl(b, student, teacher_rev)
 
 
 def served(y, k, generator=None):
@@ -357,7 +354,7 @@ def _dense_given(z, y, ent, tau, **gate):
     t = F.log_softmax(y.double() / tau, -1)
     fwd = F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
     rev = F.kl_div(t, s, log_target=True, reduction="none").sum(-1)
-    return _gate(ent.double(), fwd, rev, vocab=z.shape[-1], **gate)
+    return _gate(ent.double(), fwd, rev, z.shape[-1], **gate)
 
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
