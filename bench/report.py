@@ -350,6 +350,10 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
                          linewidth=2.5 if impl.startswith("eaopd_fused") else 1.5)
             axes[0].plot(xs, ts, **style)
             axes[1].plot(xs, [max(m, 0.1) for m in ms], **style)
+        if name.startswith("long-"):  # what one (tokens, V) fp32 logits tensor takes
+            xs = sorted({r[x] for r in group})
+            axes[1].plot(xs, [n * group[0]["vocab"] * 4 / 2**20 for n in xs], color="gray",
+                         linestyle=":", label="one (tokens, V) fp32 logits")
         for ax, ylabel in zip(axes, ("forward + backward, ms (median)",
                                      "peak memory above inputs, MiB"), strict=True):
             ax.set_xscale("log", base=2)
