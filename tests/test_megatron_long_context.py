@@ -5,10 +5,10 @@ One 4-process gloo launch runs every case (each process imports megatron-core on
 
 * CP=2 x DP=2, CP=2 x TP=2 with sequence parallelism, CP=2 x PP=2; the dense teacher and a
   served top-k teacher given for the whole sequence; ``calculate_per_token_loss`` on (and,
-  at CP=2 x DP=2, off).
+  at CP=2 x DP=2 with the dense teacher, off).
 * Packed sequences: 3 sequences of different lengths in one THD row (with padding between
-  them) against the same sequences padded to one row each, without CP (DP=4) and with
-  CP=2 (x DP=2), dense and top-k teachers.
+  them) against the same sequences padded to one row each, without CP (DP=4, dense
+  teacher) and with CP=2 (x DP=2, dense and top-k teachers).
 * PP=2 with 2 virtual stages per rank (the interleaved schedule) on the real GPTModel.
 
 Every case runs one step of ``examples/megatron_distill.py``'s wiring without the
@@ -530,8 +530,8 @@ def _worker(rank, world, cases):
 CASES = (
     [("cp", tp, pp, cp, sp, kind, True) for tp, pp, cp, sp in CP_LAYOUTS
      for kind in ("dense", "topk")]
-    + [("cp", 1, 1, 2, False, "dense", False), ("cp", 1, 1, 2, False, "topk", False)]
-    + [("packed", cp, kind) for cp in (1, 2) for kind in ("dense", "topk")]
+    + [("cp", 1, 1, 2, False, "dense", False)]
+    + [("packed", 1, "dense"), ("packed", 2, "dense"), ("packed", 2, "topk")]
     + [("interleaved",)]
 )
 
