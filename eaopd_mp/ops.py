@@ -25,9 +25,9 @@ from torch.library import custom_op
 from . import core
 from .driver import LinearHead, LogitsHead, Plan, run_backward, run_forward
 from .gates import GATES
-from .options import REDUCTIONS
+from .options import REDUCTIONS, TOPK_TAILS
 from .plan import Spec, parse
-from .topk import TopkHead, ids_problem
+from .topk import TopkHead, ids_problem, logprobs_problem
 from .tp import TPCombiner, mask_fingerprint
 
 _INTEGER_MASK = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -131,14 +131,15 @@ def _header(student, teacher, spec: Spec, n: int, kept: int,
             spec.chunk, spec.vocab_size, spec.inv_tau, spec.p1, spec.p2,
             GATES.index(spec.gate), REDUCTIONS.index(spec.reduction),
             spec.s_scale, spec.s_cap or 0.0, spec.t_scale, spec.t_cap or 0.0,
-            _topk_code(teacher, spec)]
+            *_topk_code(teacher, spec)]
 
 
-def _topk_code(teacher, spec: Spec) -> int:
-    """0 for a dense teacher; else ``k`` (x -1 with the renormalized target)."""
+def _topk_code(teacher, spec: Spec) -> tuple[int, int]:
+    """``(k, target)``: ``(0, -1)`` for a dense teacher; else ``k`` and the index of
+    ``topk_tail`` in :data:`eaopd_mp.options.TOPK_TAILS` (each mode its own value)."""
     if spec.teacher != "topk":
-        return 0
-    return teacher[0].shape[1] * (1 if spec.topk_tail == "bucket" else -1)
+        return 0, -1
+    return teacher[0].shape[1], TOPK_TAILS.index(spec.topk_tail)
 
 
 def _plan(student, teacher, mask, spec: Spec, agree: bool = True) -> Plan:
@@ -152,15 +153,18 @@ def _plan(student, teacher, mask, spec: Spec, agree: bool = True) -> Plan:
         kept = int(keep.sum())
         if kept != n:
             rows = keep.nonzero().squeeze(1)
-    problem = None
-    if spec.teacher == "topk" and agree:  # the ids of masked tokens are never read
-        problem = ids_problem(teacher[1] if rows is None else teacher[1][rows],
-                              spec.vocab_size)
+    problems = [None, None]
+    if spec.teacher == "topk" and agree:  # masked tokens' ids and log-probs are never read
+        lp, ids = (teacher[0], teacher[1]) if rows is None else (teacher[0][rows],
+                                                                 teacher[1][rows])
+        problems = [ids_problem(ids, spec.vocab_size), logprobs_problem(lp, rows)]
     if combiner is not None and agree:
-        header = _header(student, teacher, spec, n, kept, weight) + [float(problem is not None)]
+        header = _header(student, teacher, spec, n, kept, weight)
+        header += [float(p is not None) for p in problems]
         combiner.check_agreement(header, student[0].device)
-    if problem is not None:  # every rank has the same ids (agreed): every rank raises
-        raise ValueError(problem)
+    for problem in problems:  # the same teacher on every rank (agreed): every rank raises
+        if problem is not None:
+            raise ValueError(problem)
     s_head, t_head = _heads(student, teacher, spec, combiner)
     entropy = _split_entropy(teacher, spec)[1] if spec.teacher != "topk" else None
     return Plan(s_head, t_head, rows, weight, n, spec, combiner, entropy)

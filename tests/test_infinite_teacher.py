@@ -266,7 +266,7 @@ def _served(n=6, vocab=13, k=4, seed=0):
     return z, ids, lp
 
 
-@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("tail", ["bucket", "renormalize", "truncate"])
 @pytest.mark.parametrize("gate", FORWARD_ONLY, ids=["fixed1", "linear-clamped"])
 def test_topk_minus_inf_logprob(eager, tail, gate):
     """Served log-probs of -inf, each tail mode, reductions sum and none, logits-in and
@@ -292,17 +292,18 @@ def test_topk_minus_inf_logprob(eager, tail, gate):
             close(grad.double(), zd.grad, msg=tag + "grad ")
 
 
-@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("tail", ["bucket", "renormalize", "truncate"])
 def test_topk_one_hot_is_cross_entropy(eager, tail):
     """A served one-hot teacher ([0, -inf, -inf]), fkl_weight=1: cross-entropy on the
-    full vocabulary (bucket: Q_tail = 0) or over the k ids (renormalize); fp32 and bf16."""
+    full vocabulary (bucket: Q_tail = 0; truncate) or over the k ids (renormalize); fp32
+    and bf16."""
     z64, ids, _ = _served(k=3)
     lp = torch.tensor([0.0, INF, INF]).expand(6, 3)
     tgt = ids[:, 0]
     for dtype in (torch.float32, torch.bfloat16):
         # bf16: the expectation on the bf16 logits, as the loss computes in fp32
         zd = z64.to(dtype).double().requires_grad_()
-        if tail == "bucket":
+        if tail != "renormalize":  # bucket and truncate: the full vocabulary
             want = F.cross_entropy(zd, tgt, reduction="sum")
         else:
             want = F.cross_entropy(zd.gather(1, ids), torch.zeros(6, dtype=torch.long),
@@ -332,7 +333,7 @@ def test_topk_threshold_coef0_student_masked(eager):
     z64[4].scatter_(0, ids[4, :1], INF)
     z64[5].scatter_(0, ids[5, :2], INF)  # slot 0 finite here (odd token)
     gate = dict(gate="threshold", gate_threshold=0.0, fkl_coef=0.0)
-    for tail in ("bucket", "renormalize"):
+    for tail in ("bucket", "renormalize", "truncate"):
         zd = z64.clone().requires_grad_()
         want = topk_formula(zd, ids, lp, topk_tail=tail, **gate).sum()
         want.backward()

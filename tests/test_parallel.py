@@ -265,6 +265,18 @@ def _check_topk_collectives(rank, world, group):
         fused_linear_vocab_parallel_eaopd_loss(
             h, wl.detach(), teacher_topk_logprobs=lp, teacher_topk_indices=bad,
             tp_group=group)
+    kw = dict(teacher_topk_indices=ids, tp_group=group)
+    over = lp.clone()
+    over[3] = over[3] + 1.0  # log-probs > 0 (logits by mistake)
+    with pytest.raises(ValueError, match="ranks disagree on teacher log-probs invalid"):
+        fused_linear_vocab_parallel_eaopd_loss(h, wl.detach(), **kw,
+                                               teacher_topk_logprobs=over if rank else lp)
+    with pytest.raises(ValueError, match="teacher_topk_logprobs must be log-prob.*token 3"):
+        fused_linear_vocab_parallel_eaopd_loss(h, wl.detach(), teacher_topk_logprobs=over, **kw)
+    tails = ("bucket", "renormalize", "truncate")
+    with pytest.raises(ValueError, match="ranks disagree on topk_tail"):
+        fused_linear_vocab_parallel_eaopd_loss(h, wl.detach(), teacher_topk_logprobs=lp, **kw,
+                                               topk_tail=tails[rank % 3])
 
 
 GATES = [{}, {"h_max": 1.1}, {"gate": "threshold", "gate_threshold": 2.5},
@@ -288,7 +300,9 @@ def _tp4_worker(rank, world):
     _check_transforms(rank, world, group)
     topk_grid = [("sum", 1.0, 25, "bucket", True), ("none", 1.5, 25, "bucket", False),
                  ("mean", 1.5, None, "renormalize", True), ("none", 1.0, 20, "bucket", True),
-                 ("batchmean", 1.0, 25, "renormalize", False)]
+                 ("batchmean", 1.0, 25, "renormalize", False),
+                 ("sum", 1.5, 25, "truncate", True), ("none", 1.0, 20, "truncate", True),
+                 ("mean", 1.0, None, "truncate", False)]
     for reduction, tau, vocab_size, tail, fused in topk_grid:
         check_topk_case(rank, world, group, reduction=reduction, tau=tau,
                         vocab_size=vocab_size, tail=tail, fused=fused)
@@ -427,6 +441,12 @@ def _check_mask_disagreement(rank, world, group):
     same_count[[rank % 2, 4]] = 1.0  # two kept tokens everywhere, not the same ones
     with pytest.raises(ValueError, match="ranks disagree on mask"):
         fused_linear_vocab_parallel_eaopd_loss(h, w[shard], labels=same_count, **kw)
+    # {0, 4, 5} and {1, 2, 6}: same count, sum and sum of squares of the positions (the
+    # moment fingerprint's blind spot; issue 18).
+    moments = torch.zeros(8)
+    moments[[0, 4, 5] if rank % 2 else [1, 2, 6]] = 1.0
+    with pytest.raises(ValueError, match="ranks disagree on mask fingerprint"):
+        fused_linear_vocab_parallel_eaopd_loss(h, w[shard], labels=moments, **kw)
     weights = torch.ones(8)
     weights[3] = 1.0 + (rank == 1)
     with pytest.raises(ValueError, match="ranks disagree on mask sum"):
@@ -556,6 +576,39 @@ def test_tp2_dp2_megatron():
     """Two TP=2 groups side by side, each with its own data."""
     pytest.importorskip("megatron.core")
     spawn(_megatron_worker, 4, 2, False, False)
+
+
+def _splitmix64(x: int) -> int:
+    """splitmix64 written from its definition, on Python ints."""
+    m = 2**64
+    z = x * 0x9E3779B97F4A7C15 % m
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 % m
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB % m
+    return z ^ (z >> 31)
+
+
+def test_mask_fingerprint_has_no_collisions_on_small_masks():
+    """Single process (a property of the function): every 0/1 mask of up to 10 tokens, and
+    2000 random weight vectors in {0, 1, 2, 3} over 16 tokens, get distinct fingerprints
+    unless the masks are equal."""
+    from eaopd_mp.tp import mask_fingerprint
+    for n in range(1, 11):
+        masks = torch.tensor(list(itertools.product([0.0, 1.0], repeat=n)))
+        prints = {tuple(mask_fingerprint(m, n)) for m in masks}
+        assert len(prints) == len(masks), f"{len(masks) - len(prints)} collisions at n={n}"
+    assert mask_fingerprint(None, 9) == mask_fingerprint(torch.ones(9), 9)
+    g = torch.Generator().manual_seed(0)
+    weights = torch.randint(0, 4, (2000, 16), generator=g).unique(dim=0).float()
+    prints = {tuple(mask_fingerprint(w, 16)) for w in weights}
+    assert len(prints) == len(weights)
+
+
+def test_position_hashes_are_splitmix64():
+    """The fingerprint's per-position numbers are splitmix64, bit for bit (so every rank
+    and device computes the same ones)."""
+    from eaopd_mp.tp import position_hashes
+    want = [(_splitmix64(i + 1) >> 11) * 2.0**-53 for i in range(64)]
+    assert position_hashes(32).flatten().tolist() == want
 
 
 def test_default_group_needs_megatron_initialised():
