@@ -1,5 +1,7 @@
 # The two commands a newcomer needs: `make demo` and `make test`.
 # On a GPU machine: `make gpu-check` (uses python3 there, not the CPU venv).
+# The documentation site: `make docs` (into site/, strict); `make docs-outputs` rewrites the
+# printed outputs the README and the guides show (tests/test_docs.py checks them).
 # TORCH pins what is installed here (a CPU build lies on this machine's disk);
 # the package metadata itself accepts a range.
 PYTHON ?= python3
@@ -12,7 +14,7 @@ STAMP := $(VENV)/.installed
 GPU_PYTHON ?= python3
 LIGER ?= liger-kernel==0.8.5
 
-.PHONY: demo test lint bench gpu-check gpu-wheels clean
+.PHONY: demo test lint bench gpu-check gpu-wheels clean docs docs-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,5 +44,27 @@ gpu-check:
 gpu-wheels: $(STAMP)
 	$(PY) -m pip download --quiet --no-deps --only-binary=:all: "$(LIGER)" -d gpu-wheels
 
+# The documentation site: its own venv (the `docs` extra, pinned; torch pinned first, as
+# above) and `mkdocs build --strict` into site/ from scratch, so a broken link, a missing
+# page or an unresolved API reference fails the build.
+DOCS_VENV := .venv-docs
+DOCS_STAMP := $(DOCS_VENV)/.installed
+
+$(DOCS_STAMP): pyproject.toml
+	test -x $(DOCS_VENV)/bin/python || $(PYTHON) -m venv $(DOCS_VENV)
+	$(DOCS_VENV)/bin/python -m pip install --quiet "$(TORCH)"
+	$(DOCS_VENV)/bin/python -m pip install --quiet -e ".[docs]" "$(TORCH)"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	rm -rf site
+	NO_MKDOCS_2_WARNING=1 $(DOCS_VENV)/bin/mkdocs build --strict --site-dir site
+
+# Rewrite the output block under every executed Python block of the README and the
+# guides from a fresh run (tests/test_docs.py fails while one is stale); RECORDED=1 also
+# reruns the examples whose recorded runs the guides show (minutes, torchrun included).
+docs-outputs: $(STAMP)
+	$(PY) tests/docs_blocks.py --write $(if $(RECORDED),--recorded)
+
 clean:
-	rm -rf $(VENV) demo-out bench-out gpu-check-out .pytest_cache
+	rm -rf $(VENV) $(DOCS_VENV) site demo-out bench-out gpu-check-out .pytest_cache

@@ -138,11 +138,13 @@ def fused_linear_eaopd_loss(
     Under ``torch.autocast`` the GEMMs take the autocast dtype, as ``nn.Linear`` would.
 
     Args:
-        student_hidden: ``(..., H)``; student_weight: ``(V, H)`` (``nn.Linear`` layout);
-            student_bias: ``(V,)`` or None. These receive gradients (in their dtype).
-        teacher_hidden ``(..., H_t)`` + teacher_weight ``(V, H_t)`` (+ teacher_bias), or
-            teacher_logits ``(..., V)``, or teacher_topk_logprobs + teacher_topk_indices
-            ``(..., k)`` (see :func:`entropy_aware_opd_loss`): exactly one form. No
+        student_hidden, student_weight, student_bias: ``(..., H)``, ``(V, H)``
+            (``nn.Linear`` layout) and ``(V,)`` or None. These receive gradients (in their
+            dtype).
+        teacher_hidden, teacher_weight, teacher_bias, teacher_logits: the teacher as
+            ``(..., H_t)`` + ``(V, H_t)`` (+ bias), or teacher_logits ``(..., V)``, or
+            teacher_topk_logprobs + teacher_topk_indices ``(..., k)`` (see
+            :func:`entropy_aware_opd_loss`): exactly one form. No
             gradient to the teacher. With ``vocab_size``, student and teacher may have
             ``V_s, V_t >= vocab_size`` rows (columns), of which the first ``vocab_size``
             count.
