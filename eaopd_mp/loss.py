@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, ops, plan  # noqa: F401 - ops registers the custom ops
+from . import _checks, ops, plan, sharded  # noqa: F401 - ops registers the custom ops
 from .core import compute_dtype
 from .options import LossOptions
 
@@ -77,6 +77,10 @@ def entropy_aware_opd_loss(
 def logits_loss(student_logits, teacher_logits, labels, options: LossOptions,
                 topk_logprobs=None, topk_indices=None, entropy=None):
     """:func:`entropy_aware_opd_loss` with its options already built."""
+    if sharded.any_dtensor(student_logits, teacher_logits, labels, topk_logprobs,
+                           topk_indices, entropy):  # vocabulary-sharded DTensor logits
+        return sharded.dtensor_logits_loss(student_logits, teacher_logits, labels, options,
+                                           topk_logprobs, topk_indices, entropy)
     _checks.tensor("student_logits", student_logits, min_dim=1)
     token_shape = tuple(student_logits.shape[:-1])
     vocab = student_logits.shape[-1]
@@ -164,6 +168,13 @@ def linear_loss(student_hidden, student_weight, student_bias, teacher_hidden, te
                 teacher_bias, teacher_logits, labels, options: LossOptions,
                 topk_logprobs=None, topk_indices=None, entropy=None):
     """:func:`fused_linear_eaopd_loss` with its options already built."""
+    if sharded.any_dtensor(student_hidden, student_weight, student_bias, teacher_hidden,
+                           teacher_weight, teacher_bias, teacher_logits, labels,
+                           topk_logprobs, topk_indices, entropy):  # DTensor TP
+        return sharded.dtensor_linear_loss(student_hidden, student_weight, student_bias,
+                                           teacher_hidden, teacher_weight, teacher_bias,
+                                           teacher_logits, labels, options, topk_logprobs,
+                                           topk_indices, entropy)
     _checks.linear("student", student_hidden, student_weight, student_bias)
     token_shape = tuple(student_hidden.shape[:-1])
     vocab = student_weight.shape[0]

@@ -23,6 +23,7 @@ import inspect
 
 import torch
 
+from . import sharded
 from .hf import lm_head
 from .loss import fused_linear_eaopd_loss
 from .options import LossOptions
@@ -103,12 +104,20 @@ class EAOPDDistillationTrainer(DistillationTrainer):
                                              **extra)
         self.teacher_model.eval()
         unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
-        with torch.no_grad():
-            t_hidden = self._forward_redirection(
-                self.teacher_model, unwrapped_teacher, self._get_last_hidden_state,
-                unwrapped_teacher, input_ids, attention_mask, keep, **extra)
-        loss, stats = self._fused_loss(hidden, t_hidden, lm_head(unwrapped_student),
-                                       lm_head(unwrapped_teacher), loss_mask)
+
+        def teacher_part():
+            # Inside the teacher wrapper's forward (frozen): FSDP2 / ZeRO-3 gather its
+            # head there, and keep it gathered for the fused loss, which needs both heads.
+            with torch.no_grad():
+                t_hidden = self._get_last_hidden_state(unwrapped_teacher, input_ids,
+                                                       attention_mask, keep, **extra)
+            heads = [m.get_output_embeddings() for m in (unwrapped_student, unwrapped_teacher)]
+            with sharded.gathered(*(getattr(h, n, None) for h in heads
+                                    for n in ("weight", "bias"))):
+                return self._fused_loss(hidden, t_hidden, lm_head(unwrapped_student),
+                                        lm_head(unwrapped_teacher), loss_mask)
+
+        loss, stats = sharded.run_frozen(self.teacher_model, teacher_part)
         n_valid = (loss_mask != 0).sum()
         if num_items_in_batch is None:
             loss = loss / n_valid.clamp(min=1)

@@ -38,6 +38,7 @@ import os
 import sys
 import time
 from functools import partial
+from importlib import metadata
 
 import torch
 import torch.distributed as dist
@@ -68,14 +69,17 @@ from megatron.core.transformer.module import Float16Module  # noqa: E402
 from megatron.core.utils import get_batch_on_this_cp_rank  # noqa: E402
 
 from eaopd_mp.megatron import (  # noqa: E402
+    EaopdOutput,
     context_parallel_index,
     eaopd_forward_step,
-    eaopd_loss_func,
+    eaopd_output_processor,
+    gpt_forward,
     gpt_hidden_states,
     last_model_chunk,
     output_layer_weight,
     slice_for_context_parallel,
     teacher_hidden_states,
+    uses_output_processor,
 )
 
 
@@ -465,22 +469,25 @@ def whole_sequence(local: torch.Tensor, packed_params=None) -> torch.Tensor:
 
 def topk_forward_step(served: list, *, sequence_parallel: bool, vocab_size: int,
                       topk_tail: str):
-    """:func:`eaopd_mp.megatron.eaopd_forward_step` for a served teacher: the last stage
-    binds :func:`eaopd_loss_func` to the micro-batch's top-k tensors (no teacher model)."""
+    """:func:`eaopd_mp.megatron.eaopd_forward_step` for a served teacher: the last stage's
+    forward computes the loss on the micro-batch's top-k tensors (no teacher model)."""
     remaining = iter(served)
 
     def forward_step(data_iterator, model):
         tokens, position_ids, attention_mask, loss_mask, *packed = get_batch(data_iterator)
         packed = packed[0] if packed else None
-        hidden = gpt_hidden_states(model, tokens, position_ids, attention_mask, packed)
         if not is_last_stage(model):
-            return hidden, None
+            return gpt_hidden_states(model, tokens, position_ids, attention_mask,
+                                     packed), None
         lp, ids = next(remaining)  # the whole sequence: eaopd_loss_func cuts it per CP rank
-        return hidden, partial(
-            eaopd_loss_func, student_weight=output_layer_weight(model), teacher_hidden=None,
-            teacher_weight=None, loss_mask=loss_mask, sequence_parallel=sequence_parallel,
-            vocab_size=vocab_size, packed_seq_params=packed, teacher_topk_logprobs=lp,
-            teacher_topk_indices=ids, topk_tail=topk_tail)
+        out = EaopdOutput(None, None, sequence_parallel=sequence_parallel,
+                          vocab_size=vocab_size, packed_seq_params=packed,
+                          teacher_topk_logprobs=lp, teacher_topk_indices=ids,
+                          topk_tail=topk_tail)
+        loss_sum = gpt_forward(model, tokens, position_ids, attention_mask,
+                               eaopd_output_processor, context=out, loss_mask=loss_mask,
+                               packed_seq_params=packed)
+        return loss_sum, out.loss_func
     return forward_step
 
 
@@ -517,11 +524,15 @@ def main(argv: list[str] | None = None) -> None:
     data = torch.Generator().manual_seed(args.seed + 1 + dp_rank)
     sampling = torch.Generator().manual_seed(args.seed + 1001 + dp_rank)
     teacher, optimizer = setup_training(build_model(args, padded, 64, 2, 4), args, lr=1e-2)
-    say(f"tp={args.tp} pp={args.pp} cp={args.cp} dp={dp} "
-        f"sequence_parallel={args.sequence_parallel} packed={args.packed} "
+    say(f"tp={args.tp} pp={args.pp} dp={dp} sequence_parallel={args.sequence_parallel} "
+        f"cp={args.cp} packed={args.packed} "
         f"virtual_pipeline={args.virtual_pipeline} attention={not attention_free(args)} "
         f"micro_batches={args.micro_batches} device={device.type} vocab={args.vocab_size} "
         f"(padded to {padded}) batch={args.batch_size}x{args.seq_len}")
+    path = ("GPTModel.forward(output_processor=...)" if uses_output_processor(teacher)
+            else "_preprocess + decoder (no output_processor hook)")
+    say(f"megatron-core {metadata.version('megatron-core')}, torch {torch.__version__}: "
+        f"loss and teacher hidden states via {path}")
 
     start = time.perf_counter()
     ce = pretrain_teacher(teacher, optimizer, chain, args, device, data)
