@@ -96,9 +96,10 @@ def uses_output_processor(model) -> bool:
     ``forward`` does, then, on the last pipeline stage, returns ``fn(hidden_states=...,
     output_layer=..., output_weight=..., loss_mask=..., context=ctx, config=..., ...)``
     instead of the logits or the language-model loss. Decided by the signature, not by
-    the version number. Wrappers (DDP, Float16Module) are looked through.
+    the version number. Wrappers (DDP, Float16Module) are looked through; a list of
+    virtual-stage chunks is judged by its last chunk.
     """
-    return _forward_has_hook(type(_unwrap(model)))
+    return _forward_has_hook(type(_unwrap(last_model_chunk(model))))
 
 
 @cache
