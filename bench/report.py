@@ -275,6 +275,31 @@ def dtype_ratios(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def logits_bytes(records: list[dict]) -> str:
+    """For the long-context suite: per token count, the size of one ``(tokens, V)``
+    float32 logits tensor next to each implementation's measured peak above the inputs
+    (or why it was not run). Empty for other suites."""
+    rows = [r for r in records if r["sweep"].startswith("long-")]
+    if not rows:
+        return ""
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    lines = ["| tokens | one (tokens, V) fp32 logits | "
+             + " | ".join(f"{i} peak / time" for i in impls) + " |",
+             "|---:|---:|" + "---:|" * len(impls)]
+    for tokens in sorted({r["tokens"] for r in rows}):
+        vocab = next(r["vocab"] for r in rows if r["tokens"] == tokens)
+        cells = []
+        for impl in impls:
+            r = next((r for r in rows if r["tokens"] == tokens and r["impl"] == impl), None)
+            if r is None or r["status"] != "ok" or r["peak_mib"] is None:
+                cells.append("not run" if r is None else f"skipped: {r['reason']}")
+            else:
+                cells.append(f"{r['peak_mib']:.0f} MiB / {r['time_ms_median'] / 1e3:.2f} s")
+        lines.append(f"| {tokens} | {tokens * vocab * 4 / 2**20:.0f} MiB | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _short(value: float, _pos=None) -> str:
     """Tick label: 512, 1k, 64k."""
     if value >= 1024 and value % 1024 == 0:
@@ -325,6 +350,10 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
                          linewidth=2.5 if impl.startswith("eaopd_fused") else 1.5)
             axes[0].plot(xs, ts, **style)
             axes[1].plot(xs, [max(m, 0.1) for m in ms], **style)
+        if name.startswith("long-"):  # what one (tokens, V) fp32 logits tensor takes
+            xs = sorted({r[x] for r in group})
+            axes[1].plot(xs, [n * group[0]["vocab"] * 4 / 2**20 for n in xs], color="gray",
+                         linestyle=":", label="one (tokens, V) fp32 logits")
         for ax, ylabel in zip(axes, ("forward + backward, ms (median)",
                                      "peak memory above inputs, MiB"), strict=True):
             ax.set_xscale("log", base=2)

@@ -9,6 +9,8 @@
     python bench/run.py --suite startup --out bench-startup # cold/warm first calls (CPU)
     python bench/run.py --suite cpu-bf16 --out bench-bf16   # bf16 next to fp32 on CPU
     python bench/run.py --suite topk --out bench-topk       # served top-k teacher (CPU)
+    python bench/run.py --suite long --out bench-long       # long context, V = 151936
+    python bench/run.py --suite long --device cuda --dtype bf16 --out bench-long-cuda
 
 Writes ``results.json`` (one record per implementation and point), ``results.md``
 (tables), ``meta.json`` (machine, versions, command) and one PNG per sweep into
@@ -33,13 +35,14 @@ import torch
 from harness import Bench, Progress, Settings, plan_table
 from impls import IMPLS, configure_process
 from memory import GIB, available_bytes, cpu_peak_supported
-from report import dtype_ratios, flatness, gpu_goals, text_table, write_all
+from report import dtype_ratios, flatness, gpu_goals, logits_bytes, text_table, write_all
 from suites import (
     SUITES,
     cpu_bf16_suite,
     custom_sweep,
     gpu_suite,
     issue2_suite,
+    long_suite,
     main_suite,
     topk_suite,
 )
@@ -110,6 +113,8 @@ def select_cases(args: argparse.Namespace):
         cases = cpu_bf16_suite()
     elif args.suite == "topk":
         cases = topk_suite()
+    elif args.suite == "long":
+        cases = long_suite(args.device, args.dtype)
     else:
         cases = main_suite(args.device, args.dtype, args.quick)
     if args.sweeps:
@@ -255,7 +260,7 @@ def main(argv=None) -> int:
     print(text_table(records))
     if flat := flatness(records):
         print("\n" + flat)
-    for extra in (gpu_goals(records), dtype_ratios(records)):
+    for extra in (gpu_goals(records), dtype_ratios(records), logits_bytes(records)):
         if extra:
             print("\n" + extra)
     print(f"\nwrote {', '.join(str(p) for p in paths)} in {meta['duration']}")

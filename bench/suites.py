@@ -5,7 +5,7 @@ chunk size; ``--quick`` keeps a small tokens sweep. ``issue2``: the acceptance n
 of the fused loss against the GEMM floor (CPU, fp32, V = 32000). ``gpu``: issue 13's
 GPU table (CUDA, bf16, V = 128256, H = 4096, N = 4k/8k/16k). ``cpu-bf16``: the fused
 loss and the chunked GEMM floor in bf16 next to fp32 on CPU. ``topk``: a served top-k
-teacher (issue 12). ``startup`` (first-call
+teacher (issue 12). ``long``: long-context memory at V = 151,936 (issue 17). ``startup`` (first-call
 times in fresh processes) is not a list of cases: see ``startup.py``.
 
 CPU sweeps use a small hidden size: on two cores the GEMMs of a realistic one (4096)
@@ -155,6 +155,21 @@ def topk_suite() -> list[Case]:
                                hidden=hidden, vocab=V32K, impls=TOPK)]
 
 
+V_QWEN = 151936  # Qwen2/Qwen3's vocabulary
+LONG_IMPLS = ("eaopd_fused", "naive_compiled")
+LONG_CPU = (128, (2048, 8192, 32768))  # hidden, tokens
+LONG_CUDA = (4096, (8192, 16384, 32768, 65536, 131072))
+
+
+def long_suite(device: str, dtype: str) -> list[Case]:
+    """Issue 17: long-context memory on one device at Qwen's V = 151,936, the fused loss
+    against the naive compiled loss (which the memory budget stops where its logits would
+    not fit). CPU: H = 128, N = 2k, 8k, 32k; CUDA: H = 4096, N = 8k .. 128k."""
+    hidden, tokens = LONG_CUDA if device == "cuda" else LONG_CPU
+    return _sweep(f"long-V{V_QWEN}-H{hidden}", "tokens", device, dtype, tokens,
+                  hidden=hidden, vocab=V_QWEN, impls=LONG_IMPLS)
+
+
 def custom_sweep(device: str, dtype: str, tokens: tuple[int, ...], hidden: int, vocab: int,
                  chunk: int | None = None) -> list[Case]:
     """One tokens sweep at the given shapes (``--tokens``), every implementation."""
@@ -164,4 +179,5 @@ def custom_sweep(device: str, dtype: str, tokens: tuple[int, ...], hidden: int, 
 
 # The device and dtype a suite is defined on (None: chosen by --device/--dtype).
 SUITES = {"main": None, "issue2": ("cpu", "fp32"), "gpu": ("cuda", "bf16"),
-          "cpu-bf16": ("cpu", None), "startup": ("cpu", "fp32"), "topk": ("cpu", "fp32")}
+          "cpu-bf16": ("cpu", None), "startup": ("cpu", "fp32"), "topk": ("cpu", "fp32"),
+          "long": None}

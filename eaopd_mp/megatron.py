@@ -39,6 +39,19 @@ calls ``loss_func(output_tensor)``, which returns megatron's ``(loss_sum, num_to
 logged)`` triple (:func:`eaopd_loss_func`), so ``config.calculate_per_token_loss=True``
 makes the step's gradient that of the per-token mean over all micro-batches and
 data-parallel ranks.
+
+Long context (docs/guides/megatron-long-context.md):
+
+* context parallelism: ``get_batch`` returns this CP rank's zig-zag slices, as
+  ``megatron.core.utils.get_batch_on_this_cp_rank`` cuts them; the loss counts this
+  rank's tokens (:func:`megatron_loss_triple`) and megatron's schedule, DDP and
+  ``finalize_model_grads`` reduce over data x context parallel ranks. A served teacher's
+  top-k is given for the whole sequence and cut here (:func:`slice_for_context_parallel`);
+* packed sequences (THD): ``get_batch`` may return megatron's ``PackedSeqParams`` as a
+  fifth value; it reaches student, teacher and the loss, which drops every sequence's
+  last token (:func:`packed_loss_mask`);
+* interleaved pipelines: ``teacher`` may be a list of virtual-stage chunks and the data
+  iterators one per chunk, as megatron's interleaved schedule takes them.
 """
 
 from __future__ import annotations
@@ -83,9 +96,10 @@ def uses_output_processor(model) -> bool:
     ``forward`` does, then, on the last pipeline stage, returns ``fn(hidden_states=...,
     output_layer=..., output_weight=..., loss_mask=..., context=ctx, config=..., ...)``
     instead of the logits or the language-model loss. Decided by the signature, not by
-    the version number. Wrappers (DDP, Float16Module) are looked through.
+    the version number. Wrappers (DDP, Float16Module) are looked through; a list of
+    virtual-stage chunks is judged by its last chunk.
     """
-    return _forward_has_hook(type(_unwrap(model)))
+    return _forward_has_hook(type(_unwrap(last_model_chunk(model))))
 
 
 @cache
@@ -96,7 +110,8 @@ def _forward_has_hook(cls) -> bool:
 
 def gpt_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None, output_processor: Callable, *,
-                context: Any = None, loss_mask: torch.Tensor | None = None):
+                context: Any = None, loss_mask: torch.Tensor | None = None,
+                packed_seq_params=None):
     """``model(input_ids, position_ids, attention_mask, loss_mask=loss_mask,
     output_processor=output_processor, output_processor_context=context)`` on any
     megatron-core.
@@ -106,7 +121,7 @@ def gpt_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
     Float16Module would upcast a bf16 result to fp32). Older megatron-cores (0.16) get
     the same result from the private ``_preprocess`` and ``decoder`` that ``forward``
     runs (no multi-token prediction), then the processor with the same keywords
-    (``inference_context`` and ``packed_seq_params`` None, ``scale_logits`` the identity).
+    (``inference_context`` None, ``scale_logits`` the identity).
 
     Args:
         model: a megatron-core ``GPTModel``, possibly wrapped; one pipeline stage.
@@ -120,6 +135,8 @@ def gpt_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
         context: passed to ``output_processor`` as ``context``.
         loss_mask: ``[b, s]``, passed to ``output_processor`` (and to megatron's
             multi-token prediction, where the hook exists).
+        packed_seq_params: megatron's ``PackedSeqParams`` for packed sequences (THD),
+            passed to the forward (rotary tables, every layer) and the processor.
     Returns:
         On the last pipeline stage what ``output_processor`` returns, elsewhere the
         stage's ``[s(/tp), b, h]`` output hidden states.
@@ -127,13 +144,14 @@ def gpt_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
     gpt = _unwrap(model)
     if uses_output_processor(gpt):
         return gpt(input_ids, position_ids, attention_mask, loss_mask=loss_mask,
+                   packed_seq_params=packed_seq_params,
                    output_processor=output_processor, output_processor_context=context)
     return _forward_without_hook(gpt, input_ids, position_ids, attention_mask,
-                                 output_processor, context, loss_mask)
+                                 output_processor, context, loss_mask, packed_seq_params)
 
 
 def _forward_without_hook(gpt, input_ids, position_ids, attention_mask, output_processor,
-                          context, loss_mask):
+                          context, loss_mask, packed_seq_params=None):
     """:func:`gpt_forward` for a GPTModel without the hook (megatron-core 0.16):
     ``_preprocess`` (embedding, rotary tables) -> ``decoder`` (the layers and, on the last
     stage, the final norm) -> the processor in place of ``_postprocess``."""
@@ -145,7 +163,8 @@ def _forward_without_hook(gpt, input_ids, position_ids, attention_mask, output_p
         raise NotImplementedError(
             f"{type(gpt).__name__}.forward has no output_processor hook and no _preprocess "
             "(the private path written against megatron-core 0.16)")
-    pre = gpt._preprocess(input_ids=input_ids, position_ids=position_ids)
+    pre = gpt._preprocess(input_ids=input_ids, position_ids=position_ids,
+                          packed_seq_params=packed_seq_params)
     decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset = pre[:5]
     hidden = gpt.decoder(
         hidden_states=decoder_input,
@@ -154,6 +173,7 @@ def _forward_without_hook(gpt, input_ids, position_ids, attention_mask, output_p
         rotary_pos_cos=rotary_pos_cos,
         rotary_pos_sin=rotary_pos_sin,
         sequence_len_offset=sequence_len_offset,
+        packed_seq_params=packed_seq_params,
     )
     if not gpt.post_process:
         return hidden
@@ -169,7 +189,7 @@ def _forward_without_hook(gpt, input_ids, position_ids, attention_mask, output_p
         attention_mask=attention_mask,
         decoder_input=decoder_input,
         inference_context=None,
-        packed_seq_params=None,
+        packed_seq_params=packed_seq_params,
         runtime_gather_output=None,
         context=context,
         compute_language_model_loss=gpt.compute_language_model_loss,
@@ -196,7 +216,8 @@ def hidden_states_processor(*, hidden_states: torch.Tensor, config=None,
 
 
 def gpt_hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                      attention_mask: torch.Tensor | None) -> torch.Tensor:
+                      attention_mask: torch.Tensor | None,
+                      packed_seq_params=None) -> torch.Tensor:
     """A GPTModel's forward without its output layer: the hidden states the output layer
     would read.
 
@@ -210,12 +231,14 @@ def gpt_hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor
         input_ids, position_ids: ``[b, s]``.
         attention_mask: as for ``model(...)`` (``[1, 1, s, s]`` bool, True = masked), or
             None for megatron's own causal mask.
+        packed_seq_params: megatron's ``PackedSeqParams`` for packed sequences (THD),
+            passed to the embedding's rotary tables and to every layer; None otherwise.
     Returns:
         ``[s, b, h]``, or ``[s / tp, b, h]`` (this rank's sequence slice) under sequence
         parallelism.
     """
     return gpt_forward(model, input_ids, position_ids, attention_mask,
-                       hidden_states_processor)
+                       hidden_states_processor, packed_seq_params=packed_seq_params)
 
 
 def output_layer_weight(model) -> torch.Tensor:
@@ -225,6 +248,183 @@ def output_layer_weight(model) -> torch.Tensor:
     if gpt.share_embeddings_and_output_weights:
         return gpt.shared_embedding_or_output_weight()
     return gpt.output_layer.weight
+
+
+# --------------------------------------------------------------- context parallelism (CP)
+
+
+def context_parallel_layout(cp_group=None) -> tuple[int, int]:
+    """``(size, rank)`` of the context-parallel group: ``cp_group``'s, or megatron-core's
+    when it is None (``(1, 0)`` when megatron's parallel state is not initialised)."""
+    if cp_group is not None:
+        import torch.distributed as dist
+        return dist.get_world_size(cp_group), dist.get_rank(cp_group)
+    try:
+        from megatron.core import parallel_state
+    except ImportError:
+        return 1, 0
+    if not parallel_state.model_parallel_is_initialized():
+        return 1, 0
+    return (parallel_state.get_context_parallel_world_size(),
+            parallel_state.get_context_parallel_rank())
+
+
+def _cu_seqlens(packed_seq_params, padded: bool) -> torch.Tensor:
+    """``cu_seqlens_q`` (or ``cu_seqlens_q_padded``, falling back to it) as int64."""
+    cu = packed_seq_params.cu_seqlens_q
+    if padded and getattr(packed_seq_params, "cu_seqlens_q_padded", None) is not None:
+        cu = packed_seq_params.cu_seqlens_q_padded
+    if cu is None:
+        raise ValueError("packed_seq_params.cu_seqlens_q is None")
+    return cu.detach().to(torch.int64).view(-1)
+
+
+def context_parallel_index(seq_len: int, cp_size: int, cp_rank: int, *,
+                           cu_seqlens_padded: torch.Tensor | None = None,
+                           device=None) -> torch.Tensor:
+    """The positions of a ``seq_len`` sequence that context-parallel rank ``cp_rank`` holds,
+    in megatron's order: ``[seq_len / cp_size]`` int64.
+
+    The sequence is cut into ``2 * cp_size`` equal chunks and the rank holds chunks
+    ``cp_rank`` and ``2 * cp_size - 1 - cp_rank`` (causal attention's load balance), as
+    ``megatron.core.utils.get_batch_on_this_cp_rank`` slices tokens. With
+    ``cu_seqlens_padded`` (packed sequences, ``[n + 1]`` offsets ending at ``seq_len``),
+    every packed sequence is cut that way and the rank's parts are concatenated in
+    sequence order, as ``get_thd_batch_on_this_cp_rank`` (Transformer Engine's
+    ``thd_get_partitioned_indices``) slices them; each sequence's padded length must
+    divide by ``2 * cp_size``.
+    """
+    if cu_seqlens_padded is None:
+        bounds = torch.tensor([0, seq_len], dtype=torch.int64)
+    else:
+        bounds = cu_seqlens_padded.detach().to("cpu", torch.int64).view(-1)
+        if bounds.numel() < 2 or bounds[0] != 0 or bounds[-1] != seq_len:
+            raise ValueError(f"cu_seqlens_padded must run from 0 to the packed length "
+                             f"{seq_len}, got {bounds.tolist()}")
+    lengths = bounds.diff()
+    if (lengths % (2 * cp_size)).any():
+        what = "sequence length" if cu_seqlens_padded is None else "padded sequence lengths"
+        raise ValueError(f"context parallelism over {cp_size} ranks cuts every sequence into "
+                         f"{2 * cp_size} chunks: the {what} {lengths.tolist()} must divide "
+                         f"by {2 * cp_size}")
+    parts = []
+    for start, length in zip(bounds[:-1].tolist(), lengths.tolist(), strict=True):
+        chunk = length // (2 * cp_size)
+        for c in (cp_rank, 2 * cp_size - 1 - cp_rank):
+            parts.append(torch.arange(start + c * chunk, start + (c + 1) * chunk))
+    return torch.cat(parts).to(device)
+
+
+def slice_for_context_parallel(tensor: torch.Tensor, dim: int, *, cp_group=None,
+                               packed_seq_params=None) -> torch.Tensor:
+    """This context-parallel rank's part of a tensor given for the whole sequence along
+    ``dim``, exactly as megatron slices the tokens (:func:`context_parallel_index`).
+
+    Use it for per-token data made outside megatron's data loader, e.g. a served
+    teacher's ``[s, b, k]`` top-k log-probabilities and ids (``dim=0``);
+    :func:`eaopd_loss_func` does it itself for ``teacher_topk_*`` and
+    ``teacher_entropy``. With ``packed_seq_params`` (THD) each packed sequence is split
+    separately (``cu_seqlens_q_padded``, or ``cu_seqlens_q`` when there is no padding).
+    Returns ``tensor`` itself when the group has one rank.
+    """
+    cp_size, cp_rank = context_parallel_layout(cp_group)
+    if cp_size == 1:
+        return tensor
+    cu = None if packed_seq_params is None else _cu_seqlens(packed_seq_params, padded=True)
+    index = context_parallel_index(tensor.shape[dim], cp_size, cp_rank,
+                                   cu_seqlens_padded=cu, device=tensor.device)
+    return tensor.index_select(dim, index)
+
+
+# ------------------------------------------------------------- packed sequences (THD)
+
+
+def packed_loss_mask(loss_mask: torch.Tensor, packed_seq_params, *,
+                     cp_group=None) -> torch.Tensor:
+    """``loss_mask`` with every packed sequence's last token, and any padding after it,
+    weighted 0.
+
+    In a packed (THD) row the last token of a sequence would "predict" the first token of
+    the next one; its distillation loss means nothing, so the loss over the packed row is
+    the sum of the per-sequence losses only when it is dropped.
+
+    Args:
+        loss_mask: ``[1, t]`` (megatron's THD batch: one row), this context-parallel
+            rank's part when context parallelism is on (``t`` = packed length / cp).
+        packed_seq_params: ``PackedSeqParams`` with ``cu_seqlens_q`` (the real sequence
+            boundaries) and optionally ``cu_seqlens_q_padded`` (where each sequence starts
+            in the row when sequences are padded, e.g. to ``2 * cp`` multiples).
+        cp_group: default megatron's context-parallel group.
+    Returns:
+        ``[1, t]`` in ``loss_mask``'s dtype.
+    """
+    if getattr(packed_seq_params, "qkv_format", "thd") != "thd":
+        raise ValueError(f"packed_seq_params.qkv_format must be 'thd', got "
+                         f"{packed_seq_params.qkv_format!r}")
+    if loss_mask.dim() != 2 or loss_mask.shape[0] != 1:
+        raise ValueError(f"packed sequences come as one row: loss_mask must be [1, t], got "
+                         f"{tuple(loss_mask.shape)}")
+    cp_size, cp_rank = context_parallel_layout(cp_group)
+    real = _cu_seqlens(packed_seq_params, padded=False).cpu()
+    starts = _cu_seqlens(packed_seq_params, padded=True).cpu()
+    total = loss_mask.shape[1] * cp_size
+    if real.numel() != starts.numel() or starts[-1] != total or (real.diff() > starts.diff()).any():
+        raise ValueError(f"packed_seq_params do not fit a packed row of {total} tokens: "
+                         f"cu_seqlens {real.tolist()}, cu_seqlens_padded {starts.tolist()}")
+    pos = torch.arange(total)
+    seq = torch.searchsorted(starts, pos, right=True) - 1  # the sequence each position is in
+    keep = pos - starts[seq] < real.diff()[seq] - 1  # a real token followed by one of its own
+    if cp_size > 1:
+        keep = keep[context_parallel_index(total, cp_size, cp_rank, cu_seqlens_padded=starts)]
+    return loss_mask * keep.to(loss_mask.device, loss_mask.dtype).view(1, -1)
+
+
+def _slice_served_teacher(loss_options: dict, num_tokens: int, packed_seq_params,
+                          cp_group) -> dict:
+    """``loss_options`` with the served teacher's whole-sequence ``teacher_topk_logprobs``
+    / ``teacher_topk_indices`` ``[s, b, k]`` and ``teacher_entropy`` ``[s, b]`` cut to this
+    context-parallel rank's ``num_tokens`` positions (:func:`slice_for_context_parallel`).
+    A sequence length other than ``num_tokens * cp`` raises ``ValueError``."""
+    cp_size, _ = context_parallel_layout(cp_group)
+    names = ("teacher_topk_logprobs", "teacher_topk_indices", "teacher_entropy")
+    given = {n: loss_options[n] for n in names if loss_options.get(n) is not None}
+    if cp_size == 1 or not given:
+        return loss_options
+    for name, t in given.items():
+        if t.dim() < 1 or t.shape[0] != num_tokens * cp_size:
+            raise ValueError(
+                f"{name} must cover the whole sequence under context parallelism: "
+                f"[{num_tokens * cp_size}, ...] ({cp_size} ranks x {num_tokens} tokens of "
+                f"this rank's loss_mask), got {tuple(t.shape)}; the library cuts it into "
+                "this rank's zig-zag chunks itself")
+    out = dict(loss_options)
+    for name, t in given.items():
+        out[name] = slice_for_context_parallel(t, 0, cp_group=cp_group,
+                                               packed_seq_params=packed_seq_params)
+    return out
+
+
+def megatron_loss_triple(loss_sum: torch.Tensor, loss_mask: torch.Tensor,
+                         stats: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """megatron's ``(loss, num_tokens, logged)`` from this rank's summed loss.
+
+    The divisor is megatron's, never ours: ``num_tokens`` counts this rank's (this
+    context-parallel rank's) loss tokens only, as ``pretrain_gpt.py``'s ``loss_func`` does.
+    With ``calculate_per_token_loss=True`` the schedule sums ``num_tokens`` over the
+    micro-batches, ``finalize_model_grads`` all-reduces it over data x context parallel
+    ranks and divides the summed gradients by it: the per-token mean over the global
+    batch. Without it the schedule divides each micro-batch's loss by its ``num_tokens``
+    and by the number of micro-batches, and DDP averages gradients over data x context
+    parallel ranks: the mean over micro-batches and DP x CP ranks of each rank's per-token
+    mean of its own chunks. Logged pairs ``[value * n, n]`` are summed over micro-batches
+    and DP x CP ranks by Megatron-LM's ``train_step``: token-weighted means.
+    """
+    num_tokens = loss_mask.detach().sum().to(torch.int)
+    n = num_tokens.view(1).to(torch.float32)
+    logged = {"eaopd loss": torch.cat([loss_sum.detach().view(1), n])}
+    for name, key in LOGGED_STATS.items():
+        logged[name] = torch.cat([stats[key].detach().view(1) * n, n])
+    return loss_sum, num_tokens, logged
 
 
 def eaopd_loss_func(
@@ -237,6 +437,8 @@ def eaopd_loss_func(
     sequence_parallel: bool = False,
     vocab_size: int | None = None,
     tp_group=None,
+    packed_seq_params=None,
+    cp_group=None,
     **loss_options,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """The entropy-aware OPD loss in megatron-core's ``loss_func`` convention.
@@ -258,13 +460,23 @@ def eaopd_loss_func(
             Both None for a served teacher: pass ``teacher_topk_logprobs`` and
             ``teacher_topk_indices`` ``[s, b, k]`` (the full sequence even under sequence
             parallelism, global vocabulary ids, the same on every tensor-parallel rank)
-            in ``loss_options``.
-        loss_mask: ``[b, s]`` 0/1 (megatron's layout): the positions that count.
+            in ``loss_options``. Under context parallelism give them (and
+            ``teacher_entropy``) for the *whole* sequence, ``[s * cp, b, k]``: they are cut
+            into this rank's zig-zag chunks here (:func:`slice_for_context_parallel`); any
+            other length raises ``ValueError``.
+        loss_mask: ``[b, s]`` 0/1 (megatron's layout): the positions that count; this
+            context-parallel rank's positions under context parallelism (as
+            ``get_batch_on_this_cp_rank`` slices it), like the hidden states.
         sequence_parallel: the hidden states are split along the sequence (megatron's
             ``config.sequence_parallel``).
         vocab_size: the real vocabulary when the output layer is padded (megatron's
             ``--make-vocab-size-divisible-by``): padding columns get no probability.
         tp_group: default megatron's tensor-parallel group.
+        packed_seq_params: megatron's ``PackedSeqParams`` when the micro-batch is packed
+            sequences (THD, ``b = 1``): every sequence's last token gets weight 0
+            (:func:`packed_loss_mask`), so the loss is the sum of the per-sequence losses,
+            and a served teacher is cut per sequence under context parallelism.
+        cp_group: default megatron's context-parallel group.
         loss_options: ``h_max``, ``temperature``, ``gate``, ``gate_threshold``,
             ``fkl_coef``, ``fkl_weight``, ``chunk_size``, ``topk_tail``, ``student_bias``,
             ``teacher_bias``, ``teacher_topk_logprobs``, ``teacher_topk_indices``,
@@ -277,6 +489,10 @@ def eaopd_loss_func(
         ``[2]`` float tensor ``[value * num_tokens, num_tokens]`` (detached).
     """
     _check_loss_options(loss_options)
+    if packed_seq_params is not None:
+        loss_mask = packed_loss_mask(loss_mask, packed_seq_params, cp_group=cp_group)
+    loss_options = _slice_served_teacher(loss_options, loss_mask.shape[1], packed_seq_params,
+                                         cp_group)
     loss_sum, stats = fused_linear_vocab_parallel_eaopd_loss(
         student_hidden,
         student_weight,
@@ -290,12 +506,7 @@ def eaopd_loss_func(
         return_stats=True,
         **loss_options,
     )
-    num_tokens = loss_mask.detach().sum().to(torch.int)
-    n = num_tokens.view(1).to(torch.float32)
-    logged = {"eaopd loss": torch.cat([loss_sum.detach().view(1), n])}
-    for name, key in LOGGED_STATS.items():
-        logged[name] = torch.cat([stats[key].detach().view(1) * n, n])
-    return loss_sum, num_tokens, logged
+    return megatron_loss_triple(loss_sum, loss_mask, stats)
 
 
 class EaopdOutput:
@@ -349,12 +560,37 @@ def eaopd_output_processor(*, hidden_states: torch.Tensor, output_layer,
 
 
 # get_batch(data_iterator) -> (tokens [b, s], position_ids [b, s], attention_mask, loss_mask
-# [b, s]) of one micro-batch.
+# [b, s][, packed_seq_params]) of one micro-batch (this context-parallel rank's part).
 GetBatch = Callable[[Iterator], tuple]
 
 
+def _batch(get_batch: GetBatch, data_iterator) -> tuple:
+    """``(tokens, position_ids, attention_mask, loss_mask, packed_seq_params)`` of the next
+    micro-batch: ``get_batch`` returns those four, or five with megatron's
+    ``PackedSeqParams`` for packed sequences (THD)."""
+    batch = tuple(get_batch(data_iterator))
+    if len(batch) == 4:
+        return (*batch, None)
+    if len(batch) != 5:
+        raise ValueError("get_batch must return (tokens, position_ids, attention_mask, "
+                         f"loss_mask[, packed_seq_params]), got {len(batch)} values")
+    return batch
+
+
+def last_model_chunk(model):
+    """The model chunk holding the output layer: ``model`` itself, or the last of a list
+    of virtual pipeline stages (interleaved schedule)."""
+    if isinstance(model, (list, tuple)):
+        if not model:
+            raise ValueError("an empty list of model chunks")
+        return model[-1]
+    return model
+
+
 def _is_last_stage(model) -> bool:
-    return bool(_unwrap(model).post_process)
+    """Whether this (chunk of the) model is the last pipeline stage (the last virtual stage
+    of the last pipeline rank under the interleaved schedule)."""
+    return bool(_unwrap(last_model_chunk(model)).post_process)
 
 
 def teacher_forward_step(get_batch: GetBatch) -> Callable:
@@ -365,10 +601,11 @@ def teacher_forward_step(get_batch: GetBatch) -> Callable:
     ``output_processor`` hook; on the last stage the final-norm output, ``[s, b, h_t]`` or
     ``[s / tp, b, h_t]`` under sequence parallelism), and with no loss function megatron's
     schedule keeps the last stage's output of every micro-batch and returns them in order.
+    ``packed_seq_params`` from ``get_batch`` reach the teacher.
     """
     def forward_step(data_iterator, model):
-        tokens, position_ids, attention_mask, _ = get_batch(data_iterator)
-        return gpt_hidden_states(model, tokens, position_ids, attention_mask), None
+        tokens, position_ids, attention_mask, _, packed = _batch(get_batch, data_iterator)
+        return gpt_hidden_states(model, tokens, position_ids, attention_mask, packed), None
     return forward_step
 
 
@@ -390,14 +627,19 @@ def teacher_hidden_states(forward_backward_func: Callable, teacher, data_iterato
     Args:
         forward_backward_func: ``megatron.core.pipeline_parallel.get_forward_backward_func()``.
         teacher: the teacher GPTModel (unwrapped or wrapped); its config holds the pipeline
-            settings (``pipeline_dtype``, ``hidden_size``).
+            settings (``pipeline_dtype``, ``hidden_size``). With virtual pipeline stages
+            (interleaved schedule), the list of its model chunks.
         data_iterator: yields the step's micro-batches, the same ones, in the same order, as
-            the student's iterator.
+            the student's iterator (with virtual pipeline stages: one such iterator per
+            model chunk, as megatron's interleaved schedule takes them).
         get_batch: see :func:`eaopd_forward_step`.
         num_microbatches, seq_length, micro_batch_size: as for the student's schedule.
     Returns:
         On the last pipeline stage, ``num_microbatches`` tensors ``[s, b, h_t]`` (``[s / tp,
-        b, h_t]`` under sequence parallelism) in the teacher's dtype; ``[]`` elsewhere.
+        b, h_t]`` under sequence parallelism; ``s`` this context-parallel rank's tokens) in
+        the teacher's dtype, in micro-batch order (with virtual stages: the outputs of the
+        last model chunk, which the interleaved schedule runs in micro-batch order);
+        ``[]`` elsewhere.
     """
     with torch.no_grad():
         hidden = forward_backward_func(
@@ -431,10 +673,15 @@ def eaopd_forward_step(get_batch: GetBatch, teacher, teacher_hidden: Sequence[to
 
     Args:
         get_batch: ``get_batch(data_iterator) -> (tokens, position_ids, attention_mask,
-            loss_mask)`` for one micro-batch: ``[b, s]`` int64 tokens and positions, the
-            attention mask as for ``GPTModel.forward`` (or None), ``[b, s]`` 0/1 float loss
-            mask. Called once per micro-batch on every stage.
-        teacher: the teacher GPTModel (for its output-layer shard on the last stage).
+            loss_mask[, packed_seq_params])`` for one micro-batch: ``[b, s]`` int64 tokens
+            and positions, the attention mask as for ``GPTModel.forward`` (or None),
+            ``[b, s]`` 0/1 float loss mask, this context-parallel rank's part of each
+            (``megatron.core.utils.get_batch_on_this_cp_rank`` /
+            ``get_thd_batch_on_this_cp_rank``); optionally megatron's ``PackedSeqParams``
+            for packed sequences (THD, ``b = 1``), passed to the student, the teacher and
+            :func:`eaopd_loss_func`. Called once per micro-batch on every stage.
+        teacher: the teacher GPTModel, or the list of its virtual-stage chunks (for its
+            output-layer shard on the last stage).
         teacher_hidden: :func:`teacher_hidden_states` of the same micro-batches (used on
             the last stage only, in order; may be empty elsewhere).
         sequence_parallel, vocab_size, loss_options: as for :func:`eaopd_loss_func`.
@@ -447,16 +694,19 @@ def eaopd_forward_step(get_batch: GetBatch, teacher, teacher_hidden: Sequence[to
     _check_loss_options(loss_options)
 
     def forward_step(data_iterator, model):
-        tokens, position_ids, attention_mask, loss_mask = get_batch(data_iterator)
+        tokens, position_ids, attention_mask, loss_mask, packed = _batch(get_batch,
+                                                                         data_iterator)
         if not _is_last_stage(model):
-            return gpt_hidden_states(model, tokens, position_ids, attention_mask), None
+            return gpt_hidden_states(model, tokens, position_ids, attention_mask,
+                                     packed), None
         t_hidden = next(remaining, None)
         if t_hidden is None:
             raise RuntimeError("more micro-batches than teacher hidden states")
-        out = EaopdOutput(t_hidden, output_layer_weight(teacher),
+        out = EaopdOutput(t_hidden, output_layer_weight(last_model_chunk(teacher)),
                           sequence_parallel=sequence_parallel, vocab_size=vocab_size,
-                          **loss_options)
+                          packed_seq_params=packed, **loss_options)
         loss_sum = gpt_forward(model, tokens, position_ids, attention_mask,
-                               eaopd_output_processor, context=out, loss_mask=loss_mask)
+                               eaopd_output_processor, context=out, loss_mask=loss_mask,
+                               packed_seq_params=packed)
         return loss_sum, out.loss_func
     return forward_step

@@ -16,7 +16,9 @@ is available):
 * ``clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor`` gradients: the
   optimizer gets the same scaling without the assertion (:func:`clip_grad_by_total_norm`);
 * :func:`tiny_gpt` turns off ``batch_p2p_sync`` (a ``torch.cuda.synchronize()`` after
-  every pipeline send/receive);
+  every pipeline send/receive) and ``batch_p2p_comm`` (gloo pairs a batch's messages to
+  one peer in posting order: with 2 stages the interleaved schedule would swap
+  activations and gradients);
 * the model-parallel RNG tracker is created without CUDA RNG states (dropout is off in
   the tiny models, so the tracker's forks never matter);
 * the local layer spec's torch norm refuses ``sequence_parallel=True`` (it would not mark
@@ -55,6 +57,7 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is depreca
 from megatron.core import parallel_state, tensor_parallel  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
 from megatron.core.transformer.transformer_block import (  # noqa: E402
     TransformerBlock,
@@ -74,6 +77,7 @@ __all__ = [
     "output_layer_weight",
     "positions",
     "tiny_gpt",
+    "tiny_gpt_chunks",
 ]
 
 
@@ -138,15 +142,17 @@ def use_cpu() -> None:
     core_optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm
 
 
-def init_parallel(tp_size: int = 2, seed: int = 0, pp_size: int = 1) -> torch.device:
+def init_parallel(tp_size: int = 2, seed: int = 0, pp_size: int = 1, cp_size: int = 1,
+                  vp_size: int | None = None) -> torch.device:
     """Initialise torch.distributed (if needed), megatron's parallel state and RNG.
 
     Uses NCCL and this rank's GPU when CUDA is available, gloo and the CPU otherwise; the
     process group is read from torchrun's environment unless one already exists.
 
     Args:
-        tp_size, pp_size: the tensor- and pipeline-parallel sizes; their product must
-            divide the world size (the rest is data parallelism).
+        tp_size, pp_size, cp_size: the tensor-, pipeline- and context-parallel sizes;
+            their product must divide the world size (the rest is data parallelism).
+        vp_size: virtual pipeline stages per pipeline rank (interleaved schedule), or None.
         seed: seeds torch (identically on every rank, so ``use_cpu_initialization``
             builds the same full weights everywhere before sharding them).
     Returns:
@@ -160,7 +166,9 @@ def init_parallel(tp_size: int = 2, seed: int = 0, pp_size: int = 1) -> torch.de
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size,
-                                             pipeline_model_parallel_size=pp_size)
+                                             pipeline_model_parallel_size=pp_size,
+                                             virtual_pipeline_model_parallel_size=vp_size,
+                                             context_parallel_size=cp_size)
     torch.manual_seed(seed)
     if cuda:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -191,12 +199,19 @@ class LayerNorm(torch.nn.LayerNorm):
             param.sequence_parallel = config.sequence_parallel
 
 
-def block_spec(num_layers: int) -> ModuleSpec:
+def block_spec(num_layers: int, attention: bool = True) -> ModuleSpec:
     """The local (megatron-core only) GPT block spec with :class:`LayerNorm` everywhere,
-    for ``num_layers`` layers (this pipeline stage's)."""
+    for ``num_layers`` layers (this pipeline stage's). ``attention=False`` leaves out
+    self-attention (norm, MLP and residual only): every layer is position-wise, so any
+    split of the tokens (context parallelism, packed sequences) computes exactly what the
+    whole sequence does; megatron's local attention refuses both without Transformer
+    Engine."""
     layer = get_gpt_layer_local_spec()
-    layer = dataclasses.replace(layer, submodules=dataclasses.replace(
-        layer.submodules, input_layernorm=LayerNorm, pre_mlp_layernorm=LayerNorm))
+    sub = dict(input_layernorm=LayerNorm, pre_mlp_layernorm=LayerNorm)
+    if not attention:
+        sub.update(input_layernorm=IdentityOp, self_attention=IdentityOp,
+                   self_attn_bda=IdentityFuncOp)
+    layer = dataclasses.replace(layer, submodules=dataclasses.replace(layer.submodules, **sub))
     return ModuleSpec(
         module=TransformerBlock,
         submodules=TransformerBlockSubmodules(layer_specs=[layer] * num_layers,
@@ -206,7 +221,8 @@ def block_spec(num_layers: int) -> ModuleSpec:
 
 def tiny_gpt(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
              max_seq_len: int, sequence_parallel: bool = False,
-             params_dtype: torch.dtype = torch.float32) -> GPTModel:
+             params_dtype: torch.dtype = torch.float32, *, attention: bool = True,
+             vp_stage: int | None = None) -> GPTModel:
     """A GPT with no dropout, learned absolute positions, untied output layer: this
     rank's tensor-parallel shard of this pipeline stage's layers.
 
@@ -216,11 +232,16 @@ def tiny_gpt(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
     the tensor-parallel size, ``num_layers`` by the pipeline-parallel size, and the
     sequence length by the tensor-parallel size under sequence parallelism.
     ``params_dtype=torch.bfloat16`` makes a bf16 model (``config.bf16``) for megatron's
-    ``Float16Module``.
+    ``Float16Module``. The context-parallel size is megatron's; ``attention=False`` is
+    :func:`block_spec`'s position-wise model (the only one that runs context parallelism
+    or packed sequences without Transformer Engine). With virtual pipeline stages,
+    ``vp_stage`` picks the model chunk to build (:func:`tiny_gpt_chunks` builds them all).
     """
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
-    if num_layers % pp_size:
-        raise ValueError(f"{num_layers} layers do not split into {pp_size} pipeline stages")
+    vp_size = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
+    if num_layers % (pp_size * vp_size):
+        raise ValueError(f"{num_layers} layers do not split into {pp_size} pipeline stages "
+                         f"x {vp_size} virtual stages")
     config = TransformerConfig(
         num_layers=num_layers,
         hidden_size=hidden_size,
@@ -228,6 +249,8 @@ def tiny_gpt(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
         ffn_hidden_size=4 * hidden_size,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=pp_size,
+        virtual_pipeline_model_parallel_size=vp_size if vp_size > 1 else None,
+        context_parallel_size=parallel_state.get_context_parallel_world_size(),
         pipeline_dtype=params_dtype,
         sequence_parallel=sequence_parallel,
         hidden_dropout=0.0,
@@ -240,15 +263,32 @@ def tiny_gpt(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
     )
     if not torch.cuda.is_available():
         config.batch_p2p_sync = False  # it calls torch.cuda.synchronize()
+        # Batched p2p posts a stage's send to the previous stage before its send to the
+        # next; with 2 stages both are the same peer and gloo pairs a batch's messages in
+        # posting order, so the interleaved schedule's steady state would swap activations
+        # and gradients. Unbatched p2p orders them by even/odd rank and keeps the two
+        # directions on different groups.
+        config.batch_p2p_comm = False
+    extra = {} if vp_stage is None else {"vp_stage": vp_stage}
     return GPTModel(
         config=config,
-        transformer_layer_spec=block_spec(num_layers // pp_size),
+        transformer_layer_spec=block_spec(num_layers // (pp_size * vp_size), attention),
         vocab_size=vocab_size,
         max_sequence_length=max_seq_len,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                           vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                           vp_stage=vp_stage),
         share_embeddings_and_output_weights=False,
+        **extra,
     )
+
+
+def tiny_gpt_chunks(*args, **kwargs) -> list[GPTModel]:
+    """:func:`tiny_gpt`'s model chunks for every virtual pipeline stage of this pipeline
+    rank (interleaved schedule), in order."""
+    vp_size = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
+    return [tiny_gpt(*args, vp_stage=i, **kwargs) for i in range(vp_size)]
 
 
 def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:

@@ -52,7 +52,7 @@ from megatron_cpu import (  # noqa: E402
     destroy_parallel,
     init_parallel,
     positions,
-    tiny_gpt,
+    tiny_gpt_chunks,
 )
 
 # isort: split
@@ -63,16 +63,21 @@ from megatron.core.distributed import (  # noqa: E402
     finalize_model_grads,
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
+from megatron.core.packed_seq_params import PackedSeqParams  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from megatron.core.transformer.module import Float16Module  # noqa: E402
+from megatron.core.utils import get_batch_on_this_cp_rank  # noqa: E402
 
 from eaopd_mp.megatron import (  # noqa: E402
     EaopdOutput,
+    context_parallel_index,
     eaopd_forward_step,
     eaopd_output_processor,
     gpt_forward,
     gpt_hidden_states,
+    last_model_chunk,
     output_layer_weight,
+    slice_for_context_parallel,
     teacher_hidden_states,
     uses_output_processor,
 )
@@ -86,6 +91,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--cp", type=int, default=1,
+                   help="context-parallel size (attention-free models without Transformer "
+                   "Engine: the Markov chain needs none)")
+    p.add_argument("--packed", action="store_true",
+                   help="pack each micro-batch's sequences into one THD row "
+                   "(PackedSeqParams; attention-free models without Transformer Engine)")
+    p.add_argument("--virtual-pipeline", type=int, default=None, metavar="V",
+                   help="virtual pipeline stages per pipeline rank (interleaved schedule; "
+                   "needs --pp >= 2)")
     p.add_argument("--micro-batches", type=int, default=4,
                    help="micro-batches per step and data-parallel rank")
     p.add_argument("--distributed-optimizer", action="store_true",
@@ -141,18 +155,66 @@ def legal_fraction(chain: torch.Tensor, tokens: torch.Tensor, start: int) -> flo
     return (counts[0] / counts[1]).item()
 
 
-def micro_batches(tokens: torch.Tensor, loss_mask: torch.Tensor, n: int) -> list[dict]:
-    """Split ``[B, s]`` tokens and ``[B, s]`` loss mask into ``n`` micro-batches (dicts with
-    ``tokens``, ``position_ids``, ``attention_mask``, ``loss_mask``)."""
-    mask = causal_mask(tokens.shape[1], tokens.device)
-    return [dict(tokens=t, position_ids=positions(t), attention_mask=mask, loss_mask=m)
-            for t, m in zip(tokens.chunk(n), loss_mask.chunk(n), strict=True)]
+def attention_free(args) -> bool:
+    """Context parallelism and packed sequences need Transformer Engine's attention; without
+    it (CPU) the models leave attention out (position-wise layers)."""
+    return args.cp > 1 or args.packed
+
+
+def micro_batches(tokens: torch.Tensor, loss_mask: torch.Tensor, n: int, args,
+                  packed: bool = False, **extra: torch.Tensor) -> list[dict]:
+    """Split ``[B, s]`` tokens and ``[B, s]`` loss mask (and ``extra`` ``[B, s]`` tensors,
+    e.g. targets) into ``n`` micro-batches: dicts with ``tokens``, ``position_ids``,
+    ``attention_mask``, ``loss_mask``.
+
+    ``packed``: each micro-batch's sequences become one ``[1, b * s]`` row with per-sequence
+    positions and megatron's ``PackedSeqParams`` (``packed``). Under context parallelism
+    every tensor is cut to this rank's zig-zag chunks, as Megatron-LM's ``get_batch`` cuts
+    them (``get_batch_on_this_cp_rank``; per sequence for packed rows).
+    """
+    mask = None if attention_free(args) else causal_mask(tokens.shape[1], tokens.device)
+    out = []
+    for i, (t, m) in enumerate(zip(tokens.chunk(n), loss_mask.chunk(n), strict=True)):
+        batch = dict(tokens=t, position_ids=positions(t), loss_mask=m,
+                     **{k: v.chunk(n)[i] for k, v in extra.items()})
+        if packed:
+            b, s = t.shape
+            batch = {k: v.reshape(1, b * s) for k, v in batch.items()}
+            cu = torch.arange(0, b * s + 1, s, dtype=torch.int32, device=t.device)
+            batch["packed"] = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu,
+                                              cu_seqlens_kv=cu, max_seqlen_q=s,
+                                              max_seqlen_kv=s)
+        if args.cp > 1:
+            packed_params = batch.pop("packed", None)
+            if packed_params is None:
+                batch = get_batch_on_this_cp_rank(batch)
+            else:  # megatron's THD split needs Transformer Engine; this is the same cut
+                batch = {k: slice_for_context_parallel(v, 1, packed_seq_params=packed_params)
+                         for k, v in batch.items()}
+                batch["packed"] = packed_params
+        batch["attention_mask"] = mask
+        out.append(batch)
+    return out
 
 
 def get_batch(data_iterator):
-    """``(tokens, position_ids, attention_mask, loss_mask)`` of the next micro-batch."""
+    """``(tokens, position_ids, attention_mask, loss_mask[, packed_seq_params])`` of the
+    next micro-batch."""
     batch = next(data_iterator)
-    return batch["tokens"], batch["position_ids"], batch["attention_mask"], batch["loss_mask"]
+    out = (batch["tokens"], batch["position_ids"], batch["attention_mask"], batch["loss_mask"])
+    return out + ((batch["packed"],) if "packed" in batch else ())
+
+
+def chunks(model) -> list:
+    """The model's virtual-stage chunks (a list of one without virtual stages)."""
+    return model if isinstance(model, list) else [model]
+
+
+def is_last_stage(model) -> bool:
+    """Whether this model chunk holds the output layer (the last virtual stage)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return bool(model.post_process)
 
 
 # ----------------------------------------------------------------------------- megatron
@@ -160,40 +222,56 @@ def get_batch(data_iterator):
 
 def build_model(args, vocab_size: int, hidden: int, layers: int, heads: int):
     """This rank's stage of a tiny GPT, in bf16 inside megatron's ``Float16Module`` with
-    ``--bf16``; ``calculate_per_token_loss`` set before DDP reads it."""
+    ``--bf16``; ``calculate_per_token_loss`` set before DDP reads it. With
+    ``--virtual-pipeline V`` the list of this rank's ``V`` chunks (``layers * V`` layers in
+    all)."""
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model = tiny_gpt(vocab_size, hidden, layers, heads, args.seq_len, args.sequence_parallel,
-                     params_dtype=dtype)
-    model.config.calculate_per_token_loss = True
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
-    if args.bf16:
-        model = Float16Module(model.config, model)
-    return model
+    vp = args.virtual_pipeline or 1
+    models = tiny_gpt_chunks(vocab_size, hidden, layers * vp, heads,
+                             args.seq_len, args.sequence_parallel,
+                             params_dtype=dtype, attention=not attention_free(args))
+    out = []
+    for model in models:
+        model.config.calculate_per_token_loss = True
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        out.append(Float16Module(model.config, model) if args.bf16 else model)
+    return out if args.virtual_pipeline else out[0]
 
 
 def setup_training(model, args, lr: float):
-    """Wrap ``model`` in megatron's DDP, build its optimizer and wire the schedule's hooks
-    into the model config, as Megatron-LM's ``setup_model_and_optimizer`` and ``train``
-    do. Returns ``(ddp_model, optimizer)``."""
-    config = model.config
+    """Wrap ``model`` (or each of its virtual-stage chunks, given a list) in megatron's DDP,
+    build its optimizer and wire the schedule's hooks into the model config, as
+    Megatron-LM's ``setup_model_and_optimizer`` and ``train`` do. Returns ``(ddp_model,
+    optimizer)``, ``ddp_model`` a list when ``model`` is one."""
+    chunks = model if isinstance(model, list) else [model]
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=args.bf16,
         overlap_grad_reduce=True,
         use_distributed_optimizer=args.distributed_optimizer,
     )
-    ddp_model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    ddp_chunks = [
+        # Megatron-LM: only the first chunk's buffers may start reducing early.
+        DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+                                disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.0, clip_grad=1.0,
                         bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else
                         torch.float32, use_distributed_optimizer=args.distributed_optimizer),
-        [ddp_model],
+        ddp_chunks,
     )
-    config.grad_scale_func = optimizer.scale_loss
-    config.no_sync_func = ddp_model.no_sync
-    config.grad_sync_func = ddp_model.start_grad_sync  # Megatron-LM's --align-grad-reduce
-    config.finalize_model_grads_func = finalize_model_grads
-    return ddp_model, optimizer
+    one = len(ddp_chunks) == 1
+    for chunk in chunks:
+        chunk.config.grad_scale_func = optimizer.scale_loss
+        chunk.config.no_sync_func = (ddp_chunks[0].no_sync if one
+                                     else [c.no_sync for c in ddp_chunks])
+        # Megatron-LM's --align-grad-reduce
+        chunk.config.grad_sync_func = (ddp_chunks[0].start_grad_sync if one
+                                       else [c.start_grad_sync for c in ddp_chunks])
+        chunk.config.finalize_model_grads_func = finalize_model_grads
+    return (ddp_chunks[0] if not isinstance(model, list) else ddp_chunks), optimizer
 
 
 def reduce_logged(losses_reduced: list[dict]) -> dict[str, float]:
@@ -210,17 +288,30 @@ def reduce_logged(losses_reduced: list[dict]) -> dict[str, float]:
     return logged
 
 
+def schedule_shapes(batches: list[dict], args) -> dict:
+    """The schedule's ``num_microbatches``, ``seq_length`` (the whole sequence: megatron
+    divides by the context-parallel size itself) and ``micro_batch_size``."""
+    b, s_local = batches[0]["tokens"].shape
+    return dict(num_microbatches=len(batches), seq_length=s_local * args.cp,
+                micro_batch_size=b)
+
+
+def data_iterators(batches: list[dict], model):
+    """One iterator over ``batches``, or one per model chunk (interleaved schedule)."""
+    if isinstance(model, list):
+        return [iter(batches) for _ in model]
+    return iter(batches)
+
+
 def forward_backward(forward_step_func, batches: list[dict], model, args,
                      forward_only: bool = False) -> list:
     """megatron-core's schedule over ``batches``; returns its per-micro-batch outputs."""
     return get_forward_backward_func()(
         forward_step_func=forward_step_func,
-        data_iterator=iter(batches),
+        data_iterator=data_iterators(batches, model),
         model=model,
-        num_microbatches=len(batches),
-        seq_length=args.seq_len,
-        micro_batch_size=batches[0]["tokens"].shape[0],
         forward_only=forward_only,
+        **schedule_shapes(batches, args),
     )
 
 
@@ -229,7 +320,8 @@ def train_step(forward_step_func, batches: list[dict], model, optimizer,
     """One optimizer step as Megatron-LM's ``train_step``: zero the grad buffer, run the
     schedule (which finalizes the gradients), step. Returns the logged values on the last
     pipeline stage, ``{}`` elsewhere."""
-    model.zero_grad_buffer()
+    for chunk in chunks(model):
+        chunk.zero_grad_buffer()
     optimizer.zero_grad()
     losses = forward_backward(forward_step_func, batches, model, args)
     update_successful, _, _ = optimizer.step()
@@ -244,7 +336,7 @@ def cross_entropy_forward_step(data_iterator, model):
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
                    labels=batch["targets"])  # last stage: [b, s] per-token losses
-    if not parallel_state.is_pipeline_last_stage():
+    if not is_last_stage(model):
         return output, None
 
     def loss_func(loss_mask, losses):
@@ -264,9 +356,7 @@ def pretrain_teacher(teacher, optimizer, chain: torch.Tensor, args, device,
         seq = sample_chain(chain, args.local_batch, args.seq_len + 1, generator).to(device)
         inputs, targets = seq[:, :-1], seq[:, 1:]
         batches = micro_batches(inputs, torch.ones(inputs.shape, device=device),
-                                args.micro_batches)
-        for batch, t in zip(batches, targets.chunk(args.micro_batches), strict=True):
-            batch["targets"] = t
+                                args.micro_batches, args, targets=targets)
         loss = train_step(cross_entropy_forward_step, batches, teacher, optimizer,
                           args).get("lm loss", float("nan"))
     return loss
@@ -275,12 +365,13 @@ def pretrain_teacher(teacher, optimizer, chain: torch.Tensor, args, device,
 def freeze(ddp_model):
     """The model inside ``ddp_model``, without gradients or the training hooks in its
     config: the frozen teacher, run by ``forward_only`` schedules only."""
-    model = ddp_model.module.requires_grad_(False)
-    model.config.grad_scale_func = None
-    model.config.no_sync_func = None
-    model.config.grad_sync_func = None
-    model.config.finalize_model_grads_func = None
-    return model
+    models = [d.module.requires_grad_(False) for d in chunks(ddp_model)]
+    for model in models:
+        model.config.grad_scale_func = None
+        model.config.no_sync_func = None
+        model.config.grad_sync_func = None
+        model.config.finalize_model_grads_func = None
+    return models if isinstance(ddp_model, list) else models[0]
 
 
 def logits_forward_step(data_iterator, model):
@@ -304,14 +395,26 @@ def generate(model, prompts: torch.Tensor, args, generator: torch.Generator) -> 
     tokens = torch.zeros(prompts.shape[0], args.seq_len, dtype=torch.long,
                          device=prompts.device)
     tokens[:, : prompts.shape[1]] = prompts
-    batch = micro_batches(tokens, torch.zeros_like(tokens), 1)  # no loss here
+    cp_group = parallel_state.get_context_parallel_group()
+    cp_rank = parallel_state.get_context_parallel_rank()
     for t in range(prompts.shape[1], args.seq_len):
+        # No loss here; the interleaved schedule wants at least pp micro-batches.
+        n = args.pp if args.virtual_pipeline else 1
+        batch = micro_batches(tokens, torch.zeros_like(tokens), n, args)
         out = forward_backward(logits_forward_step, batch, model, args, forward_only=True)
+        out = [torch.cat(out, dim=0)] if out else out
         column = torch.empty_like(tokens[:, t])
+        # Under context parallelism the logits of position t - 1 are on one CP rank.
+        owner, local = next((r, idx.tolist().index(t - 1)) for r in range(args.cp)
+                            if t - 1 in (idx := context_parallel_index(args.seq_len,
+                                                                       args.cp, r)))
         if parallel_state.is_pipeline_last_stage():
-            probs = torch.softmax(out[0][:, t - 1, : args.vocab_size].float(), dim=-1)
-            column.copy_(torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0])
-            broadcast_tp(column)
+            if cp_rank == owner:
+                probs = torch.softmax(out[0][:, local, : args.vocab_size].float(), dim=-1)
+                column.copy_(torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0])
+                broadcast_tp(column)
+            if args.cp > 1:
+                dist.broadcast(column, dist.get_global_rank(cp_group, owner), group=cp_group)
         dist.broadcast(column, parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())
         tokens[:, t] = column
@@ -319,7 +422,8 @@ def generate(model, prompts: torch.Tensor, args, generator: torch.Generator) -> 
 
 
 def served_topk(teacher, teacher_hidden: list[torch.Tensor], k: int, vocab_size: int,
-                sequence_parallel: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                sequence_parallel: bool, packed_params=None
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """What an inference server would return for each micro-batch: the teacher's top-k
     log-probabilities over the real vocabulary and their ids, ``[s, b, k]`` each (the
     full sequence, the same on every tensor-parallel rank). Here they are made from the
@@ -328,7 +432,7 @@ def served_topk(teacher, teacher_hidden: list[torch.Tensor], k: int, vocab_size:
         return []
     group = parallel_state.get_tensor_model_parallel_group()
     tp = dist.get_world_size(group)
-    weight = output_layer_weight(teacher)
+    weight = output_layer_weight(last_model_chunk(teacher))
     out = []
     for hidden in teacher_hidden:
         with torch.no_grad():
@@ -341,8 +445,26 @@ def served_topk(teacher, teacher_hidden: list[torch.Tensor], k: int, vocab_size:
             dist.all_gather(shards, shard, group=group)
             logits = torch.cat(shards, dim=-1)[..., :vocab_size]
             lp, ids = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
-        out.append((lp, ids))
+        out.append((whole_sequence(lp, packed_params), whole_sequence(ids, packed_params)))
     return out
+
+
+def whole_sequence(local: torch.Tensor, packed_params=None) -> torch.Tensor:
+    """``[s / cp, ...]`` per-token values of this context-parallel rank, put back in
+    sequence order over the whole ``[s, ...]`` sequence (gathered from the CP group): what
+    a server returns, which ``eaopd_loss_func`` cuts again."""
+    if parallel_state.get_context_parallel_world_size() == 1:
+        return local
+    group = parallel_state.get_context_parallel_group()
+    cp = dist.get_world_size(group)
+    parts = [torch.empty_like(local) for _ in range(cp)]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    full = torch.empty((local.shape[0] * cp, *local.shape[1:]), dtype=local.dtype,
+                       device=local.device)
+    cu = None if packed_params is None else packed_params.cu_seqlens_q
+    for r, part in enumerate(parts):
+        full[context_parallel_index(full.shape[0], cp, r, cu_seqlens_padded=cu)] = part
+    return full
 
 
 def topk_forward_step(served: list, *, sequence_parallel: bool, vocab_size: int,
@@ -352,15 +474,19 @@ def topk_forward_step(served: list, *, sequence_parallel: bool, vocab_size: int,
     remaining = iter(served)
 
     def forward_step(data_iterator, model):
-        tokens, position_ids, attention_mask, loss_mask = get_batch(data_iterator)
-        if not parallel_state.is_pipeline_last_stage():
-            return gpt_hidden_states(model, tokens, position_ids, attention_mask), None
-        lp, ids = next(remaining)
+        tokens, position_ids, attention_mask, loss_mask, *packed = get_batch(data_iterator)
+        packed = packed[0] if packed else None
+        if not is_last_stage(model):
+            return gpt_hidden_states(model, tokens, position_ids, attention_mask,
+                                     packed), None
+        lp, ids = next(remaining)  # the whole sequence: eaopd_loss_func cuts it per CP rank
         out = EaopdOutput(None, None, sequence_parallel=sequence_parallel,
-                          vocab_size=vocab_size, teacher_topk_logprobs=lp,
-                          teacher_topk_indices=ids, topk_tail=topk_tail)
+                          vocab_size=vocab_size, packed_seq_params=packed,
+                          teacher_topk_logprobs=lp, teacher_topk_indices=ids,
+                          topk_tail=topk_tail)
         loss_sum = gpt_forward(model, tokens, position_ids, attention_mask,
-                               eaopd_output_processor, context=out, loss_mask=loss_mask)
+                               eaopd_output_processor, context=out, loss_mask=loss_mask,
+                               packed_seq_params=packed)
         return loss_sum, out.loss_func
     return forward_step
 
@@ -368,14 +494,22 @@ def topk_forward_step(served: list, *, sequence_parallel: bool, vocab_size: int,
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if world % (args.tp * args.pp):
-        sys.exit(f"--tp {args.tp} x --pp {args.pp} does not divide {world} processes")
-    dp = world // (args.tp * args.pp)
+    model_parallel = args.tp * args.pp * args.cp
+    if world % model_parallel:
+        sys.exit(f"--tp {args.tp} x --pp {args.pp} x --cp {args.cp} does not divide {world} "
+                 "processes")
+    if args.virtual_pipeline and args.pp < 2:
+        sys.exit("--virtual-pipeline needs --pp >= 2")
+    if args.seq_len % (2 * args.cp * (args.tp if args.sequence_parallel else 1)):
+        sys.exit(f"--seq-len {args.seq_len} must divide into 2 x --cp chunks (of whole "
+                 "sequence-parallel slices)")
+    dp = world // model_parallel
     if args.batch_size % (dp * args.micro_batches):
         sys.exit(f"--batch-size {args.batch_size} does not split into {dp} data-parallel "
                  f"ranks x {args.micro_batches} micro-batches")
     args.local_batch = args.batch_size // dp
-    device = init_parallel(args.tp, args.seed, pp_size=args.pp)
+    device = init_parallel(args.tp, args.seed, pp_size=args.pp, cp_size=args.cp,
+                           vp_size=args.virtual_pipeline)
     if device.type == "cpu":
         # Compiling the loss kernels takes longer than this whole run on a CPU.
         os.environ.setdefault("EAOPD_COMPILE", "0")
@@ -391,6 +525,8 @@ def main(argv: list[str] | None = None) -> None:
     sampling = torch.Generator().manual_seed(args.seed + 1001 + dp_rank)
     teacher, optimizer = setup_training(build_model(args, padded, 64, 2, 4), args, lr=1e-2)
     say(f"tp={args.tp} pp={args.pp} dp={dp} sequence_parallel={args.sequence_parallel} "
+        f"cp={args.cp} packed={args.packed} "
+        f"virtual_pipeline={args.virtual_pipeline} attention={not attention_free(args)} "
         f"micro_batches={args.micro_batches} device={device.type} vocab={args.vocab_size} "
         f"(padded to {padded}) batch={args.batch_size}x{args.seq_len}")
     path = ("GPTModel.forward(output_processor=...)" if uses_output_processor(teacher)
@@ -408,8 +544,6 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     student, optimizer = setup_training(build_model(args, padded, 32, 2, 2), args, args.lr)
-    shapes = dict(seq_length=args.seq_len, micro_batch_size=args.local_batch //
-                  args.micro_batches, num_microbatches=args.micro_batches)
     for step in range(1, args.steps + 1):
         prompts = sample_chain(chain, args.local_batch, args.prompt_len, data).to(device)
         tokens = generate(student, prompts, args, sampling)
@@ -417,12 +551,14 @@ def main(argv: list[str] | None = None) -> None:
         # Loss positions: prompt_len - 1 .. s - 2, those whose next token was sampled.
         loss_mask = torch.zeros(tokens.shape, dtype=torch.float32, device=device)  # [b, s]
         loss_mask[:, args.prompt_len - 1: -1] = 1.0
-        batches = micro_batches(tokens, loss_mask, args.micro_batches)
+        batches = micro_batches(tokens, loss_mask, args.micro_batches, args, args.packed)
         teacher_hidden = teacher_hidden_states(get_forward_backward_func(), teacher,
-                                               iter(batches), get_batch, **shapes)
+                                               data_iterators(batches, teacher), get_batch,
+                                               **schedule_shapes(batches, args))
         if args.teacher_topk:
             served = served_topk(teacher, teacher_hidden, args.teacher_topk,
-                                 args.vocab_size, args.sequence_parallel)
+                                 args.vocab_size, args.sequence_parallel,
+                                 batches[0].get("packed"))
             forward_step = topk_forward_step(served, sequence_parallel=args.sequence_parallel,
                                              vocab_size=args.vocab_size,
                                              topk_tail=args.topk_tail)

@@ -147,3 +147,30 @@ def test_gpu_goals_without_liger_or_gpu_records():
     assert rows["eaopd_fused / floor <= 1.10"] == "met"
     cpu = [dict(r, device="cpu", sweep="tokens-V32000") for r in records]
     assert gpu_goals(cpu) == ""
+
+
+def test_long_suite_dry_run_and_logits_table(capsys):
+    """Issue 17's long-context suite: V = 151936, the fused loss and the naive compiled
+    loss at H = 128 and N = 2k/8k/32k on CPU (H = 4096, N = 8k..128k with --device cuda,
+    planned here without CUDA); the fused estimate is flat in N. The logits table gives
+    one (N, V) fp32 tensor's size and each implementation's peak or skip reason."""
+    from report import logits_bytes
+
+    out = _dry_run(capsys, "--suite", "long")
+    rows = re.findall(r"^long-V151936-H\S*\s+(\d+)\s+128\s+151936\s+\d+\s+(\w+)\s+([\d.]+)",
+                      out, flags=re.M)
+    plan = {(int(n), impl): float(est) for n, impl, est in rows}
+    assert set(plan) == {(n, i) for n in (2048, 8192, 32768)
+                         for i in ("eaopd_fused", "naive_compiled")}, plan
+    assert plan[(32768, "eaopd_fused")] < 1.2 * plan[(2048, "eaopd_fused")]
+    assert plan[(32768, "naive_compiled")] > 15 * plan[(2048, "naive_compiled")]
+    out = _dry_run(capsys, "--suite", "long", "--device", "cuda")
+    assert re.search(r"^long-V151936-H\S*\s+131072\s+4096\s+151936", out, flags=re.M)
+
+    base = dict(sweep="long-V151936-H128", vocab=151936, time_ms_median=1500.0)
+    records = [dict(base, impl="eaopd_fused", tokens=2048, status="ok", peak_mib=100.0),
+               dict(base, impl="naive_compiled", tokens=2048, status="skipped",
+                    reason="over budget", peak_mib=None)]
+    table = logits_bytes(records).splitlines()
+    assert table[2] == ("| 2048 | 1187 MiB | 100 MiB / 1.50 s | skipped: over budget |"), table
+    assert logits_bytes([dict(records[0], sweep="tokens-V32000")]) == ""
