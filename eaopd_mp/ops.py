@@ -23,12 +23,13 @@ import torch
 from torch.library import custom_op
 
 from . import core
-from .driver import LinearHead, LogitsHead, Plan, run_backward, run_forward
+from .driver import LinearHead, LogitsHead, Part, Plan, run_backward, run_forward
 from .gates import GATES
 from .options import REDUCTIONS
 from .plan import Spec, parse
+from .teachers import routing_problem
 from .topk import TopkHead, ids_problem
-from .tp import TPCombiner, mask_fingerprint
+from .tp import TPCombiner, mask_fingerprint, routing_fingerprint
 
 _INTEGER_MASK = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -58,20 +59,15 @@ def _width(student: list[torch.Tensor], spec: Spec) -> int:
     return student[1].shape[0] if spec.student == "linear" else student[0].shape[-1]
 
 
-def _split_entropy(teacher: list[torch.Tensor], spec: Spec):
-    """The teacher's own tensors and the ``(N,)`` gate entropy (None if not given)."""
-    if spec.entropy_given:
-        return list(teacher[:-1]), teacher[-1]
-    return list(teacher), None
-
-
 def _compute_dtype(student: list[torch.Tensor], teacher: list[torch.Tensor],
                    spec: Spec) -> torch.dtype:
     s = student[0] if len(student) == 1 else student[1]
-    teacher, _ = _split_entropy(teacher, spec)
-    # teacher[1] is W_t (linear) or the int64 ids (top-k: log-probs first)
-    t = teacher[0] if len(teacher) == 1 or spec.teacher == "topk" else teacher[1]
-    return core.compute_dtype(s.dtype, t.dtype)
+    dtypes = []
+    for part, (tensors, _) in zip(spec.parts, spec.split(teacher)[0], strict=True):
+        # tensors[1] is W_t (linear) or the int64 ids (top-k: log-probs first)
+        t = tensors[0] if len(tensors) == 1 or part.teacher == "topk" else tensors[1]
+        dtypes.append(t.dtype)
+    return core.compute_dtype(s.dtype, *dtypes)
 
 
 def mask_weight(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -97,8 +93,9 @@ def mask_weight(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor |
 
 
 def _heads(student, teacher, spec: Spec, combiner: TPCombiner | None):
-    """The student and teacher heads; under sequence parallelism the hidden states are
-    all-gathered here (the ops take this rank's slice)."""
+    """The student head and one :class:`~eaopd_mp.driver.Part` per teacher; under
+    sequence parallelism the hidden states are all-gathered here (the ops take this
+    rank's slice)."""
     need = spec.need
 
     def gathered(h):
@@ -112,58 +109,125 @@ def _heads(student, teacher, spec: Spec, combiner: TPCombiner | None):
         h, w, *b = student
         s_head = LinearHead(gathered(h), w, b[0] if b else None, spec.cols, need,
                             spec.autocast)
-    teacher, entropy = _split_entropy(teacher, spec)
-    if spec.teacher == "topk":
-        t_head = TopkHead(teacher[0], teacher[1], entropy)
-    elif spec.teacher == "logits":
-        t_head = LogitsHead(teacher[0], spec.cols)
-    else:
-        th, tw, *tb = teacher
-        t_head = LinearHead(gathered(th), tw, tb[0] if tb else None, spec.cols,
-                            autocast=spec.autocast)
-    return s_head, t_head
+    parts = []
+    for part, (tensors, entropy) in zip(spec.parts, spec.split(teacher)[0], strict=True):
+        if part.teacher == "topk":
+            head, entropy = TopkHead(tensors[0], tensors[1], entropy), None
+        elif part.teacher == "logits":
+            head = LogitsHead(tensors[0], spec.cols)
+        else:
+            th, tw, *tb = tensors
+            head = LinearHead(gathered(th), tw, tb[0] if tb else None, spec.cols,
+                              autocast=spec.autocast)
+        parts.append(Part(head, part, entropy))
+    return s_head, parts
 
 
 def _header(student, teacher, spec: Spec, n: int, kept: int,
-            weight: torch.Tensor | None) -> list[float]:
+            weight: torch.Tensor | None, index: torch.Tensor | None) -> list[float]:
     """This rank's view of the call, in the order of :data:`eaopd_mp.tp.HEADER`."""
     return [student[0].shape[0], kept, *mask_fingerprint(weight, n), _width(student, spec),
             spec.chunk, spec.vocab_size, spec.inv_tau, spec.p1, spec.p2,
             GATES.index(spec.gate), REDUCTIONS.index(spec.reduction),
             spec.s_scale, spec.s_cap or 0.0, spec.t_scale, spec.t_cap or 0.0,
-            _topk_code(teacher, spec)]
+            _topk_code(teacher, spec), len(spec.parts), *routing_fingerprint(index, n)]
 
 
-def _topk_code(teacher, spec: Spec) -> int:
-    """0 for a dense teacher; else ``k`` (x -1 with the renormalized target)."""
-    if spec.teacher != "topk":
-        return 0
-    return teacher[0].shape[1] * (1 if spec.topk_tail == "bucket" else -1)
+def _topk_code(teacher, spec: Spec) -> float:
+    """0 for dense teachers; else each top-k teacher's ``k`` (x -1 with the renormalized
+    target), teacher ``j``'s scaled by ``1000 ** j``."""
+    code = 0.0
+    for j, (part, (tensors, _)) in enumerate(zip(spec.parts, spec.split(teacher)[0],
+                                                 strict=True)):
+        if part.teacher == "topk":
+            k = tensors[0].shape[1] * (1 if spec.topk_tail == "bucket" else -1)
+            code += k * 1000.0 ** j
+    return code
+
+
+def _route(index: torch.Tensor | None, keep: torch.Tensor | None, n_parts: int):
+    """Kept tokens grouped by teacher: ``(rows, t_rows, counts)``.
+
+    ``rows``: the student token of each kept position (each teacher's tokens in token
+    order, teacher 0 first); ``t_rows``: the row of that token in its teacher's tensors;
+    ``counts``: kept tokens per teacher. One teacher without routing: ``(rows, None,
+    [n_kept])`` with ``rows`` the kept tokens (None: all of them).
+    """
+    if index is None:
+        rows = None if keep is None else keep.nonzero().squeeze(1)
+        return rows, None, None
+    n = index.numel()
+    order = torch.sort(index, stable=True).indices  # tokens grouped by teacher
+    starts = torch.bincount(index, minlength=n_parts).cumsum(0) - \
+        torch.bincount(index, minlength=n_parts)
+    local = torch.empty_like(index)
+    local[order] = torch.arange(n, device=index.device) - starts[index[order]]
+    rows = order if keep is None else order[keep[order]]
+    counts = torch.bincount(index[rows], minlength=n_parts).tolist()
+    return rows, local[rows], counts
 
 
 def _plan(student, teacher, mask, spec: Spec, agree: bool = True) -> Plan:
-    """Validate the mask, agree with the other ranks (forward only), build the heads."""
+    """Validate the mask and the routing, agree with the other ranks (forward only),
+    build the heads."""
     n = _n_tokens(student, spec)
     weight = mask_weight(mask, _compute_dtype(student, teacher, spec))
     combiner = TPCombiner(spec.group, spec.sequence_parallel) if spec.group else None
-    rows, kept = None, n
+    groups, index = spec.split(teacher)
+    keep, kept = None, n
     if weight is not None:
         keep = weight != 0
         kept = int(keep.sum())
-        if kept != n:
-            rows = keep.nonzero().squeeze(1)
+        if kept == n and index is None:
+            keep = None
     problem = None
-    if spec.teacher == "topk" and agree:  # the ids of masked tokens are never read
-        problem = ids_problem(teacher[1] if rows is None else teacher[1][rows],
-                              spec.vocab_size)
+    if index is not None and agree:
+        problem = routing_problem(index, [_rows(t, p, spec) for (t, _), p in
+                                          zip(groups, spec.parts, strict=True)],
+                                  [_first_name(p) for p in spec.parts])
+    rows, t_rows, counts = (None, None, None) if problem else _route(index, keep, len(groups))
+    if problem is None and agree:
+        problem = _ids_problem(groups, spec, rows, t_rows, counts)
     if combiner is not None and agree:
-        header = _header(student, teacher, spec, n, kept, weight) + [float(problem is not None)]
-        combiner.check_agreement(header, student[0].device)
-    if problem is not None:  # every rank has the same ids (agreed): every rank raises
+        header = _header(student, teacher, spec, n, kept, weight, index)
+        combiner.check_agreement(header + [float(problem is not None)], student[0].device)
+    if problem is not None:  # every rank has the same teachers (agreed): every rank raises
         raise ValueError(problem)
-    s_head, t_head = _heads(student, teacher, spec, combiner)
-    entropy = _split_entropy(teacher, spec)[1] if spec.teacher != "topk" else None
-    return Plan(s_head, t_head, rows, weight, n, spec, combiner, entropy)
+    s_head, parts = _heads(student, teacher, spec, combiner)
+    lo = 0
+    for part, count in zip(parts, counts or [kept], strict=True):
+        part.lo, part.hi = lo, lo + count
+        lo += count
+    return Plan(s_head, parts, rows, weight, n, spec, combiner, t_rows)
+
+
+def _rows(tensors: list, part: Spec, spec: Spec) -> int:
+    """A teacher's token rows (gathered under sequence parallelism)."""
+    n = tensors[0].shape[0]
+    return n * spec.tp if part.teacher == "linear" and spec.sequence_parallel else n
+
+
+def _first_name(part: Spec) -> str:
+    return {"linear": "teacher_hidden", "logits": "teacher_logits",
+            "topk": "teacher_topk_logprobs"}[part.teacher]
+
+
+def _ids_problem(groups, spec: Spec, rows, t_rows, counts) -> str | None:
+    """The first top-k teacher whose read ids are bad (masked tokens' ids are never
+    read), or None."""
+    lo = 0
+    for j, (part, (tensors, _)) in enumerate(zip(spec.parts, groups, strict=True)):
+        if part.teacher == "topk":
+            ids = tensors[1]
+            if counts is not None:
+                ids = ids[t_rows[lo:lo + counts[j]]]
+            elif rows is not None:
+                ids = ids[rows]
+            problem = ids_problem(ids, spec.vocab_size)
+            if problem is not None:
+                return problem if counts is None else f"teacher {j}: {problem}"
+        lo += 0 if counts is None else counts[j]
+    return None
 
 
 def _pad3(grads: tuple, student) -> list[torch.Tensor]:

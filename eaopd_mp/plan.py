@@ -28,6 +28,7 @@ from . import core
 from .driver import default_chunk_size
 from .gates import Gate
 from .options import LossOptions
+from .teachers import TeacherSet
 from .tp import TPInfo
 
 Stats = dict[str, object]
@@ -55,6 +56,10 @@ class Spec:
             None) of the student and the teacher.
         topk_tail: the top-k teacher's target (``"bucket"`` or ``"renormalize"``).
         entropy_given: the teacher list ends with an ``(N,)`` gate entropy.
+        teachers: several routed teachers (``teacher == "routed"``): per teacher
+            ``(form, tensors, entropy_given)``, its tensors (its entropy included) being
+            consecutive in the op's teacher list, which ends with the ``(N,)`` int64
+            routing; ``()`` for one teacher (see :meth:`split`).
     """
 
     student: str
@@ -78,6 +83,7 @@ class Spec:
     t_cap: float | None = None
     topk_tail: str = "bucket"
     entropy_given: bool = False
+    teachers: tuple = ()
 
     def key(self) -> str:
         """The spec as a string argument of the custom ops (see :func:`parse`)."""
@@ -97,6 +103,28 @@ class Spec:
     def gate_obj(self) -> Gate:
         return Gate(self.gate, self.p1, self.p2)
 
+    @functools.cached_property
+    def parts(self) -> tuple[Spec, ...]:
+        """One single-teacher spec per teacher (``(self,)`` for one teacher)."""
+        if not self.teachers:
+            return (self,)
+        return tuple(dataclasses.replace(self, teacher=form, entropy_given=given, teachers=())
+                     for form, _, given in self.teachers)
+
+    def split(self, teacher: list) -> tuple[list, torch.Tensor | None]:
+        """The op's flat teacher list -> ``([(tensors, entropy or None)] per teacher,
+        routing or None)``."""
+        if not self.teachers:
+            if self.entropy_given:
+                return [(list(teacher[:-1]), teacher[-1])], None
+            return [(list(teacher), None)], None
+        out, i = [], 0
+        for _, count, given in self.teachers:
+            mine = list(teacher[i:i + count])
+            i += count
+            out.append((mine[:-1], mine[-1]) if given else (mine, None))
+        return out, teacher[i]
+
 
 _SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(Spec))
 
@@ -114,25 +142,26 @@ def _autocast_dtype(device: torch.device) -> str:
     return str(torch.get_autocast_dtype(device.type)).removeprefix("torch.")
 
 
-def run(student: list, teacher: list, labels: torch.Tensor | None, token_shape: tuple,
-        options: LossOptions, *, student_form: str, teacher_form: str, width: int,
-        tp: TPInfo | None = None, entropy: torch.Tensor | None = None):
+def run(student: list, teachers: TeacherSet, labels: torch.Tensor | None, token_shape: tuple,
+        options: LossOptions, *, student_form: str, width: int, tp: TPInfo | None = None):
     """Evaluate the loss through the custom op; the reduction and statistics around it.
 
     Args:
-        student, teacher: the tensors of each form (token dims flattened).
+        student: the student's tensors (token dims flattened).
+        teachers: the checked teachers (:func:`eaopd_mp.teachers.build`): one, or several
+            routed per token.
         labels: the ``token_shape`` mask (already shape-checked), or None.
         token_shape: the token dims of the result (under sequence parallelism, the full
             gathered shape).
         width: logit columns held here (the student's ``V`` on one device, where
             ``options.vocab_size`` may keep fewer; ``V_local`` on a rank).
         tp: the tensor-parallel group, or None on one device.
-        entropy: the ``(N,)`` gate entropy overriding the teacher's, or None.
     Returns:
-        The loss (float32, float64 for float64 inputs), or ``(loss, stats)``.
+        The loss (float32, float64 for float64 inputs), or ``(loss, stats)``; with several
+        teachers ``stats["per_teacher"]`` holds each teacher's statistics.
     """
     vocab = (options.vocab_size or width) if tp is None else tp.vocab_size
-    if teacher_form == "topk" and _transformed(options):
+    if "topk" in teachers.forms and _transformed(options):
         raise ValueError(
             "student_softcap / student_logit_scale / teacher_softcap / teacher_logit_scale "
             "are not supported with a top-k teacher (its log-probabilities are final; the "
@@ -141,8 +170,9 @@ def run(student: list, teacher: list, labels: torch.Tensor | None, token_shape: 
     grad = torch.is_grad_enabled()
     need = tuple(bool(grad and t is not None and t.requires_grad) for t in student)
     need = need + (False,) * (3 - len(need))
+    flat, form, entropy_given, described = _encode(teachers)
     spec = Spec(
-        student=student_form, teacher=teacher_form, reduction=options.reduction,
+        student=student_form, teacher=form, reduction=options.reduction,
         gate=gate.kind, p1=gate.p1, p2=gate.p2, inv_tau=1.0 / options.temperature,
         chunk=options.chunk_size or default_chunk_size(width),
         cols=vocab if tp is None else tp.cols, vocab_size=vocab, need=need,
@@ -151,12 +181,10 @@ def run(student: list, teacher: list, labels: torch.Tensor | None, token_shape: 
         sequence_parallel=False if tp is None else tp.sequence_parallel,
         s_scale=options.student_logit_scale, s_cap=options.student_softcap,
         t_scale=options.teacher_logit_scale, t_cap=options.teacher_softcap,
-        topk_tail=options.topk_tail, entropy_given=entropy is not None,
+        topk_tail=options.topk_tail, entropy_given=entropy_given, teachers=described,
     )
-    if entropy is not None:
-        teacher = [*teacher, entropy.detach()]
     mask = None if labels is None else labels.reshape(-1)
-    out, stats, *_ = torch.ops.eaopd_mp.loss(student, teacher, mask, spec.key())
+    out, stats, *_ = torch.ops.eaopd_mp.loss(student, flat, mask, spec.key())
     if options.reduction == "none":
         loss = out.reshape(token_shape)
     else:
@@ -165,7 +193,37 @@ def run(student: list, teacher: list, labels: torch.Tensor | None, token_shape: 
         return loss
     result: Stats = dict(summarize(stats, mask))
     result.update(gate.describe())
+    if teachers.several:
+        result["per_teacher"] = [
+            summarize(stats, _routed_mask(mask, teachers.index, j, stats.dtype))
+            for j in range(len(teachers.forms))]
     return loss, result
+
+
+ROUTED = "routed"  # Spec.teacher of a call with several teachers
+
+
+def _encode(teachers: TeacherSet) -> tuple[list, str, bool, tuple]:
+    """The op's flat teacher list, ``Spec.teacher``, ``Spec.entropy_given`` and
+    ``Spec.teachers`` (see :meth:`Spec.split`)."""
+    if not teachers.several:
+        (tensors,), (entropy,) = teachers.tensors, teachers.entropies
+        flat = list(tensors) if entropy is None else [*tensors, entropy]
+        return flat, teachers.forms[0], entropy is not None, ()
+    flat, described = [], []
+    for form, tensors, entropy in zip(teachers.forms, teachers.tensors, teachers.entropies,
+                                      strict=True):
+        mine = list(tensors) if entropy is None else [*tensors, entropy]
+        flat.extend(mine)
+        described.append((form, len(mine), entropy is not None))
+    return [*flat, teachers.index], ROUTED, False, tuple(described)
+
+
+def _routed_mask(mask: torch.Tensor | None, index: torch.Tensor, j: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """The token weights of teacher ``j``'s tokens (0 elsewhere)."""
+    mine = (index == j).to(dtype)
+    return mine if mask is None else mine * mask.detach().to(dtype)
 
 
 def _transformed(options: LossOptions) -> bool:

@@ -24,7 +24,8 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 HEADER = ("tokens", "kept tokens", "mask sum", "mask first moment", "mask second moment",
            "shard width", "chunk_size", "vocab_size", "1/temperature", "gate p1", "gate p2",
            "gate", "reduction", "student_logit_scale", "student_softcap",
-           "teacher_logit_scale", "teacher_softcap", "teacher top-k", "teacher ids invalid")
+           "teacher_logit_scale", "teacher_softcap", "teacher top-k", "teachers",
+           "routing fingerprint 1", "routing fingerprint 2", "teacher ids invalid")
 
 
 def _collective(new: str, old: str):
@@ -139,3 +140,14 @@ def mask_fingerprint(weight: torch.Tensor | None, n: int) -> list[float]:
     w = weight.to(torch.float64)
     i = torch.arange(1, n + 1, dtype=torch.float64, device=w.device)
     return [float(w.sum()), float((w * i).sum()), float((w * i * i).sum())]
+
+
+def routing_fingerprint(index: torch.Tensor | None, n: int) -> list[float]:
+    """``[sum (t + 1) i, sum (t + 1) i^2]`` over token positions ``i = 1..n`` of the
+    teacher numbers ``t`` (float64; zeros for one teacher): ranks that route tokens
+    differently get different fingerprints (with overwhelming probability)."""
+    if index is None:
+        return [0.0, 0.0]
+    t = index.to(torch.float64) + 1
+    i = torch.arange(1, n + 1, dtype=torch.float64, device=t.device)
+    return [float((t * i).sum()), float((t * i * i).sum())]
