@@ -9,6 +9,7 @@
     python bench/run.py --suite startup --out bench-startup # cold/warm first calls (CPU)
     python bench/run.py --suite cpu-bf16 --out bench-bf16   # bf16 next to fp32 on CPU
     python bench/run.py --suite topk --out bench-topk       # served top-k teacher (CPU)
+    python bench/run.py --suite teachers --out bench-teachers # 1, 2, 4 routed teachers
 
 Writes ``results.json`` (one record per implementation and point), ``results.md``
 (tables), ``meta.json`` (machine, versions, command) and one PNG per sweep into
@@ -41,6 +42,7 @@ from suites import (
     gpu_suite,
     issue2_suite,
     main_suite,
+    teachers_suite,
     topk_suite,
 )
 
@@ -110,6 +112,8 @@ def select_cases(args: argparse.Namespace):
         cases = cpu_bf16_suite()
     elif args.suite == "topk":
         cases = topk_suite()
+    elif args.suite == "teachers":
+        cases = teachers_suite()
     else:
         cases = main_suite(args.device, args.dtype, args.quick)
     if args.sweeps:
