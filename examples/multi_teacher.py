@@ -14,7 +14,7 @@ For each student and each kind of prompt the script reports the KL from that kin
 expert to the student, how often the student's top token is the expert's, the student's
 entropy, and (routed run) each teacher's statistics from ``stats["per_teacher"]``.
 
-    python examples/multi_teacher.py            # about 20 s on 2 CPU cores
+    python examples/multi_teacher.py            # ~80 s of CPU time (mostly compiling)
     python examples/multi_teacher.py --steps 50 # quicker
 """
 

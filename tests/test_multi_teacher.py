@@ -444,3 +444,18 @@ def test_inside_a_compiled_step(eager):
             out.append((loss.detach(), wl.grad, lin.weight.grad))
         for a, b_ in zip(*out, strict=True):
             close(a, b_)
+
+
+def test_example_runs_and_routing_helps(eager, monkeypatch, capsys):
+    """examples/multi_teacher.py with few steps: the routed student is closer to each
+    kind's expert than the student of the averaged teacher."""
+    import os
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "examples"))
+    import multi_teacher
+
+    results = multi_teacher.main(["--steps", "60"])
+    for kind in multi_teacher.KINDS:
+        routed, averaged = results["routed"][kind], results["averaged"][kind]
+        assert routed["KL(expert||student)"] < averaged["KL(expert||student)"]
+    assert "teacher 1 (code), last step: tokens 96" in capsys.readouterr().out
