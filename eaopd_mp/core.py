@@ -144,14 +144,25 @@ def combine_stats(parts: torch.Tensor, params: torch.Tensor, kind: str) -> torch
     return torch.stack([tot_s, tot_t, kl_fwd, kl_rev, entropy, a, b], dim=-1)
 
 
+def weighted(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``w * x``, and exactly 0 where ``w == 0`` (``0 * inf`` counts as 0).
+
+    A term of weight exactly 0 contributes nothing to the loss *or to its gradient*: with
+    ``gate="fixed", fkl_weight=1`` and a teacher ``-inf`` where the student has mass,
+    ``KL_rev = +inf`` and its gradient coefficient is infinite, but neither reaches the
+    result. A NaN weight still gives NaN. ``w`` broadcasts against ``x``.
+    """
+    return torch.where(w == 0, torch.zeros_like(x), w * x)
+
+
 def token_loss(stats: torch.Tensor) -> torch.Tensor:
     """``(n, 7)`` statistics -> ``(n,)`` per-token loss ``a * KL_fwd + b * KL_rev``.
 
-    A weight of exactly 0 ignores an infinite divergence (0 * inf would be NaN); a token
+    A weight of exactly 0 ignores an infinite divergence (:func:`weighted`); a token
     whose statistics are NaN (broken input) gets NaN whatever its gate weights.
     """
-    fwd = torch.where(stats[:, A] > 0, stats[:, A] * stats[:, KL_FWD], 0.0)
-    rev = torch.where(stats[:, B] > 0, stats[:, B] * stats[:, KL_REV], 0.0)
+    fwd = weighted(stats[:, A], stats[:, KL_FWD])
+    rev = weighted(stats[:, B], stats[:, KL_REV])
     broken = torch.isnan(stats[:, KL_FWD]) | torch.isnan(stats[:, KL_REV])
     return torch.where(broken, torch.full_like(fwd, float("nan")), fwd + rev)
 
@@ -166,7 +177,11 @@ def grad_logits(
     """Closed-form gradient of ``scale * L`` with respect to the student logits ``z``.
 
     ``dL/dz = [a (p - q) + b p (s - t - KL_rev)] / tau`` on the columns held here, with
-    ``s, t`` the global log-softmax of ``z/tau`` and ``y/tau``.
+    ``s, t`` the global log-softmax of ``z/tau`` and ``y/tau``. A term whose coefficient
+    is exactly 0 contributes exactly 0 (:func:`weighted`): with ``b = 0`` and a teacher
+    ``-inf`` where the student has mass (``KL_rev = +inf``), the gradient is the forward
+    KL's, ``a (p - q) / tau`` with ``q = 0`` there, not ``0 * inf``. With ``b > 0`` the
+    loss is ``+inf`` and the gradient is not finite.
 
     Args:
         z, y: ``(n, v)`` student and teacher logits (the columns held here).
@@ -186,7 +201,7 @@ def grad_logits(
     ca = (scale * stats[:, A] * inv_tau)[:, None]
     cb = (scale * stats[:, B] * inv_tau)[:, None]
     rev = torch.where(p > 0, p * (s - t - stats[:, KL_REV, None]), torch.zeros_like(p))
-    return ca * (p - q) + cb * rev
+    return ca * (p - q) + weighted(cb, rev)
 
 
 def single_stats(z, y, params, kind: str, untempered: bool) -> torch.Tensor:

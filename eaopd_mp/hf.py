@@ -108,24 +108,48 @@ def last_hidden_state(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return out.last_hidden_state
 
 
+def _binary_mask(name: str, mask: object, shape: tuple) -> torch.Tensor:
+    """``mask`` checked as a 0/1 mask of ``shape`` (bool, integer or float), as bool."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.is_complex():
+        raise TypeError(f"{name} must be a 0/1 mask (bool, integer or float), got dtype "
+                        f"{mask.dtype}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} shape {tuple(mask.shape)} != input_ids shape {tuple(shape)}")
+    if mask.dtype == torch.bool:
+        return mask
+    bad = (mask != 0) & (mask != 1)  # NaN included
+    if bool(bad.any()):
+        values = mask[bad][:3].tolist()
+        hint = (" From Hugging Face labels use labels.ne(-100)." if name == "completion_mask"
+                else "")
+        raise ValueError(f"{name} must be a 0/1 mask (bool, integer or float), got values "
+                         f"{values}.{hint}")
+    return mask != 0
+
+
 def next_token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                     completion_mask: torch.Tensor | None) -> torch.Tensor:
-    """``(B, T - 1)`` float mask of the positions whose next token is trained on.
+    """``(B, T - 1)`` float 0/1 mask of the positions whose next token is trained on.
 
     Position ``t`` predicts token ``t + 1``: it counts when token ``t + 1`` is a completion
-    token (``completion_mask``, all tokens if None) and not padding (``attention_mask``).
+    token (``completion_mask``, all tokens if None) and both tokens ``t`` and ``t + 1``
+    are real (``attention_mask``): a pad before the first real token (left padding)
+    predicts nothing. Both masks must be 0/1 (bool, integer or float) with the shape of
+    ``input_ids``; anything else raises, naming the mask.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-    mask = torch.ones(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    for name, m in (("attention_mask", attention_mask), ("completion_mask", completion_mask)):
-        if m is None:
-            continue
-        if tuple(m.shape) != tuple(input_ids.shape):
-            raise ValueError(f"{name} shape {tuple(m.shape)} != input_ids shape "
-                             f"{tuple(input_ids.shape)}")
-        mask = mask * m.to(mask)
-    return mask[:, 1:]
+    shape = tuple(input_ids.shape)
+    keep = torch.ones(shape, dtype=torch.bool, device=input_ids.device)[:, 1:]
+    if attention_mask is not None:
+        real = _binary_mask("attention_mask", attention_mask, shape).to(keep.device)
+        keep = keep & real[:, 1:] & real[:, :-1]
+    if completion_mask is not None:
+        comp = _binary_mask("completion_mask", completion_mask, shape).to(keep.device)
+        keep = keep & comp[:, 1:]
+    return keep.to(torch.float32)
 
 
 def eaopd_loss(student, teacher=None, input_ids: torch.Tensor | None = None,
@@ -141,9 +165,13 @@ def eaopd_loss(student, teacher=None, input_ids: torch.Tensor | None = None,
             (put it in eval mode yourself).
         input_ids: ``(B, T)`` prompt + completion tokens.
         attention_mask: ``(B, T)`` 1 for real tokens, 0 for padding (left or right); None
-            means no padding.
+            means no padding. A 0/1 mask (bool, integer or float); other values raise.
         completion_mask: ``(B, T)`` 1 on the tokens the loss trains on (the completion);
-            None means every token after the first.
+            None means every real token after a sequence's first. A 0/1 mask, like
+            ``attention_mask`` (Hugging Face ``labels`` with ``-100``: pass
+            ``labels.ne(-100)``). A position counts when it and its next token are real and
+            the next token is a completion token, so left, right and no padding give the
+            same per-sequence losses.
         teachers, teacher_index: several teachers instead of ``teacher``: a list of causal
             LMs (each of its own size and head width, the same head transforms) and the
             ``(B,)`` integer teacher of each sequence. Each teacher runs on its own

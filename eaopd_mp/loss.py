@@ -54,7 +54,10 @@ def entropy_aware_opd_loss(
         teacher_topk_logprobs, teacher_topk_indices: ``(..., k)`` log-probabilities
             (normalised over the whole vocabulary, as vLLM/SGLang return them) and their
             int64 vocabulary ids (distinct within a token, the same ``k`` for every token).
-            The target is set by ``topk_tail`` (see :mod:`eaopd_mp.topk`). They are the
+            The target is set by ``topk_tail`` (see :mod:`eaopd_mp.topk`). A kept token
+            whose log-probs exceed 0, or whose probabilities sum above 1, beyond rounding
+            (:func:`eaopd_mp.topk.logprob_tolerance`) raises ``ValueError``; NaN or
+            ``+inf`` gives that token NaN. They are the
             teacher distribution as given: ``temperature`` divides only the student's
             logits (a served log-probability cannot be re-tempered without the rest of
             the vocabulary; serve at the temperature you train at).

@@ -25,10 +25,10 @@ from torch.library import custom_op
 from . import core
 from .driver import LinearHead, LogitsHead, Part, Plan, run_backward, run_forward
 from .gates import GATES
-from .options import REDUCTIONS
+from .options import REDUCTIONS, TOPK_TAILS
 from .plan import Spec, parse
 from .teachers import routing_problem
-from .topk import TopkHead, ids_problem
+from .topk import TopkHead, ids_problem, logprobs_problem
 from .tp import TPCombiner, mask_fingerprint, routing_fingerprint
 
 _INTEGER_MASK = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -130,19 +130,20 @@ def _header(student, teacher, spec: Spec, n: int, kept: int,
             spec.chunk, spec.vocab_size, spec.inv_tau, spec.p1, spec.p2,
             GATES.index(spec.gate), REDUCTIONS.index(spec.reduction),
             spec.s_scale, spec.s_cap or 0.0, spec.t_scale, spec.t_cap or 0.0,
-            _topk_code(teacher, spec), len(spec.parts), *routing_fingerprint(index, n)]
+            *_topk_code(teacher, spec), len(spec.parts), *routing_fingerprint(index, n)]
 
 
-def _topk_code(teacher, spec: Spec) -> float:
-    """0 for dense teachers; else each top-k teacher's ``k`` (x -1 with the renormalized
-    target), teacher ``j``'s scaled by ``1000 ** j``."""
-    code = 0.0
+def _topk_code(teacher, spec: Spec) -> tuple[float, int]:
+    """``(k, target)``: ``(0, -1)`` for dense teachers; else the top-k teachers' ``k``
+    (teacher ``j``'s scaled by ``1000 ** j``) and the index of ``topk_tail`` in
+    :data:`eaopd_mp.options.TOPK_TAILS` (each mode its own value)."""
+    code, topk = 0.0, False
     for j, (part, (tensors, _)) in enumerate(zip(spec.parts, spec.split(teacher)[0],
                                                  strict=True)):
         if part.teacher == "topk":
-            k = tensors[0].shape[1] * (1 if spec.topk_tail == "bucket" else -1)
-            code += k * 1000.0 ** j
-    return code
+            code += tensors[0].shape[1] * 1000.0 ** j
+            topk = True
+    return code, (TOPK_TAILS.index(spec.topk_tail) if topk else -1)
 
 
 def _route(index: torch.Tensor | None, keep: torch.Tensor | None, n_parts: int):
@@ -180,19 +181,22 @@ def _plan(student, teacher, mask, spec: Spec, agree: bool = True) -> Plan:
         kept = int(keep.sum())
         if kept == n and index is None:
             keep = None
-    problem = None
+    problems = [None, None]  # (routing or ids, log-probs): the header's last two flags
     if index is not None and agree:
-        problem = routing_problem(index, [_rows(t, p, spec) for (t, _), p in
-                                          zip(groups, spec.parts, strict=True)],
-                                  [_first_name(p) for p in spec.parts])
-    rows, t_rows, counts = (None, None, None) if problem else _route(index, keep, len(groups))
-    if problem is None and agree:
-        problem = _ids_problem(groups, spec, rows, t_rows, counts)
+        problems[0] = routing_problem(index, [_rows(t, p, spec) for (t, _), p in
+                                              zip(groups, spec.parts, strict=True)],
+                                      [_first_name(p) for p in spec.parts])
+    rows, t_rows, counts = (None, None, None) if problems[0] else \
+        _route(index, keep, len(groups))
+    if problems[0] is None and agree:
+        problems = _teacher_problems(groups, spec, rows, t_rows, counts)
     if combiner is not None and agree:
         header = _header(student, teacher, spec, n, kept, weight, index)
-        combiner.check_agreement(header + [float(problem is not None)], student[0].device)
-    if problem is not None:  # every rank has the same teachers (agreed): every rank raises
-        raise ValueError(problem)
+        header += [float(p is not None) for p in problems]
+        combiner.check_agreement(header, student[0].device)
+    for problem in problems:  # the same teachers on every rank (agreed): every rank raises
+        if problem is not None:
+            raise ValueError(problem)
     s_head, parts = _heads(student, teacher, spec, combiner)
     lo = 0
     for part, count in zip(parts, counts or [kept], strict=True):
@@ -212,22 +216,25 @@ def _first_name(part: Spec) -> str:
             "topk": "teacher_topk_logprobs"}[part.teacher]
 
 
-def _ids_problem(groups, spec: Spec, rows, t_rows, counts) -> str | None:
-    """The first top-k teacher whose read ids are bad (masked tokens' ids are never
-    read), or None."""
+def _teacher_problems(groups, spec: Spec, rows, t_rows, counts) -> list[str | None]:
+    """``[ids problem, log-probs problem]`` of the first top-k teacher with one (each
+    None if none); only the kept tokens' ids and log-probs are read."""
+    found: list[str | None] = [None, None]
     lo = 0
     for j, (part, (tensors, _)) in enumerate(zip(spec.parts, groups, strict=True)):
         if part.teacher == "topk":
-            ids = tensors[1]
-            if counts is not None:
-                ids = ids[t_rows[lo:lo + counts[j]]]
+            lp, ids, where = tensors[0], tensors[1], rows
+            if counts is not None:  # teacher j's kept rows, and their student tokens
+                mine = t_rows[lo:lo + counts[j]]
+                lp, ids, where = lp[mine], ids[mine], rows[lo:lo + counts[j]]
             elif rows is not None:
-                ids = ids[rows]
-            problem = ids_problem(ids, spec.vocab_size)
-            if problem is not None:
-                return problem if counts is None else f"teacher {j}: {problem}"
+                lp, ids = lp[rows], ids[rows]
+            new = [ids_problem(ids, spec.vocab_size), logprobs_problem(lp, where)]
+            prefix = "" if counts is None else f"teacher {j}: "
+            found = [f if f is not None or p is None else prefix + p
+                     for f, p in zip(found, new, strict=True)]
         lo += 0 if counts is None else counts[j]
-    return None
+    return found
 
 
 def _pad3(grads: tuple, student) -> list[torch.Tensor]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .gates import Gate, real_number, resolve_gate
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
-TOPK_TAILS = ("bucket", "renormalize")
+TOPK_TAILS = ("bucket", "renormalize", "truncate")
 
 
 def positive_int(name: str, value: object) -> int:
@@ -60,8 +60,10 @@ class LossOptions:
             student and teacher may then have different widths ``>= vocab_size``. Under
             tensor parallelism, the global real vocabulary.
         topk_tail: with a top-k teacher, ``"bucket"`` (every other id in one tail bucket:
-            exact KLs of the bucketed distributions) or ``"renormalize"`` (both
-            distributions renormalised over the k ids: NeMo-RL's and verl's loss). See
+            exact KLs of the bucketed distributions), ``"renormalize"`` (both
+            distributions renormalised over the k ids: NeMo-RL's default) or
+            ``"truncate"`` (full-vocabulary log-probs summed over the k ids, no tail term:
+            verl's top-k forward KL, NeMo-RL's with ``zero_outside_topk``). See
             :mod:`eaopd_mp.topk`.
     """
 

@@ -54,7 +54,8 @@ class Spec:
             device), its size, and whether hidden states are split along the sequence.
         s_scale, s_cap, t_scale, t_cap: the head transforms (logit scale, softcap or
             None) of the student and the teacher.
-        topk_tail: the top-k teacher's target (``"bucket"`` or ``"renormalize"``).
+        topk_tail: the top-k teacher's target (one of
+            :data:`~eaopd_mp.options.TOPK_TAILS`).
         entropy_given: the teacher list ends with an ``(N,)`` gate entropy.
         teachers: several routed teachers (``teacher == "routed"``): per teacher
             ``(form, tensors, entropy_given)``, its tensors (its entropy included) being

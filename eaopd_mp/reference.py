@@ -1,8 +1,11 @@
 """The eager reference: the seed's loss written with plain autograd.
 
 This is the specification (``shared/seed``) line for line, plus the gates of
-:mod:`eaopd_mp.gates` and one deliberate difference: a vocabulary column that is
-``-inf`` for both student and teacher contributes nothing (the seed returns NaN there).
+:mod:`eaopd_mp.gates` and two deliberate differences, where the seed returns NaN: a
+vocabulary column that is ``-inf`` for both student and teacher contributes nothing
+(``0 * (-inf - -inf)``), and a KL term whose gate weight is exactly 0 contributes exactly
+0 to the loss and to its gradient, even where that KL is infinite (``0 * inf``; for
+example the reverse KL of a one-hot teacher under ``gate="fixed", fkl_weight=1``).
 It materialises the full ``(tokens, V)`` float32 tensors: use it to check the fast paths
 and as the "naive" baseline in benchmarks, not for training.
 """
@@ -17,6 +20,16 @@ from .gates import gate_weights, resolve_gate
 
 def _finite(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def _weighted_kl(w: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """``w * KL(a || b)`` over the last dim from log-probabilities ``(..., V)``, ``w``
+    ``(...)``. Columns where ``a`` has no mass, and whole rows where ``w == 0``, are
+    dropped *before* the difference, so neither the value nor autograd's gradient ever
+    sees ``0 * inf``; an infinite KL with ``w > 0`` stays ``+inf``."""
+    a = log_a.exp()
+    keep = (a != 0) & (w != 0)[..., None]
+    return w * (a * torch.where(keep, log_a - log_b, torch.zeros_like(log_a))).sum(-1)
 
 
 def reference_eaopd_loss(
@@ -42,14 +55,11 @@ def reference_eaopd_loss(
     z, y = student_logits.float(), teacher_logits.detach().float()
     s = F.log_softmax(z / temperature, dim=-1)
     t = F.log_softmax(y / temperature, dim=-1)
-    p, q = s.exp(), t.exp()
-    # where(...) on the difference keeps 0 * (-inf - -inf) out of values and gradients.
-    kl_fwd = (q * torch.where(q > 0, t - s, torch.zeros_like(s))).sum(-1)
-    kl_rev = (p * torch.where(p > 0, s - t, torch.zeros_like(s))).sum(-1)
     u = F.log_softmax(y, dim=-1)
     entropy = -(u.exp() * _finite(u)).sum(-1)
-    a, b = gate_weights(entropy.reshape(-1), g.kind, g.p1, g.p2)
-    per_token = a.reshape(entropy.shape) * kl_fwd + b.reshape(entropy.shape) * kl_rev
+    a, b = (x.reshape(entropy.shape) for x in gate_weights(entropy.reshape(-1), g.kind,
+                                                           g.p1, g.p2))
+    per_token = _weighted_kl(a, t, s) + _weighted_kl(b, s, t)
     if labels is not None:
         per_token = per_token * labels.float()
     if reduction == "none":

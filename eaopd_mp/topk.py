@@ -2,7 +2,7 @@
 
 Per token the teacher is given as ``k`` global vocabulary ids ``I`` and their
 log-probabilities ``l`` (normalised over the whole vocabulary, as vLLM/SGLang return
-them); the student ``p = softmax(z / tau)`` is over the whole vocabulary. Two targets
+them); the student ``p = softmax(z / tau)`` is over the whole vocabulary. Three targets
 (``topk_tail``):
 
 * ``"bucket"`` (default): each id of ``I`` is its own bucket and every other id shares one
@@ -10,7 +10,12 @@ them); the student ``p = softmax(z / tau)`` is over the whole vocabulary. Two ta
   the exact KLs between these ``k + 1``-bucket distributions: lower bounds of the full
   KLs, equal to them when ``k = V`` (there is then no tail bucket).
 * ``"renormalize"``: both distributions renormalised over the ``k`` ids, nothing else
-  (what NeMo-RL and verl compute).
+  (NeMo-RL's default, ``zero_outside_topk: false``).
+* ``"truncate"``: the full-vocabulary log-probabilities, summed over the ``k`` ids only,
+  with no tail term: ``KL_fwd = sum_k Q_k (l_k - log p_k)`` (verl's top-k forward KL, and
+  NeMo-RL's forward KL with ``zero_outside_topk: true``) and ``KL_rev = sum_k p_k (log p_k
+  - l_k)``. Truncated sums, not divergences: neither is a KL of two distributions, and
+  either can be negative.
 
 Numerics (the README's "A served teacher: top-k log-probabilities" says the same for
 users):
@@ -26,13 +31,22 @@ users):
   :data:`TAIL_FLOOR`, so rounding alone cannot make the reverse KL infinite: the tail
   term is then at most ``P_tail log(P_tail / TAIL_FLOOR) <= 13.8`` nats.
 * The gate's entropy is that of the bucketed teacher, ``-sum_b Q_b log Q_b`` (a lower
-  bound of the true one, in both tail modes), unless ``teacher_entropy`` is given.
+  bound of the true one, in every tail mode), unless ``teacher_entropy`` is given.
+* Everything formed from the ``(n, k)`` numbers of a token (``Q_tail``, the entropy, the
+  sums over the ids that make the KLs) is computed in float64, whatever the compute dtype:
+  ``Q_tail = 1 - sum_k Q_k`` cancels (a float32 ``Q_tail`` of a peaked teacher is off by
+  ~1e-2 relative, and the reverse KL's ``P_tail log Q_tail`` with it), and the KLs are
+  sums of terms of both signs. It is ``k`` numbers per token, never per vocabulary column.
+* Served log-probabilities are checked before any chunk (:func:`logprobs_problem`): a
+  token whose ``log sum_k exp(l_k)`` exceeds :func:`logprob_tolerance` (a log-prob > 0 or
+  probabilities summing above 1 beyond rounding) raises; ``+inf`` or NaN in a kept token
+  gives that token NaN.
 * The KLs are not clamped at 0: the gradient is that of the value returned (the floor can
   make the reverse KL negative by at most ``TAIL_FLOOR`` nats).
 
 Per-token statistics use the dense layout of :mod:`eaopd_mp.core` (``(n, 7)``) with one
 column reinterpreted: ``LSE_T`` holds ``log P_tail`` (bucket) or ``log sum_k P_k``
-(renormalize), the student-side number the recomputing backward needs.
+(renormalize, truncate), the student-side number the recomputing backward needs.
 
 Under tensor parallelism each id lives on one rank. A rank's partial statistics of a
 chunk are ``k + 2`` numbers per token: its local log-sum-exp of ``z/tau``, that of its
@@ -42,10 +56,12 @@ all-gather of them gives every rank everything (teacher numbers are replicated).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import core
-from .core import KL_REV, LSE_S, LSE_T, Kernel
+from .core import KL_REV, LSE_S, LSE_T, Kernel, weighted
 from .gates import gate_weights
 
 # Floor of Q_tail inside log(Q_tail) (reverse KL only): about the float32 resolution of
@@ -71,6 +87,54 @@ def ids_problem(ids: torch.Tensor, vocab_size: int) -> str | None:
             return ("teacher_topk_indices repeats an id within a token (token "
                     f"{row}: {ids[row].tolist()[:8]}); each token needs k distinct ids")
     return None
+
+
+# Room for the served numbers' float32 arithmetic (``l = x - lse`` with logits in the
+# hundreds: a few float32 spacings at 100, 7.6e-6 each) in logprobs_problem's check.
+LOGPROB_SLACK = 1e-4
+
+
+def logprob_tolerance(dtype: torch.dtype, k: int) -> float:
+    """How far above 0 ``log sum_k exp(l_k)`` of ``k`` served log-probs in ``dtype`` may be.
+
+    ``LOGPROB_SLACK`` (the server's float32 arithmetic) plus the worst effect of rounding
+    each ``l_k`` to ``dtype`` (unit roundoff ``u``): each ``Q_k`` moves by a factor
+    ``exp(+-u |l_k|)``, so ``sum_k Q_k`` by at most ``u sum_k Q_k |l_k| <= u (log k + 1)``.
+    float32/float64: 1.0e-4 (k <= 1e6); bfloat16, k = 64: 0.020; float16, k = 64: 0.0026.
+    """
+    u = torch.finfo(dtype).eps / 2
+    return LOGPROB_SLACK + u * (math.log(k) + 1.0)
+
+
+def logprobs_problem(lp: torch.Tensor, rows: torch.Tensor | None = None) -> str | None:
+    """What is wrong with ``(n, k)`` served log-probabilities, or None (run inside the op
+    before any chunk, on the kept tokens; ``rows``: their token indices, for the message).
+
+    A token is refused when ``log sum_k exp(l_k) > logprob_tolerance`` (float64): a
+    log-prob above 0, or probabilities summing clearly above 1 (logits or unnormalised
+    scores passed by mistake). Tokens holding NaN or ``+inf`` are not refused: their loss
+    is NaN. ``-inf`` is a probability of 0.
+    """
+    if lp.numel() == 0:
+        return None
+    tol = logprob_tolerance(lp.dtype, lp.shape[1])
+    x = lp.to(torch.float64)
+    lse = torch.logsumexp(x, dim=-1)
+    bad = (lse > tol) & ~_broken(x)
+    if not bool(bad.any()):
+        return None
+    row = int(bad.nonzero()[0, 0])
+    token = row if rows is None else int(rows[row])
+    return (f"teacher_topk_logprobs must be log-probabilities normalised over the vocabulary "
+            f"(each <= 0, probabilities summing to <= 1, up to {tol:.2g} on log sum exp): "
+            f"token {token} has max {x[row].max().item():.6g} and probabilities summing to "
+            f"{lse[row].exp().item():.6g} ({int(bad.sum())} such token(s)). Logits passed "
+            "by mistake? Pass log_softmax(logits) gathered at the ids")
+
+
+def _broken(lp: torch.Tensor) -> torch.Tensor:
+    """``(n,)``: the token's served log-probs hold NaN or ``+inf`` (its loss is NaN)."""
+    return (torch.isnan(lp) | (lp == float("inf"))).any(-1)
 
 
 def _held(ids: torch.Tensor, lo: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,14 +173,15 @@ def partial_stats(z: torch.Tensor, ids: torch.Tensor, params: torch.Tensor, lo: 
 
 
 def _teacher(lp: torch.Tensor, has_tail: bool):
-    """Teacher buckets from the ``(n, k)`` served log-probs: ``Q_tail`` clamped at 0 (a
+    """Teacher buckets from the ``(n, k)`` served log-probs, formed in float64 (``1 -
+    sum_k Q_k`` cancels) and returned in ``lp``'s dtype: ``Q_tail`` clamped at 0 (a
     weight), ``log Q_tail`` floored at :data:`TAIL_FLOOR` (inside the reverse KL)."""
-    lse = torch.logsumexp(lp, dim=-1)
+    lse = torch.logsumexp(lp.to(torch.float64), dim=-1)
     q_tail = (-torch.expm1(lse)).clamp_min(0.0)
     if not has_tail:
         q_tail = torch.zeros_like(q_tail)
     log_q_tail = q_tail.clamp_min(TAIL_FLOOR).log()
-    return q_tail, log_q_tail
+    return q_tail.to(lp.dtype), log_q_tail.to(lp.dtype)
 
 
 def _xlogy(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -125,9 +190,32 @@ def _xlogy(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def bucket_entropy(lp: torch.Tensor, has_tail: bool) -> torch.Tensor:
-    """``-sum_b Q_b log Q_b`` of the bucketed teacher, ``(n, k)`` -> ``(n,)``."""
+    """``-sum_b Q_b log Q_b`` of the bucketed teacher, ``(n, k)`` -> ``(n,)``, in float64."""
+    lp = lp.to(torch.float64)
     q_tail, _ = _teacher(lp, has_tail)
     return -_xlogy(lp.exp(), lp).sum(-1) - _xlogy(q_tail, q_tail.log())
+
+
+def _kls(lp: torch.Tensor, log_pk: torch.Tensor, log_pt: torch.Tensor, mode: str,
+         has_tail: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(KL_fwd, KL_rev, LSE_T column)`` of each token from ``(n, k)`` float64 served
+    log-probs ``lp``, student log-probs at the ids ``log_pk`` and ``(n,)`` ``log P_tail``."""
+    if mode == "bucket":
+        q_tail, log_q_rev = _teacher(lp, has_tail)
+        pk, pt = log_pk.exp(), log_pt.exp()
+        fwd = _xlogy(lp.exp(), lp - log_pk).sum(-1) + _xlogy(q_tail, q_tail.log() - log_pt)
+        rev = _xlogy(pk, log_pk - lp).sum(-1) + _xlogy(pt, log_pt - log_q_rev)
+        return fwd, rev, log_pt
+    norm = torch.logsumexp(log_pk, dim=-1)
+    if mode == "truncate":
+        fwd = _xlogy(lp.exp(), lp - log_pk).sum(-1)
+        rev = _xlogy(log_pk.exp(), log_pk - lp).sum(-1)
+        return fwd, rev, norm
+    lq = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
+    lpk = log_pk - norm[:, None]
+    fwd = _xlogy(lq.exp(), lq - lpk).sum(-1)
+    rev = _xlogy(lpk.exp(), lpk - lq).sum(-1)
+    return fwd, rev, norm
 
 
 def combine_stats(parts: torch.Tensor, lp: torch.Tensor, entropy: torch.Tensor, given: bool,
@@ -138,32 +226,25 @@ def combine_stats(parts: torch.Tensor, lp: torch.Tensor, entropy: torch.Tensor, 
         parts: :func:`partial_stats` of each column set (``r = 1`` on one device).
         lp: ``(n, k)`` served teacher log-probabilities; entropy: ``(n,)``, the gate's
             entropy when ``given`` (else ignored: the bucketed teacher's is used).
-        params, kind: as :func:`eaopd_mp.core.combine_stats`; mode: ``"bucket"`` or
-            ``"renormalize"``; has_tail: ``k`` is below the real vocabulary.
+        params, kind: as :func:`eaopd_mp.core.combine_stats`; mode: ``"bucket"``,
+            ``"renormalize"`` or ``"truncate"``; has_tail: ``k`` is below the real
+            vocabulary.
     Returns:
-        ``(n, 7)`` ``[lse_s, log P_tail | log sum P_k, KL_fwd, KL_rev, H, a, b]``.
+        ``(n, 7)`` ``[lse_s, log P_tail | log sum P_k, KL_fwd, KL_rev, H, a, b]`` in the
+        compute dtype; the per-token sums over the ``k`` ids are formed in float64.
     """
-    lp = lp.to(params.dtype)
+    f64 = torch.float64
     total = core._lse_shards(parts[..., _LOCAL_LSE])
     log_pk = parts[..., 2:].amax(0) - total[:, None]  # one rank holds each id
-    ent = entropy.to(params.dtype) if given else bucket_entropy(lp, has_tail)
-    if mode == "bucket":
-        log_pt = core._lse_shards(parts[..., _TAIL_LSE]) - total
-        q_tail, log_q_rev = _teacher(lp, has_tail)
-        pk, pt = log_pk.exp(), log_pt.exp()
-        fwd = _xlogy(lp.exp(), lp - log_pk).sum(-1) + _xlogy(q_tail, q_tail.log() - log_pt)
-        rev = _xlogy(pk, log_pk - lp).sum(-1) + _xlogy(pt, log_pt - log_q_rev)
-        norm = log_pt
-    else:
-        norm = torch.logsumexp(log_pk, dim=-1)
-        lq = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
-        lpk = log_pk - norm[:, None]
-        fwd = _xlogy(lq.exp(), lq - lpk).sum(-1)
-        rev = _xlogy(lpk.exp(), lpk - lq).sum(-1)
-    nan = torch.isnan(ent) | torch.isnan(total)
+    log_pt = core._lse_shards(parts[..., _TAIL_LSE]) - total
+    lp = lp.to(f64)
+    ent = entropy.to(f64) if given else bucket_entropy(lp, has_tail)
+    fwd, rev, norm = _kls(lp, log_pk.to(f64), log_pt.to(f64), mode, has_tail)
+    nan = torch.isnan(ent) | torch.isnan(total) | _broken(lp)
     fwd = torch.where(nan, torch.full_like(fwd, float("nan")), fwd)
+    fwd, rev, ent = (x.to(params.dtype) for x in (fwd, rev, ent))
     a, b = gate_weights(ent, kind, params[1], params[2])
-    return torch.stack([total, norm, fwd, rev, ent, a, b], dim=-1)
+    return torch.stack([total, norm.to(params.dtype), fwd, rev, ent, a, b], dim=-1)
 
 
 def grad_logits(z: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, stats: torch.Tensor,
@@ -175,6 +256,10 @@ def grad_logits(z: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, stats: tor
     log Q_b - KL_rev)]``; the tail columns share one coefficient and ``p_j Q_t / P_t`` is
     ``Q_t exp(z_j/tau - lse_tail)`` (no division). Renormalize: 0 off the ids,
     ``[a (P^_k - Q^_k) + b P^_k (log P^_k - log Q^_k - KL_rev)] / tau`` at them.
+    Truncate (``S = sum_k Q_k``, ``P_I = sum_k p_k``): ``p_j [a S - b (KL_rev + P_I)] /
+    tau`` off the ids, plus ``[-a Q_k + b p_k (log p_k - l_k + 1)] / tau`` at them. A
+    coefficient of exactly 0 drops its term (:func:`eaopd_mp.core.weighted`): a served
+    log-prob of ``-inf`` under ``b = 0`` gives the forward KL's gradient, not NaN.
 
     Args:
         z: ``(n, c)`` student logits of columns ``[lo, lo + c)``; ids, lp: ``(n, k)``;
@@ -199,15 +284,22 @@ def grad_logits(z: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, stats: tor
         live = norm > float("-inf")  # a tail with mass (else every tail p_j is 0)
         ratio = torch.where(live, (x - lse - torch.where(live, norm, zero)).exp(), zero)
         d_tail = torch.where(live, norm - log_q_rev[:, None] - kl_rev, zero)
-        row = ca * (p - q_tail[:, None] * ratio) + cb * torch.where(p > 0, p * d_tail, zero)
+        row = ca * (p - q_tail[:, None] * ratio) + weighted(cb, _xlogy(p, d_tail))
         pk = log_pk.exp()
-        at_ids = ca * (pk - lp.exp()) + cb * _xlogy(pk, log_pk - lp - kl_rev)
+        at_ids = ca * (pk - lp.exp()) + weighted(cb, _xlogy(pk, log_pk - lp - kl_rev))
+    elif mode == "truncate":
+        p = (x - lse).exp()
+        served = torch.logsumexp(lp.to(torch.float64), dim=-1).exp().to(x.dtype)[:, None]
+        row = ca * served * p - weighted(cb, _xlogy(p, kl_rev + norm.exp()))
+        pk = log_pk.exp()
+        at_ids = (ca * (served * pk - lp.exp())
+                  + weighted(cb, _xlogy(pk, log_pk - lp + 1.0 - kl_rev - norm.exp())))
     else:
         row = torch.zeros_like(x)
         lpk = log_pk - norm
         lq = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
         pk = lpk.exp()
-        at_ids = ca * (pk - lq.exp()) + cb * _xlogy(pk, lpk - lq - kl_rev)
+        at_ids = ca * (pk - lq.exp()) + weighted(cb, _xlogy(pk, lpk - lq - kl_rev))
     held_f = held.to(x.dtype)
     in_topk = torch.zeros_like(x).scatter_add(1, col, held_f) > 0
     placed = torch.zeros_like(x).scatter_add(1, col, torch.where(held, at_ids, zero))

@@ -21,11 +21,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
-HEADER = ("tokens", "kept tokens", "mask sum", "mask first moment", "mask second moment",
+HEADER = ("tokens", "kept tokens", "mask sum", "mask fingerprint", "mask fingerprint 2",
            "shard width", "chunk_size", "vocab_size", "1/temperature", "gate p1", "gate p2",
            "gate", "reduction", "student_logit_scale", "student_softcap",
-           "teacher_logit_scale", "teacher_softcap", "teacher top-k", "teachers",
-           "routing fingerprint 1", "routing fingerprint 2", "teacher ids invalid")
+           "teacher_logit_scale", "teacher_softcap", "teacher top-k", "topk_tail",
+           "teachers", "routing fingerprint 1", "routing fingerprint 2", "teacher ids invalid",
+           "teacher log-probs invalid")
 
 
 def _collective(new: str, old: str):
@@ -128,26 +129,52 @@ class TPCombiner:
             raise ValueError(f"tensor-parallel ranks disagree on {', '.join(bad)} ({rows})")
 
 
-def mask_fingerprint(weight: torch.Tensor | None, n: int) -> list[float]:
-    """``[sum w, sum w i, sum w i^2]`` over token positions ``i = 1..n`` (float64).
+# splitmix64 (Steele, Lea & Flood 2014) constants, as signed int64.
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64
+_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
+_MIX2 = 0x94D049BB133111EB - 2**64
 
-    Ranks with the same number of kept tokens but a different mask, or different weights,
-    get different fingerprints (with overwhelming probability), at the cost of one pass.
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic on signed ints)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def position_hashes(n: int, device=None) -> torch.Tensor:
+    """``(n, 2)`` float64 pseudo-random numbers in ``[0, 1)``, a fixed function of the
+    position: splitmix64 of ``2 i + 1`` and ``2 i + 2`` (53 bits each).
+
+    Integer arithmetic only (int64 products wrap), so every rank and device computes the
+    same bits; no generator state is involved.
+    """
+    z = (torch.arange(2 * n, dtype=torch.int64, device=device) + 1) * _GOLDEN
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    z = z ^ _shr(z, 31)
+    return (_shr(z, 11).to(torch.float64) * 2.0**-53).view(n, 2)
+
+
+def mask_fingerprint(weight: torch.Tensor | None, n: int) -> list[float]:
+    """``[sum w, sum w r, sum w r']`` over the ``n`` token positions, in float64.
+
+    ``r, r'`` are :func:`position_hashes`: pseudo-random per position, so two different
+    masks (or weights) with the same sum match only if two sums of 53-bit random numbers
+    agree to rounding: no structured collisions (moments ``sum w i^k`` had them, e.g. the
+    masks {0, 4, 5} and {1, 2, 6} share count, sum and sum of squares). One pass over the
+    mask, deterministic: the same mask gives the same bits on every rank.
     """
     if weight is None:
-        i = torch.arange(1, n + 1, dtype=torch.float64)
-        return [float(n), float(i.sum()), float((i * i).sum())]
-    w = weight.to(torch.float64)
-    i = torch.arange(1, n + 1, dtype=torch.float64, device=w.device)
-    return [float(w.sum()), float((w * i).sum()), float((w * i * i).sum())]
+        weight = torch.ones(n, dtype=torch.float64)
+    w = weight.reshape(-1).to(torch.float64)
+    r = position_hashes(w.shape[0], w.device)
+    return torch.cat([w.sum().reshape(1), w @ r]).tolist()
 
 
 def routing_fingerprint(index: torch.Tensor | None, n: int) -> list[float]:
-    """``[sum (t + 1) i, sum (t + 1) i^2]`` over token positions ``i = 1..n`` of the
-    teacher numbers ``t`` (float64; zeros for one teacher): ranks that route tokens
-    differently get different fingerprints (with overwhelming probability)."""
+    """``[sum (t + 1) r, sum (t + 1) r']`` over the ``n`` token positions of the teacher
+    numbers ``t`` (float64, :func:`position_hashes`; zeros for one teacher): ranks that
+    route tokens differently get different fingerprints (with overwhelming probability)."""
     if index is None:
         return [0.0, 0.0]
-    t = index.to(torch.float64) + 1
-    i = torch.arange(1, n + 1, dtype=torch.float64, device=t.device)
-    return [float((t * i).sum()), float((t * i * i).sum())]
+    t = index.reshape(-1).to(torch.float64) + 1
+    return (t @ position_hashes(n, t.device)).tolist()

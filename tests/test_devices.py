@@ -27,11 +27,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_topk import formula, served
 from torch._dynamo.utils import counters
 
 from dist_utils import _free_port
 from eaopd_mp import core, entropy_aware_opd_loss, fused_linear_eaopd_loss, reference_eaopd_loss
 from eaopd_mp.parallel import fused_linear_vocab_parallel_eaopd_loss, vocab_parallel_eaopd_loss
+from eaopd_mp.tp import mask_fingerprint, position_hashes
 from formulas import close
 
 REQUIRE_CUDA = os.environ.get("EAOPD_REQUIRE_CUDA", "") == "1"
@@ -408,6 +410,35 @@ def test_no_recompilation_as_lengths_change(device):
             for path, reduction in modes:
                 _compile_step(device, n, reduction, 16 if n % 2 else 32, path)
     assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
+
+
+@pytest.mark.parametrize("device", ["cuda"], indirect=True)
+def test_topk_float32_peaked_teacher_and_mask_fingerprint(device):
+    """CUDA only (the CPU runs these in test_topk.py / test_parallel.py): the compiled
+    top-k kernels, whose per-token sums run in float64, on float32 inputs of a peaked
+    teacher in every topk_tail mode against the float64 formula computed on the CPU (loss
+    and gradient, rtol 1e-5); and the TP mask fingerprint's hashes (int64 arithmetic) bit
+    for bit as on the CPU."""
+    assert torch.equal(position_hashes(1000, device).cpu(), position_hashes(1000))
+    w = (torch.rand(1000, generator=_gen(1)) > 0.5).float()
+    assert mask_fingerprint(w.to(device), 1000) == mask_fingerprint(w, 1000)
+    g = _gen(2)
+    n, vocab, k = 64, WIDE_V, 8
+    scale = torch.linspace(3, 9, n, dtype=torch.float64)[:, None]
+    lp, ids = served(torch.randn(n, vocab, generator=g, dtype=torch.float64) * scale, k, g)
+    lp = lp.float()
+    z = (torch.randn(n, vocab, generator=g, dtype=torch.float64) * 2).float()
+    for tail in ("bucket", "renormalize", "truncate"):
+        zf = z.double().requires_grad_()
+        want = formula(zf, ids, lp.double(), topk_tail=tail)
+        want.sum().backward()
+        zg = z.to(device, copy=True).requires_grad_()
+        loss = entropy_aware_opd_loss(zg, teacher_topk_logprobs=lp.to(device),
+                                      teacher_topk_indices=ids.to(device), topk_tail=tail,
+                                      reduction="none", chunk_size=16)
+        loss.sum().backward()
+        close(loss.double().cpu(), want.detach(), msg=f"{tail}: ")
+        close(zg.grad.double().cpu(), zf.grad, msg=f"{tail} grad: ")
 
 
 # ----------------------------------------------------------------------- vocab parallel

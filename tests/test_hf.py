@@ -170,6 +170,88 @@ def test_lm_head_refuses_a_backbone():
         hf.lm_head(model.model)
 
 
+def _padded(seqs, prompts, side, width):
+    """``seqs`` padded on ``side`` to ``width``: ids, attention mask, completion mask (the
+    tokens after each sequence's prompt)."""
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    attn, comp = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (seq, prompt) in enumerate(zip(seqs, prompts, strict=True)):
+        n = len(seq)
+        cols = slice(width - n, width) if side == "left" else slice(0, n)
+        ids[i, cols], attn[i, cols] = seq, 1
+        comp[i, cols][prompt:] = 1
+    return ids, attn, comp
+
+
+@pytest.mark.parametrize("with_completion", [False, True])
+def test_padding_side_does_not_change_the_loss(eager, with_completion):
+    """Per-sequence losses (and stats' token count) are the same left-padded,
+    right-padded and unpadded (each sequence alone), with and without completion_mask:
+    a pad position never predicts the first real token."""
+    student, teacher = make_model("llama", 0), make_model("qwen2_tied", 1)
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(3, 60, (n,), generator=g) for n in (9, 6, 4)]
+    prompts = (4, 2, 1)
+    per_seq, tokens = {}, {}
+    for side in ("left", "right"):
+        ids, attn, comp = _padded(seqs, prompts, side, 9)
+        loss, stats = hf.eaopd_loss(student, teacher, ids, attn,
+                                    comp if with_completion else None, reduction="none",
+                                    return_stats=True)
+        per_seq[side], tokens[side] = loss.sum(-1), stats["tokens"]
+    alone = []
+    for seq, prompt in zip(seqs, prompts, strict=True):
+        comp = torch.zeros(1, len(seq), dtype=torch.long)
+        comp[0, prompt:] = 1
+        alone.append(hf.eaopd_loss(student, teacher, seq[None],
+                                   completion_mask=comp if with_completion else None,
+                                   reduction="none").sum())
+    per_seq["alone"] = torch.stack(alone)
+    n_alone = sum(len(s) - max(p, 1) if with_completion else len(s) - 1
+                  for s, p in zip(seqs, prompts, strict=True))
+    close(per_seq["left"], per_seq["alone"], msg="left vs unpadded: ")
+    close(per_seq["right"], per_seq["alone"], msg="right vs unpadded: ")
+    assert tokens["left"] == tokens["right"] == n_alone
+
+
+BAD_MASKS = [
+    ("attention_mask", lambda m: m * 2, r"attention_mask must be a 0/1 mask .*\[2"),
+    ("attention_mask", lambda m: m.float() * 0.5, r"attention_mask must be a 0/1 mask .*0\.5"),
+    ("completion_mask", lambda m: m * 7, r"completion_mask must be a 0/1 mask .*\[7"),
+    ("completion_mask", lambda m: torch.where(m.bool(), 5, -100),
+     r"completion_mask must be a 0/1 mask .*-100.*labels\.ne\(-100\)"),
+    ("completion_mask", lambda m: m.float().masked_fill(m == 0, float("nan")),
+     r"completion_mask must be a 0/1 mask .*nan"),
+    ("attention_mask", lambda m: m[:, 1:], r"attention_mask shape \(3, 10\) != input_ids"),
+]
+
+
+@pytest.mark.parametrize("name,change,match", BAD_MASKS)
+def test_masks_must_be_binary_and_are_checked_before_the_models(name, change, match):
+    """attention_mask / completion_mask other than 0/1 raise ValueError naming the mask
+    before either model runs; 0/1 masks of every dtype give the same loss."""
+    student, teacher = make_model("llama", 0), make_model("qwen2_tied", 1)
+    ids, attn, comp = _batch()
+    masks = {"attention_mask": attn, "completion_mask": comp}
+    masks[name] = change(masks[name])
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda *a: calls.append(1))
+             for m in (student, teacher, student.model, teacher.model)]
+    with pytest.raises(ValueError, match=match):
+        hf.eaopd_loss(student, teacher, ids, **masks)
+    for h in hooks:
+        h.remove()
+    assert calls == []
+
+
+def test_mask_dtypes_give_the_same_loss(eager):
+    student, teacher = make_model("llama", 0), make_model("qwen2_tied", 1)
+    ids, attn, comp = _batch()
+    want = hf.eaopd_loss(student, teacher, ids, attn, comp)
+    for dtype in (torch.bool, torch.int32, torch.float32, torch.bfloat16):
+        close(hf.eaopd_loss(student, teacher, ids, attn.to(dtype), comp.to(dtype)), want)
+
+
 @pytest.mark.parametrize("routing", [[1, 0, 1], [0, 0, 0]])
 def test_several_teachers_per_sequence(eager, routing):
     """teachers=[...] with a (B,) teacher_index: each sequence scored by its own teacher

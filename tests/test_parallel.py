@@ -151,16 +151,21 @@ def _topk_teacher(seed, tokens, real, width, tp, k=6):
 
 
 def check_topk_case(rank, tp, group, *, reduction, tau, vocab_size, tail, seed=0, sp=False,
-                    fused=True, chunk=4):
+                    fused=True, chunk=4, gate=None, minus_inf=False):
     """Top-k teacher on vocabulary shards (fused, or logits-in with backward counted at
-    zero collectives) against the single-device top-k loss on the real vocabulary."""
+    zero collectives) against the single-device top-k loss on the real vocabulary.
+    ``minus_inf``: served log-probs of -inf (slot 0 of every other token: the shard-edge
+    ids), with a ``gate`` that weights the infinite reverse KL 0; gradients finite."""
     h, w, b, _, _, labels = _data(seed, tp=tp)
     width = w.shape[0] // tp
     real = vocab_size or w.shape[0]
     shard = slice(rank * width, (rank + 1) * width)
     lp, ids = _topk_teacher(seed, h.shape[:-1], real, width, tp)
+    if minus_inf:
+        lp.view(-1, lp.shape[-1])[::2, 0] = float("-inf")
     opts = dict(labels=labels, temperature=tau, reduction=reduction, chunk_size=chunk,
-                teacher_topk_logprobs=lp, teacher_topk_indices=ids, topk_tail=tail)
+                teacher_topk_logprobs=lp, teacher_topk_indices=ids, topk_tail=tail,
+                **(gate or {}))
     wl = w[shard].clone().requires_grad_()
     if fused:
         hl = (h.chunk(tp, 0)[rank] if sp else h).clone().requires_grad_()
@@ -176,8 +181,12 @@ def check_topk_case(rank, tp, group, *, reduction, tau, vocab_size, tail, seed=0
     hr, wr = h.clone().requires_grad_(), w[:real].clone().requires_grad_()
     ref = fused_linear_eaopd_loss(hr, wr, **opts)
     ref.backward(_grad_out(ref))
-    tag = f"[top-k {tail} {reduction} tau={tau} V={vocab_size} sp={sp} fused={fused}] "
+    tag = f"[top-k {tail} {reduction} tau={tau} V={vocab_size} sp={sp} fused={fused} " \
+        f"{gate} -inf={minus_inf}] "
     _close(loss, ref, msg=tag)
+    if minus_inf:
+        grads = (hl.grad, wl.grad) if fused else (z.grad,)
+        assert all(torch.isfinite(g).all() for g in grads), tag
     want_w = torch.zeros_like(w)
     want_w[:real] = wr.grad
     if fused:
@@ -256,6 +265,18 @@ def _check_topk_collectives(rank, world, group):
         fused_linear_vocab_parallel_eaopd_loss(
             h, wl.detach(), teacher_topk_logprobs=lp, teacher_topk_indices=bad,
             tp_group=group)
+    kw = dict(teacher_topk_indices=ids, tp_group=group)
+    over = lp.clone()
+    over[3] = over[3] + 1.0  # log-probs > 0 (logits by mistake)
+    with pytest.raises(ValueError, match="ranks disagree on teacher log-probs invalid"):
+        fused_linear_vocab_parallel_eaopd_loss(h, wl.detach(), **kw,
+                                               teacher_topk_logprobs=over if rank else lp)
+    with pytest.raises(ValueError, match="teacher_topk_logprobs must be log-prob.*token 3"):
+        fused_linear_vocab_parallel_eaopd_loss(h, wl.detach(), teacher_topk_logprobs=over, **kw)
+    tails = ("bucket", "renormalize", "truncate")
+    with pytest.raises(ValueError, match="ranks disagree on topk_tail"):
+        fused_linear_vocab_parallel_eaopd_loss(h, wl.detach(), teacher_topk_logprobs=lp, **kw,
+                                               topk_tail=tails[rank % 3])
 
 
 GATES = [{}, {"h_max": 1.1}, {"gate": "threshold", "gate_threshold": 2.5},
@@ -279,10 +300,19 @@ def _tp4_worker(rank, world):
     _check_transforms(rank, world, group)
     topk_grid = [("sum", 1.0, 25, "bucket", True), ("none", 1.5, 25, "bucket", False),
                  ("mean", 1.5, None, "renormalize", True), ("none", 1.0, 20, "bucket", True),
-                 ("batchmean", 1.0, 25, "renormalize", False)]
+                 ("batchmean", 1.0, 25, "renormalize", False),
+                 ("sum", 1.5, 25, "truncate", True), ("none", 1.0, 20, "truncate", True),
+                 ("mean", 1.0, None, "truncate", False)]
     for reduction, tau, vocab_size, tail, fused in topk_grid:
         check_topk_case(rank, world, group, reduction=reduction, tau=tau,
                         vocab_size=vocab_size, tail=tail, fused=fused)
+    for i, (tail, reduction, fused) in enumerate([("bucket", "sum", True),
+                                                  ("renormalize", "none", False),
+                                                  ("bucket", "none", True),
+                                                  ("renormalize", "sum", False)]):
+        check_topk_case(rank, world, group, reduction=reduction, tau=1.0, vocab_size=25,
+                        tail=tail, fused=fused, gate=FORWARD_ONLY[i % 2], minus_inf=True)
+    _check_minus_inf_teacher(rank, world, group)
     _check_topk_collectives(rank, world, group)
     _check_entropy_override(rank, world, group)
     _check_collectives(rank, world, group)
@@ -458,6 +488,62 @@ def _check_transforms(rank, world, group):
                               vocab_size=vocab_size, gate=GATES[i % len(GATES)], xf=xf)
 
 
+# Gates whose weight on the reverse KL is exactly 0 (issue 22): fixed at 1, linear clamped.
+FORWARD_ONLY = [{"gate": "fixed", "fkl_weight": 1.0}, {"h_max": 0.01}]
+
+
+def _minus_inf_teacher(y, width, one_hot):
+    """Teacher logits with -inf: both sides of the first shard boundary (token 0), all of
+    rank 1's columns (token 1), all but one column on rank 1 (token 2: one-hot; or two-hot
+    with one on rank 0, so that its entropy is log 2 and not 0), every third column
+    (token 3), the last column (token 4)."""
+    y = y.clone()
+    y[0, width - 1:width + 1] = float("-inf")
+    y[1, width:2 * width] = float("-inf")
+    y[2, :] = float("-inf")
+    y[2, width + 2] = 0.0
+    if not one_hot:
+        y[2, 1] = 0.0
+    y[3, ::3] = float("-inf")
+    y[4, -1] = float("-inf")
+    return y
+
+
+def _check_minus_inf_teacher(rank, world, group, gates=FORWARD_ONLY):
+    """A teacher -inf where the student has mass under a gate weighting the reverse KL
+    (+inf) 0: logits-in and fused (teacher logits), both gradient modes, with a mask,
+    against the float64 formula (F.kl_div over the kept columns); gradients finite. (A
+    one-hot teacher has entropy 0: the linear gate gives its reverse KL weight 1.)"""
+    h, w, _, th, tw, labels = _data(8, tokens=(6,), tp=world)
+    width = w.shape[0] // world
+    shard = slice(rank * width, (rank + 1) * width)
+    labels[:5] = 1.0  # the -inf rows are kept
+    for gate in gates:
+        y = _minus_inf_teacher(th @ tw.T, width, one_hot=gate.get("gate") == "fixed")
+        for reduction in ("sum", "none"):
+            zd = (h @ w.T).double().requires_grad_()
+            want = formulas.reduce(formulas.per_token(zd, y, **gate), labels, reduction)
+            want.backward(_grad_out(want).double())
+            want_h, want_w = zd.grad @ w.double(), (zd.grad.T @ h.double())[shard]
+            opts = dict(tp_group=group, labels=labels, reduction=reduction, chunk_size=4,
+                        **gate)
+            z = (h @ w.T)[:, shard].clone().requires_grad_()
+            loss = vocab_parallel_eaopd_loss(z, y[:, shard], **opts)
+            loss.backward(_grad_out(loss))
+            hl, wl = h.clone().requires_grad_(), w[shard].clone().requires_grad_()
+            fused = fused_linear_vocab_parallel_eaopd_loss(hl, wl, teacher_logits=y[:, shard],
+                                                           **opts)
+            fused.backward(_grad_out(fused))
+            tag = f"[-inf teacher {gate} {reduction}] "
+            for got, g in ((loss, z.grad), (fused, hl.grad), (fused, wl.grad)):
+                assert torch.isfinite(got).all() and torch.isfinite(g).all(), tag
+            _close(loss.double(), want.detach(), msg=tag)
+            _close(z.grad.double(), zd.grad[:, shard], msg=tag + "grad z ")
+            _close(fused.double(), want.detach(), msg=tag + "fused ")
+            _close(hl.grad.double(), want_h, msg=tag + "fused grad h ")
+            _close(wl.grad.double(), want_w, msg=tag + "fused grad W ")
+
+
 def _check_collectives(rank, world, group):
     """Forward: a header + ONE all-gather per chunk. Backward: one all-reduce (fused)."""
     h, w, _, th, tw, _ = _data(1, tokens=(10,), tp=world)
@@ -504,6 +590,12 @@ def _check_mask_disagreement(rank, world, group):
     same_count[[rank % 2, 4]] = 1.0  # two kept tokens everywhere, not the same ones
     with pytest.raises(ValueError, match="ranks disagree on mask"):
         fused_linear_vocab_parallel_eaopd_loss(h, w[shard], labels=same_count, **kw)
+    # {0, 4, 5} and {1, 2, 6}: same count, sum and sum of squares of the positions (the
+    # moment fingerprint's blind spot; issue 18).
+    moments = torch.zeros(8)
+    moments[[0, 4, 5] if rank % 2 else [1, 2, 6]] = 1.0
+    with pytest.raises(ValueError, match="ranks disagree on mask fingerprint"):
+        fused_linear_vocab_parallel_eaopd_loss(h, w[shard], labels=moments, **kw)
     weights = torch.ones(8)
     weights[3] = 1.0 + (rank == 1)
     with pytest.raises(ValueError, match="ranks disagree on mask sum"):
@@ -611,6 +703,12 @@ def _megatron_worker(rank, world, tp, use_sp, compile_check):
         _check_topk_loss_func(tp_rank, tp, use_sp, 10 + dp_rank)
         check_routed_case(tp_rank, tp, group, reduction="sum", vocab_size=13, sp=use_sp,
                           seed=10 + dp_rank, loss_func=True)
+        # A -inf teacher under a zero reverse-KL weight (the compiled graphs of the
+        # linear gate; tp_group=None is megatron's group).
+        _check_minus_inf_teacher(tp_rank, tp, group, gates=FORWARD_ONLY[1:])
+        check_topk_case(tp_rank, tp, group, reduction="sum", tau=1.0, vocab_size=13,
+                        tail="bucket", seed=10 + dp_rank, sp=use_sp, gate=FORWARD_ONLY[1],
+                        minus_inf=True)
         if compile_check:
             check_logits_case(tp_rank, tp, group, reduction="mean", tau=1.0, mask=True,
                               vocab_size=None, gate={}, seed=dp_rank)
@@ -629,6 +727,39 @@ def test_tp2_dp2_megatron():
     """Two TP=2 groups side by side, each with its own data."""
     pytest.importorskip("megatron.core")
     spawn(_megatron_worker, 4, 2, False, False)
+
+
+def _splitmix64(x: int) -> int:
+    """splitmix64 written from its definition, on Python ints."""
+    m = 2**64
+    z = x * 0x9E3779B97F4A7C15 % m
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 % m
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB % m
+    return z ^ (z >> 31)
+
+
+def test_mask_fingerprint_has_no_collisions_on_small_masks():
+    """Single process (a property of the function): every 0/1 mask of up to 10 tokens, and
+    2000 random weight vectors in {0, 1, 2, 3} over 16 tokens, get distinct fingerprints
+    unless the masks are equal."""
+    from eaopd_mp.tp import mask_fingerprint
+    for n in range(1, 11):
+        masks = torch.tensor(list(itertools.product([0.0, 1.0], repeat=n)))
+        prints = {tuple(mask_fingerprint(m, n)) for m in masks}
+        assert len(prints) == len(masks), f"{len(masks) - len(prints)} collisions at n={n}"
+    assert mask_fingerprint(None, 9) == mask_fingerprint(torch.ones(9), 9)
+    g = torch.Generator().manual_seed(0)
+    weights = torch.randint(0, 4, (2000, 16), generator=g).unique(dim=0).float()
+    prints = {tuple(mask_fingerprint(w, 16)) for w in weights}
+    assert len(prints) == len(weights)
+
+
+def test_position_hashes_are_splitmix64():
+    """The fingerprint's per-position numbers are splitmix64, bit for bit (so every rank
+    and device computes the same ones)."""
+    from eaopd_mp.tp import position_hashes
+    want = [(_splitmix64(i + 1) >> 11) * 2.0**-53 for i in range(64)]
+    assert position_hashes(32).flatten().tolist() == want
 
 
 def test_default_group_needs_megatron_initialised():

@@ -22,47 +22,47 @@ from eaopd_mp import (
     entropy_aware_opd_loss,
     fused_linear_eaopd_loss,
 )
-from formulas import close, reduce
+from formulas import close, gate_weights, gated_kl, reduce
 
 FLOOR = 1e-6  # the documented floor of Q_tail inside log(Q_tail) (reverse KL)
 
 
-def _gate(ent, fwd, rev, gate="linear", h_max=None, vocab=None, gate_threshold=0.8,
-          fkl_coef=1.0, fkl_weight=0.5):
-    if gate == "linear":
-        a = (ent / (math.log(vocab) if h_max is None else h_max)).clamp(0, 1)
-        return a * fwd + (1 - a) * rev
-    if gate == "threshold":
-        return rev + fkl_coef * (ent >= gate_threshold).double() * fwd
-    return fkl_weight * fwd + (1 - fkl_weight) * rev
+def _gate(ent, fwd, rev, vocab, **gate):
+    """``a * KL_fwd + b * KL_rev`` with the gate's weights (finite KLs only)."""
+    a, b = gate_weights(ent, vocab, **gate)
+    return a * fwd + b * rev
 
 
 def formula(z, ids, lp, *, temperature=1.0, topk_tail="bucket", entropy=None, **gate):
-    """Per-token loss, float64, from the definitions (autograd gives the gradient)."""
+    """Per-token loss, float64, from the definitions (autograd gives the gradient): the
+    KLs between the bucketed (or renormalised) teacher and student, with ``F.kl_div``
+    (:func:`formulas.gated_kl`: a KL of gate weight 0 is 0, even where it is infinite)."""
     z, lp = z.double(), lp.double()
     vocab, k = z.shape[-1], ids.shape[-1]
     s = F.log_softmax(z / temperature, dim=-1)
-    log_pk = torch.gather(s, -1, ids)
     q = lp.exp()
-    q_tail = (1 - q.sum(-1)).clamp_min(0) if k < vocab else torch.zeros_like(q[..., 0])
+    rest = 1 - q.sum(-1)
+    q_tail = rest.clamp_min(0) if k < vocab else torch.zeros_like(rest)
     xlogx = torch.where(q_tail > 0, q_tail * q_tail.clamp_min(1e-300).log(),
                         torch.zeros_like(q_tail))
-    ent = -(q * lp).sum(-1) - xlogx if entropy is None else entropy.double()
+    ent = -torch.where(q > 0, q * lp, torch.zeros_like(q)).sum(-1) - xlogx \
+        if entropy is None else entropy.double()
+    a, b = gate_weights(ent, vocab, **gate)
     if topk_tail == "bucket":
-        fwd = (q * (lp - log_pk)).sum(-1)
-        rev = (log_pk.exp() * (log_pk - lp)).sum(-1)
-        if k < vocab:
+        student, teacher_fwd, teacher_rev = torch.gather(s, -1, ids), lp, lp
+        if k < vocab:  # the tail bucket: Q_tail as served (floored inside the reverse KL)
             in_topk = torch.zeros_like(s, dtype=torch.bool).scatter(-1, ids, True)
-            log_pt = torch.logsumexp(s.masked_fill(in_topk, float("-inf")), dim=-1)
-            fwd = fwd + torch.where(q_tail > 0, xlogx - q_tail * log_pt,
-                                    torch.zeros_like(q_tail))
-            rev = rev + log_pt.exp() * (log_pt - (1 - q.sum(-1)).clamp_min(FLOOR).log())
+            log_pt = torch.logsumexp(s.masked_fill(in_topk, float("-inf")), -1, keepdim=True)
+            student = torch.cat([student, log_pt], -1)
+            teacher_fwd = torch.cat([lp, q_tail.log()[..., None]], -1)
+            teacher_rev = torch.cat([lp, rest.clamp_min(FLOOR).log()[..., None]], -1)
+    elif topk_tail == "truncate":  # verl's forward KL; the reverse over the same ids
+        student = torch.gather(s, -1, ids)
+        teacher_fwd = teacher_rev = lp
     else:
-        lph = torch.log_softmax(torch.gather(z / temperature, -1, ids), dim=-1)
-        lqh = torch.log_softmax(lp, dim=-1)
-        fwd = (lqh.exp() * (lqh - lph)).sum(-1)
-        rev = (lph.exp() * (lph - lqh)).sum(-1)
-    return _gate(ent, fwd, rev, vocab=vocab, **gate)
+        student = torch.log_softmax(torch.gather(z / temperature, -1, ids), dim=-1)
+        teacher_fwd = teacher_rev = torch.log_softmax(lp, dim=-1)
+    return gated_kl(a, teacher_fwd, student) + gated_kl(b, student, teacher_rev)
 
 
 def served(y, k, generator=None):
@@ -100,8 +100,8 @@ def _want(h, w, lp, ids, labels, reduction, opts):
 
 GATES = [{}, {"h_max": 1.3}, {"gate": "threshold", "gate_threshold": 1.2},
          {"gate": "fixed", "fkl_weight": 0.3}]
-GRID = list(itertools.product(["batchmean", "sum", "mean", "none"], [1.0, 1.5],
-                              ["bucket", "renormalize"]))
+TAILS = ["bucket", "renormalize", "truncate"]
+GRID = list(itertools.product(["batchmean", "sum", "mean", "none"], [1.0, 1.5], TAILS))
 
 
 @pytest.mark.parametrize("reduction,tau,tail", GRID)
@@ -139,7 +139,8 @@ def test_float64_is_exact_and_gradcheck(eager):
     torch.autograd.gradcheck passes on the op itself (both tails, tempered)."""
     h, w, lp, ids, labels = _data(n=(2, 3), vocab=13, k=4, dtype=torch.float64)
     z = (h @ w.T).requires_grad_()
-    for tail, reduction in (("bucket", "sum"), ("renormalize", "none"), ("bucket", "none")):
+    for tail, reduction in (("bucket", "sum"), ("renormalize", "none"), ("bucket", "none"),
+                            ("truncate", "sum"), ("truncate", "none")):
         opts = dict(temperature=1.5, topk_tail=tail)
         zf = z.detach().clone().requires_grad_()
         want = reduce(formula(zf, ids, lp, **opts), labels, reduction)
@@ -156,7 +157,7 @@ def test_float64_is_exact_and_gradcheck(eager):
                 reduction=reduction, chunk_size=4, **opts), (z,))
 
 
-@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("tail", TAILS)
 def test_k_equals_v_is_the_dense_loss(eager, tail):
     """All V ids (any order): the dense loss (no phantom tail bucket; renormalising over
     everything changes nothing), logits-in and fused, with gradients. Served log-probs are
@@ -191,7 +192,7 @@ def test_rounding_case_is_finite(eager):
     q = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     lp = (q.log() + torch.tensor([0.0, 1e-7, 3e-7, -1e-9], dtype=torch.float64)[:, None])
     assert (lp.exp().sum(-1)[:3] >= 1).all()
-    for tail in ("bucket", "renormalize"):
+    for tail in TAILS:
         for gate in ({}, {"gate": "fixed", "fkl_weight": 0.0}):
             zg = z.clone().requires_grad_()
             loss = entropy_aware_opd_loss(zg, teacher_topk_logprobs=lp, teacher_topk_indices=ids,
@@ -316,11 +317,13 @@ def test_compiled_no_recompiles_and_equals_eager(monkeypatch):
     monkeypatch.setenv("EAOPD_COMPILE", "1")
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no fallback to eager
-        for reduction, tail in (("sum", "bucket"), ("none", "renormalize")):
+        cases = (("sum", "bucket"), ("none", "renormalize"), ("mean", "truncate"),
+                 ("none", "truncate"))
+        for reduction, tail in cases:
             _compiled_step(40, reduction, tail)
         counters.clear()
         for n in (1, 3, 17, 33):
-            for reduction, tail in (("sum", "bucket"), ("none", "renormalize")):
+            for reduction, tail in cases:
                 got = _compiled_step(n, reduction, tail)
                 monkeypatch.setenv("EAOPD_COMPILE", "0")
                 want = _compiled_step(n, reduction, tail)
@@ -357,7 +360,7 @@ def _dense_given(z, y, ent, tau, **gate):
     t = F.log_softmax(y.double() / tau, -1)
     fwd = F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
     rev = F.kl_div(t, s, log_target=True, reduction="none").sum(-1)
-    return _gate(ent.double(), fwd, rev, vocab=z.shape[-1], **gate)
+    return _gate(ent.double(), fwd, rev, z.shape[-1], **gate)
 
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
@@ -408,3 +411,99 @@ def test_other_gates_compile_and_match_eager(monkeypatch, gate_kw):
         out.append((loss.detach(), zg.grad))
     for a, b in zip(*out, strict=True):
         close(a, b)
+
+
+@pytest.mark.parametrize("tail", TAILS)
+def test_peaked_teacher_float32_matches_float64_formula(eager, tail):
+    """float32 inputs of a peaked teacher (tail mass 1e-7 to 0.5): per-token losses and
+    the gradient equal the float64 formula on the same float32 numbers at rtol 1e-5
+    (Q_tail = 1 - sum exp(l) formed in float32 was off by ~1e-2 nats; issue 18)."""
+    g = torch.Generator().manual_seed(0)
+    n, vocab, k = 64, 500, 8
+    scale = torch.linspace(3, 9, n, dtype=torch.float64)[:, None]
+    lp, ids = served(torch.randn(n, vocab, generator=g, dtype=torch.float64) * scale, k, g)
+    lp = lp.float()
+    z = (torch.randn(n, vocab, generator=g, dtype=torch.float64) * 2).float()
+    q_tail = 1 - lp.double().exp().sum(-1)
+    assert q_tail.min() < 1e-6 and q_tail.max() > 0.1
+    zf = z.double().requires_grad_()
+    want = formula(zf, ids, lp.double(), topk_tail=tail)
+    want.backward(_grad_out(want))
+    for fused in (False, True):
+        zg = z.clone().requires_grad_()
+        eye = torch.eye(vocab)
+        kw = dict(teacher_topk_logprobs=lp, teacher_topk_indices=ids, topk_tail=tail,
+                  reduction="none", chunk_size=16)
+        loss = fused_linear_eaopd_loss(zg, eye, **kw) if fused else \
+            entropy_aware_opd_loss(zg, **kw)
+        loss.backward(_grad_out(loss))
+        torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+        close(zg.grad.double(), zf.grad, msg=f"fused={fused} grad: ")
+
+
+def _lp_kw(lp, ids, **kw):
+    return dict(teacher_topk_logprobs=lp, teacher_topk_indices=ids, **kw)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_served_logprobs_are_validated(eager, fused):
+    """Log-probs > 0 (logits by mistake) or probabilities summing clearly above 1 raise a
+    ValueError naming teacher_topk_logprobs, before any work; within the documented
+    tolerance (rounding, also of bfloat16 storage) they pass; a masked token is not read."""
+    h, w, lp, ids, _ = _data()
+    z = h @ w.T
+
+    def call(lp_, **kw):
+        hg = h.clone().requires_grad_()
+        if fused:
+            out = fused_linear_eaopd_loss(hg, w, **_lp_kw(lp_, ids, **kw))
+        else:
+            out = entropy_aware_opd_loss(hg @ w.T, **_lp_kw(lp_, ids, **kw))
+        return out, hg
+
+    logits = torch.gather(z, -1, ids) + 3.0  # logits passed instead of log-probs
+    one_and_half = lp.clone()
+    one_and_half[1, 2] = torch.log_softmax(lp[1, 2], -1) + math.log(1.5)
+    for bad, match in ((logits, "token 0 has max"), (one_and_half, "token 6 has .*1.5")):
+        hg = None
+        with pytest.raises(ValueError, match="teacher_topk_logprobs must be log-prob.*" + match):
+            _, hg = call(bad)
+        assert hg is None
+    from eaopd_mp.topk import logprob_tolerance
+    tol = logprob_tolerance(torch.float32, lp.shape[-1])
+    # Rounding: a full-mass token whose sum lands just above 1, within the tolerance.
+    near = lp.clone()
+    near[0, 0] = torch.log_softmax(lp[0, 0], -1) + 0.5 * tol
+    near[0, 1] = torch.log_softmax(lp[0, 1], -1).clamp_max(-1e-3)
+    loss, _ = call(near)
+    assert torch.isfinite(loss)
+    over = near.clone()
+    over[0, 0] = torch.log_softmax(lp[0, 0], -1) + 2 * tol
+    with pytest.raises(ValueError, match="teacher_topk_logprobs"):
+        call(over)
+    # bfloat16 storage of normalised log-probs (k = V: no tail) passes; its tolerance is
+    # u (log k + 1) above float32's.
+    lp_full, ids_full = served(z.double(), z.shape[-1])
+    loss = entropy_aware_opd_loss(z, **_lp_kw(lp_full.bfloat16(), ids_full))
+    assert torch.isfinite(loss)
+    assert logprob_tolerance(torch.bfloat16, 64) == pytest.approx(1e-4 + 2**-8 * 5.1589, 1e-3)
+    # A masked token's log-probs are never read.
+    labels = torch.ones(3, 4)
+    labels[0, 0] = 0.0
+    loss, _ = call(torch.where(labels[..., None] == 1, lp, logits), labels=labels)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("tail", TAILS)
+def test_infinite_logprob_gives_nan(eager, tail):
+    """+inf (or NaN) in a kept token's served log-probs: that token's loss is NaN on the
+    logits-in and fused paths (it was -inf in bucket mode), the others are finite."""
+    h, w, lp, ids, _ = _data(n=(5,))
+    lp = lp.clone()
+    lp[0, 1] = float("inf")
+    lp[1, 0] = float("nan")
+    for fused in (False, True):
+        kw = _lp_kw(lp, ids, topk_tail=tail, reduction="none")
+        loss = fused_linear_eaopd_loss(h, w, **kw) if fused else \
+            entropy_aware_opd_loss(h @ w.T, **kw)
+        assert torch.isnan(loss[:2]).all() and torch.isfinite(loss[2:]).all(), loss
