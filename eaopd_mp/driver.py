@@ -373,6 +373,7 @@ def run_forward(plan: Plan, scale: torch.Tensor | None) -> torch.Tensor:
         stats[lo:hi], grad = _chunk(plan, part.spec, z, y, s, ent)
         if grad is not None:
             student.add_grad(grad, rows)
+        y = None  # a teacher's buffer is freed after its last chunk (see Plan.chunks)
     student.release()
     return stats
 
@@ -383,6 +384,7 @@ def run_backward(plan: Plan, stats: torch.Tensor, scale: torch.Tensor) -> None:
     for lo, hi, rows, t_rows, part in plan.chunks():
         z, y = student.logits(rows), part.head.logits(t_rows)
         if z.shape[1] == 0:
+            y = None
             continue
         st, sc = fresh(stats[lo:hi]), fresh(scale[lo:hi])
         if part.spec.teacher == "topk":
@@ -391,4 +393,5 @@ def run_backward(plan: Plan, stats: torch.Tensor, scale: torch.Tensor) -> None:
             kernel = core.grad_x_kernel_ if plan.transformed else core.grad_kernel_
             kernel(z, y, st, sc, plan.params, *plan.extra)
         student.add_grad(z, rows)
+        y = None  # as in run_forward
     student.release()

@@ -459,3 +459,34 @@ def test_example_runs_and_routing_helps(eager, monkeypatch, capsys):
         routed, averaged = results["routed"][kind], results["averaged"][kind]
         assert routed["KL(expert||student)"] < averaged["KL(expert||student)"]
     assert "teacher 1 (code), last step: tokens 96" in capsys.readouterr().out
+
+
+def test_one_teacher_chunk_is_live_at_a_time(eager, monkeypatch):
+    """Working memory: when a teacher allocates its (chunk, V) logits buffer, no other
+    teacher's buffer is still alive (each is freed after that teacher's last chunk)."""
+    import weakref
+
+    from eaopd_mp import driver
+
+    live: dict[int, list] = {}
+    real = driver._buffer
+
+    def tracked(head, n, dtype):
+        out = real(head, n, dtype)
+        student = any(getattr(head, "need", ())) or getattr(head, "need_grad", False)
+        if not student:  # a teacher head
+            others = [r for k, refs in live.items() if k != id(head) for r in refs]
+            assert all(r() is None for r in others), "another teacher's buffer is alive"
+            live.setdefault(id(head), []).append(weakref.ref(out))  # the chunk's logits
+        return out
+
+    monkeypatch.setattr(driver, "_buffer", tracked)
+    index = _routing("random", 7)
+    fused, _, _ = _teachers(index, ("linear", "logits", "linear"), seed=7)
+    h, w, b = _student(7)
+    for reduction in ("sum", "none"):
+        live.clear()
+        loss, _ = _call("fused", h, w, b, fused, None, index, None,
+                        dict(reduction=reduction, chunk_size=4, vocab_size=VOCAB))
+        loss.sum().backward()
+        assert len(live) >= 3  # every teacher allocated (ids may repeat across calls)
