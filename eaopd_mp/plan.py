@@ -7,7 +7,9 @@ student and teacher tensors in one of their *forms*:
 * student ``"logits"``: ``[z (N, V)]``; ``"linear"``: ``[h (N, H), W (V, H)(, b (V,))]``;
 * teacher ``"logits"``: ``[y (N, V)]``; ``"linear"``: ``[h_t (N, H_t), W_t (V, H_t)(, b_t)]``;
   ``"topk"``: ``[logprobs (N, k), ids (N, k) int64]``;
-* any teacher form may end with an ``(N,)`` gate entropy (``entropy_given``).
+* any teacher form may end with an ``(N,)`` gate entropy (``entropy_given``);
+* several routed teachers (:mod:`eaopd_mp.teachers`): each teacher's list (its ``N_j``
+  routed rows), one after the other, then the ``(N,)`` int64 routing (``Spec.teachers``).
 
 :func:`run` turns the options and the tensors' static properties into a :class:`Spec` (plain
 values, passed to the custom op as a string), calls ``torch.ops.eaopd_mp.loss`` (see

@@ -27,7 +27,6 @@ from . import _checks
 
 ARGS = ("teacher_hidden", "teacher_weight", "teacher_bias", "teacher_logits",
         "teacher_topk_logprobs", "teacher_topk_indices", "teacher_entropy")
-FORMS = ("logits", "linear", "topk")
 
 
 @dataclass(frozen=True)
