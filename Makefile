@@ -1,31 +1,59 @@
 # The two commands a newcomer needs: `make demo` and `make test`.
 # On a GPU machine: `make gpu-check` (uses python3 there, not the CPU venv).
-# TORCH pins what is installed here (a CPU build lies on this machine's disk);
-# the package metadata itself accepts a range.
+# The documentation site: `make docs` (into site/, strict); `make docs-outputs` rewrites the
+# printed outputs the README and the guides show (tests/test_docs.py checks them).
+# TORCH and MEGATRON pin what is installed here (a CPU build of torch lies on this
+# machine's disk); the package metadata itself accepts a range.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+MEGATRON ?= megatron-core==0.16.1
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+
+# The current stack Megatron-LM users run: megatron-core >= 0.17 needs Python >= 3.12.
+# `make test-current` builds its own venv (torch comes as a CUDA build that runs on the
+# CPU: ~5.5 GB) and runs the tests whose code paths differ between the two stacks.
+PYTHON_CURRENT ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+TORCH_CURRENT ?= torch==2.14.1
+MEGATRON_CURRENT ?= megatron-core==0.19.2
+VENV_CURRENT := .venv-current
+PY_CURRENT := $(VENV_CURRENT)/bin/python
+STAMP_CURRENT := $(VENV_CURRENT)/.installed
+CURRENT_TESTS ?= tests/test_megatron.py tests/test_megatron_schedule.py \
+	tests/test_megatron_hook.py tests/test_parallel.py tests/test_compile.py
 
 # The GPU machine's interpreter: one with a CUDA build of torch (not $(VENV)).
 GPU_PYTHON ?= python3
 LIGER ?= liger-kernel==0.8.5
 
-.PHONY: demo test lint bench gpu-check gpu-wheels clean
+.PHONY: demo test test-current test-all lint bench gpu-check gpu-wheels clean docs \
+	docs-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev]" "$(TORCH)"  # the extras never move torch
+	$(PY) -m pip install --quiet -e ".[dev]" "$(TORCH)" "$(MEGATRON)"  # extras never move torch
 	touch $(STAMP)
+
+$(STAMP_CURRENT): pyproject.toml
+	test -x $(PY_CURRENT) || $(PYTHON_CURRENT) -m venv $(VENV_CURRENT)
+	$(PY_CURRENT) -m pip install --quiet --upgrade pip
+	$(PY_CURRENT) -m pip install --quiet "$(TORCH_CURRENT)"
+	$(PY_CURRENT) -m pip install --quiet -e ".[dev]" "$(TORCH_CURRENT)" "$(MEGATRON_CURRENT)"
+	touch $(STAMP_CURRENT)
 
 demo: $(STAMP)
 	$(PY) -m eaopd_mp.demo --out demo-out
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-current: $(STAMP_CURRENT)
+	$(PY_CURRENT) -m pytest -q $(CURRENT_TESTS)
+
+test-all: test test-current
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -42,5 +70,28 @@ gpu-check:
 gpu-wheels: $(STAMP)
 	$(PY) -m pip download --quiet --no-deps --only-binary=:all: "$(LIGER)" -d gpu-wheels
 
+# The documentation site: its own venv (the `docs` extra, pinned; torch pinned first, as
+# above) and `mkdocs build --strict` into site/ from scratch, so a broken link, a missing
+# page or an unresolved API reference fails the build.
+DOCS_VENV := .venv-docs
+DOCS_STAMP := $(DOCS_VENV)/.installed
+
+$(DOCS_STAMP): pyproject.toml
+	test -x $(DOCS_VENV)/bin/python || $(PYTHON) -m venv $(DOCS_VENV)
+	$(DOCS_VENV)/bin/python -m pip install --quiet "$(TORCH)"
+	$(DOCS_VENV)/bin/python -m pip install --quiet -e ".[docs]" "$(TORCH)"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	rm -rf site
+	NO_MKDOCS_2_WARNING=1 $(DOCS_VENV)/bin/mkdocs build --strict --site-dir site
+
+# Rewrite the output block under every executed Python block of the README and the
+# guides from a fresh run (tests/test_docs.py fails while one is stale); RECORDED=1 also
+# reruns the examples whose recorded runs the guides show (minutes, torchrun included).
+docs-outputs: $(STAMP)
+	$(PY) tests/docs_blocks.py --write $(if $(RECORDED),--recorded)
+
 clean:
-	rm -rf $(VENV) demo-out bench-out gpu-check-out .pytest_cache
+	rm -rf $(VENV) $(VENV_CURRENT) $(DOCS_VENV) site demo-out bench-out gpu-check-out \
+		.pytest_cache

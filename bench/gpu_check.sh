@@ -13,6 +13,8 @@
 # `timeout` (a part that overruns fails the check; what it wrote is kept):
 #   preflight (CUDA, nvidia-smi, versions, liger)     30 s
 #   1. CUDA tests: pytest tests/test_devices.py      150 s
+#   1b. DeepSpeed ZeRO-3, one rank (test_zero3.py)    60 s (skipped, with its reason,
+#       where deepspeed is not importable: it is not in the dev extra)
 #   2. bench/run.py --suite gpu                      280 s
 #   (about 20 s left for start-up and the summary)
 # These are estimates, not yet measured (no GPU was available when this was written):
@@ -123,6 +125,24 @@ case $tests_rc in
 esac
 echo "CUDA tests: $tests_status in $tests_s s (budget $TEST_BUDGET_S s)"
 
+# ------------------------------------------------------------------ 1b. ZeRO-3, one rank
+t0=$SECONDS
+if "$PY" -c "import deepspeed" >"$OUT/deepspeed-import.txt" 2>&1; then
+    timeout -k 10 "${ZERO3_BUDGET_S:-60}" "$PY" -m pytest tests/test_zero3.py -k cuda -rA \
+        -p no:cacheprovider 2>&1 | tee "$OUT/zero3.txt"
+    zero3_rc=${PIPESTATUS[0]}
+    case $zero3_rc in
+        0) zero3_status="passed" ;;
+        124) zero3_status="TIMED OUT" ;;
+        *) zero3_status="FAILED (pytest exit $zero3_rc)" ;;
+    esac
+else
+    zero3_rc=0
+    zero3_status="SKIPPED: deepspeed is not importable ($(tail -n 1 "$OUT/deepspeed-import.txt"));
+  pip install deepspeed on this machine to run it"
+fi
+echo "ZeRO-3 case: $zero3_status in $((SECONDS - t0)) s"
+
 # ------------------------------------------------------------------ 2. benchmark
 t0=$SECONDS
 timeout -k 10 "$BENCH_BUDGET_S" "$PY" bench/run.py --suite gpu --warmup 2 --repeats 5 \
@@ -143,6 +163,7 @@ echo "benchmark: $bench_status in $bench_s s (budget $BENCH_BUDGET_S s)"
     echo "CUDA tests: $tests_status in $tests_s s (budget $TEST_BUDGET_S s):"
     grep -E '^(=+ .*(passed|failed|skipped|error).* =+|FAILED|ERROR|SKIPPED)' \
         "$OUT/pytest.txt" | sed 's/^/  /'
+    echo "ZeRO-3 case: $zero3_status"
     echo "benchmark: $bench_status in $bench_s s (budget $BENCH_BUDGET_S s)"
     echo "$liger_note"
     if [ -f "$OUT/bench/results.md" ]; then
@@ -155,7 +176,7 @@ echo
 echo "================================ gpu-check summary"
 cat "$OUT/summary.txt"
 
-if [ "$tests_rc" -ne 0 ] || [ "$bench_rc" -ne 0 ]; then
-    fail "CUDA tests: $tests_status; benchmark: $bench_status (outputs in $OUT/)"
+if [ "$tests_rc" -ne 0 ] || [ "$zero3_rc" -ne 0 ] || [ "$bench_rc" -ne 0 ]; then
+    fail "CUDA tests: $tests_status; ZeRO-3: $zero3_status; benchmark: $bench_status (outputs in $OUT/)"
 fi
 echo "gpu-check: OK (outputs in $OUT/)"

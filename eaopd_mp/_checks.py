@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .sharded import check_weight
+
 
 def tensor(name: str, x: object, *, floating: bool = True, min_dim: int = 0) -> torch.Tensor:
     """``x`` must be a tensor (floating point if asked) with at least ``min_dim`` dims."""
@@ -77,6 +79,7 @@ def vocab_fits(vocab_size: int, **widths: int) -> None:
 def linear(prefix: str, hidden: object, weight: object, bias: object) -> None:
     """Hidden ``(..., H)``, weight ``(V, H)``, bias ``(V,)`` of one linear head."""
     tensor(f"{prefix}_hidden", hidden, min_dim=1)
+    check_weight(f"{prefix}_weight", weight)  # FSDP1 / ZeRO-3 layouts, named
     tensor(f"{prefix}_weight", weight)
     if weight.dim() != 2:
         raise ValueError(

@@ -15,10 +15,12 @@ to the shared vocabulary).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
+from . import sharded
 from .loss import fused_linear_eaopd_loss
 
 # Options that lm_head reads from the model: eaopd_loss refuses them as loss options.
@@ -51,7 +53,10 @@ class LMHead:
 
 
 def _unwrap(model):
-    """A PEFT model's underlying ``transformers`` model (else ``model``)."""
+    """A DeepSpeed engine's or PEFT model's underlying ``transformers`` model (else
+    ``model``)."""
+    if sharded._is_engine(model):
+        model = model.module
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -194,6 +199,55 @@ def eaopd_loss(student, teacher=None, input_ids: torch.Tensor | None = None,
     if input_ids is None:
         raise TypeError("eaopd_loss needs input_ids")
     models = _teacher_models(teacher, teachers, teacher_index, input_ids)
+    if teachers is not None:
+        return _routed(student, models, teacher_index, input_ids, attention_mask,
+                       completion_mask, loss_options)
+    vocab = loss_options.pop("vocab_size", None)
+    labels = next_token_mask(input_ids, attention_mask, completion_mask)
+
+    def student_part(ids):  # inside the student's forward: its (sharded) head is gathered
+        hidden = last_hidden_state(student, ids, attention_mask)[:, :-1]
+
+        def teacher_part(ids):  # inside the teacher's forward, frozen
+            with torch.no_grad():
+                t_hidden = last_hidden_state(teacher, ids, attention_mask)[:, :-1]
+            return _fused(hidden, t_hidden, student, teacher, labels, vocab, loss_options)
+
+        return sharded.run_in_forwards(_owners(teacher), teacher_part, ids, frozen=True)
+
+    return sharded.run_in_forwards(_owners(student), student_part, input_ids)
+
+
+def _owners(model) -> list:
+    """The FSDP2 modules / DeepSpeed engine whose forward gathers ``model``'s output layer
+    (see :func:`eaopd_mp.sharded.owners`)."""
+    inner = _unwrap(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    return sharded.owners(model, head)
+
+
+def _fused(hidden, t_hidden, student, teacher, labels, vocab, loss_options):
+    """The fused loss from the two models' hidden states, their heads read (and, under
+    DeepSpeed ZeRO-3, gathered) here, inside the models' forwards."""
+    heads = [_unwrap(m).get_output_embeddings() for m in (student, teacher)]
+    params = [getattr(h, n, None) for h in heads if h is not None for n in ("weight", "bias")]
+    with sharded.gathered(*params):
+        s_head, t_head = lm_head(student), lm_head(teacher)
+        if vocab is None:
+            vocab = min(s_head.vocab_size, t_head.vocab_size)
+        keep = functools.partial(sharded.kept_for_backward, engine_owned=bool(_owners(teacher)),
+                                 reduction=loss_options.get("reduction"))
+        return fused_linear_eaopd_loss(
+            hidden, s_head.weight, student_bias=s_head.bias, teacher_hidden=t_hidden,
+            teacher_weight=keep(t_head.weight), teacher_bias=keep(t_head.bias),
+            labels=labels.to(hidden.device), vocab_size=vocab, **s_head.options("student"),
+            **t_head.options("teacher"), **loss_options)
+
+
+def _routed(student, models, teacher_index, input_ids, attention_mask, completion_mask,
+            loss_options):
+    """:func:`eaopd_loss` with several teachers, each run on its own sequences (not
+    under FSDP2 / ZeRO-3 sharding: the heads are read as they are)."""
     s_head = lm_head(student)
     t_heads = [lm_head(m) for m in models]
     vocab = loss_options.pop("vocab_size", None)
@@ -201,15 +255,6 @@ def eaopd_loss(student, teacher=None, input_ids: torch.Tensor | None = None,
         vocab = min(s_head.vocab_size, *(t.vocab_size for t in t_heads))
     labels = next_token_mask(input_ids, attention_mask, completion_mask)
     hidden = last_hidden_state(student, input_ids, attention_mask)[:, :-1]
-    if teachers is None:
-        with torch.no_grad():
-            t_hidden = last_hidden_state(teacher, input_ids, attention_mask)[:, :-1]
-        t_head = t_heads[0]
-        return fused_linear_eaopd_loss(
-            hidden, s_head.weight, student_bias=s_head.bias, teacher_hidden=t_hidden,
-            teacher_weight=t_head.weight, teacher_bias=t_head.bias,
-            labels=labels.to(hidden.device), vocab_size=vocab, **s_head.options("student"),
-            **t_head.options("teacher"), **loss_options)
     transforms = {tuple(sorted(t.options("teacher").items())) for t in t_heads}
     if len(transforms) > 1:
         raise ValueError(f"the teachers' head transforms differ ({sorted(transforms)}): one "

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, ops, plan, teachers  # noqa: F401 - ops registers the custom ops
+from . import _checks, ops, plan, sharded, teachers  # noqa: F401 - ops registers the custom ops
 from .core import compute_dtype
 from .options import LossOptions
 
@@ -84,6 +84,10 @@ def entropy_aware_opd_loss(
 def logits_loss(student_logits, teacher_logits, labels, options: LossOptions,
                 topk_logprobs=None, topk_indices=None, entropy=None, teacher_index=None):
     """:func:`entropy_aware_opd_loss` with its options already built."""
+    if sharded.any_dtensor(student_logits, teacher_logits, labels, topk_logprobs,
+                           topk_indices, entropy):  # vocabulary-sharded DTensor logits
+        return sharded.dtensor_logits_loss(student_logits, teacher_logits, labels, options,
+                                           topk_logprobs, topk_indices, entropy)
     _checks.tensor("student_logits", student_logits, min_dim=1)
     token_shape = tuple(student_logits.shape[:-1])
     vocab = student_logits.shape[-1]
@@ -123,11 +127,13 @@ def fused_linear_eaopd_loss(
     Under ``torch.autocast`` the GEMMs take the autocast dtype, as ``nn.Linear`` would.
 
     Args:
-        student_hidden: ``(..., H)``; student_weight: ``(V, H)`` (``nn.Linear`` layout);
-            student_bias: ``(V,)`` or None. These receive gradients (in their dtype).
-        teacher_hidden ``(..., H_t)`` + teacher_weight ``(V, H_t)`` (+ teacher_bias), or
-            teacher_logits ``(..., V)``, or teacher_topk_logprobs + teacher_topk_indices
-            ``(..., k)`` (see :func:`entropy_aware_opd_loss`): exactly one form. No
+        student_hidden, student_weight, student_bias: ``(..., H)``, ``(V, H)``
+            (``nn.Linear`` layout) and ``(V,)`` or None. These receive gradients (in their
+            dtype).
+        teacher_hidden, teacher_weight, teacher_bias, teacher_logits: the teacher as
+            ``(..., H_t)`` + ``(V, H_t)`` (+ bias), or teacher_logits ``(..., V)``, or
+            teacher_topk_logprobs + teacher_topk_indices ``(..., k)`` (see
+            :func:`entropy_aware_opd_loss`): exactly one form. No
             gradient to the teacher. With ``vocab_size``, student and teacher may have
             ``V_s, V_t >= vocab_size`` rows (columns), of which the first ``vocab_size``
             count.
@@ -150,6 +156,16 @@ def linear_loss(student_hidden, student_weight, student_bias, teacher_hidden, te
                 teacher_bias, teacher_logits, labels, options: LossOptions,
                 topk_logprobs=None, topk_indices=None, entropy=None, teacher_index=None):
     """:func:`fused_linear_eaopd_loss` with its options already built."""
+    if sharded.any_dtensor(student_hidden, student_weight, student_bias, teacher_hidden,
+                           teacher_weight, teacher_bias, teacher_logits, labels,
+                           topk_logprobs, topk_indices, entropy):  # DTensor TP
+        if teacher_index is not None:
+            raise ValueError("several teachers (teacher_index) with DTensor inputs are not "
+                             "supported: pass local shards to the vocab-parallel functions")
+        return sharded.dtensor_linear_loss(student_hidden, student_weight, student_bias,
+                                           teacher_hidden, teacher_weight, teacher_bias,
+                                           teacher_logits, labels, options, topk_logprobs,
+                                           topk_indices, entropy)
     _checks.linear("student", student_hidden, student_weight, student_bias)
     token_shape = tuple(student_hidden.shape[:-1])
     vocab = student_weight.shape[0]

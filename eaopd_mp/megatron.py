@@ -28,16 +28,25 @@ schedule returns, on the last stage only, one ``[s(/tp), b, h_t]`` teacher hidde
 tensor per micro-batch (never logits), and the student's last stage consumes them in
 micro-batch order. See :func:`teacher_hidden_states` for why.
 
-The schedule calls ``loss_func(output_tensor)``, i.e. :func:`eaopd_loss_func` on the
-student's last-stage hidden states; it returns megatron's ``(loss_sum, num_tokens,
-logged)`` triple, so ``config.calculate_per_token_loss=True`` makes the step's gradient
-that of the per-token mean over all micro-batches and data-parallel ranks.
+On the last stage the student's forward computes the loss itself: :func:`gpt_forward`
+calls ``model(..., loss_mask=..., output_processor=eaopd_output_processor,
+output_processor_context=EaopdOutput(...))``, megatron-core's official hook for a custom
+output (``GPTModel.forward``, megatron-core >= 0.19), so everything ``forward`` does
+before its output layer still happens; on older megatron-cores (0.16) it runs the
+private ``_preprocess`` and ``decoder`` instead and calls the same processor
+(:func:`uses_output_processor` decides, from ``forward``'s signature). The schedule then
+calls ``loss_func(output_tensor)``, which returns megatron's ``(loss_sum, num_tokens,
+logged)`` triple (:func:`eaopd_loss_func`), so ``config.calculate_per_token_loss=True``
+makes the step's gradient that of the per-token mean over all micro-batches and
+data-parallel ranks.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Sequence
-from functools import partial
+from functools import cache
+from typing import Any
 
 import torch
 
@@ -53,6 +62,12 @@ LOGGED_STATS = {
 _FIXED = ("labels", "reduction", "return_stats", "teacher_logits")
 
 
+def _check_loss_options(loss_options: dict) -> None:
+    fixed = sorted(set(loss_options) & set(_FIXED))
+    if fixed:
+        raise TypeError(f"eaopd_loss_func sets {', '.join(fixed)} itself")
+
+
 def _unwrap(model):
     """The GPTModel inside megatron's DDP / Float16Module wrappers (``.module`` chain)."""
     while hasattr(model, "module"):
@@ -60,16 +75,135 @@ def _unwrap(model):
     return model
 
 
+def uses_output_processor(model) -> bool:
+    """Whether this GPTModel's ``forward`` takes megatron-core's ``output_processor`` hook.
+
+    ``GPTModel.forward(..., output_processor=fn, output_processor_context=ctx)`` (megatron-core
+    PR #4686, in 0.19) runs embedding, decoder, multi-token prediction and everything else
+    ``forward`` does, then, on the last pipeline stage, returns ``fn(hidden_states=...,
+    output_layer=..., output_weight=..., loss_mask=..., context=ctx, config=..., ...)``
+    instead of the logits or the language-model loss. Decided by the signature, not by
+    the version number. Wrappers (DDP, Float16Module) are looked through.
+    """
+    return _forward_has_hook(type(_unwrap(model)))
+
+
+@cache
+def _forward_has_hook(cls) -> bool:
+    params = inspect.signature(cls.forward).parameters
+    return "output_processor" in params and "output_processor_context" in params
+
+
+def gpt_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None, output_processor: Callable, *,
+                context: Any = None, loss_mask: torch.Tensor | None = None):
+    """``model(input_ids, position_ids, attention_mask, loss_mask=loss_mask,
+    output_processor=output_processor, output_processor_context=context)`` on any
+    megatron-core.
+
+    Where ``GPTModel.forward`` has the hook (:func:`uses_output_processor`), this is that
+    call, on the GPTModel inside the wrappers (DDP's forward only passes through, and
+    Float16Module would upcast a bf16 result to fp32). Older megatron-cores (0.16) get
+    the same result from the private ``_preprocess`` and ``decoder`` that ``forward``
+    runs (no multi-token prediction), then the processor with the same keywords
+    (``inference_context`` and ``packed_seq_params`` None, ``scale_logits`` the identity).
+
+    Args:
+        model: a megatron-core ``GPTModel``, possibly wrapped; one pipeline stage.
+        input_ids, position_ids: ``[b, s]``.
+        attention_mask: as for ``model(...)`` (``[1, 1, s, s]`` bool, True = masked), or
+            None for megatron's own causal mask.
+        output_processor: called on the last pipeline stage with megatron's keywords
+            (``hidden_states`` ``[s, b, h]``, or ``[s / tp, b, h]`` under sequence
+            parallelism; ``output_layer``; ``output_weight``, the tied embedding or None;
+            ``loss_mask``; ``context``; ``config``; ...); accept ``**kwargs`` for the rest.
+        context: passed to ``output_processor`` as ``context``.
+        loss_mask: ``[b, s]``, passed to ``output_processor`` (and to megatron's
+            multi-token prediction, where the hook exists).
+    Returns:
+        On the last pipeline stage what ``output_processor`` returns, elsewhere the
+        stage's ``[s(/tp), b, h]`` output hidden states.
+    """
+    gpt = _unwrap(model)
+    if uses_output_processor(gpt):
+        return gpt(input_ids, position_ids, attention_mask, loss_mask=loss_mask,
+                   output_processor=output_processor, output_processor_context=context)
+    return _forward_without_hook(gpt, input_ids, position_ids, attention_mask,
+                                 output_processor, context, loss_mask)
+
+
+def _forward_without_hook(gpt, input_ids, position_ids, attention_mask, output_processor,
+                          context, loss_mask):
+    """:func:`gpt_forward` for a GPTModel without the hook (megatron-core 0.16):
+    ``_preprocess`` (embedding, rotary tables) -> ``decoder`` (the layers and, on the last
+    stage, the final norm) -> the processor in place of ``_postprocess``."""
+    if getattr(gpt, "mtp_process", False):
+        raise NotImplementedError(
+            "multi-token prediction needs megatron-core's output_processor hook "
+            "(GPTModel.forward(output_processor=...), megatron-core >= 0.19)")
+    if not hasattr(gpt, "_preprocess"):
+        raise NotImplementedError(
+            f"{type(gpt).__name__}.forward has no output_processor hook and no _preprocess "
+            "(the private path written against megatron-core 0.16)")
+    pre = gpt._preprocess(input_ids=input_ids, position_ids=position_ids)
+    decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset = pre[:5]
+    hidden = gpt.decoder(
+        hidden_states=decoder_input,
+        attention_mask=attention_mask,
+        rotary_pos_emb=rotary_pos_emb,
+        rotary_pos_cos=rotary_pos_cos,
+        rotary_pos_sin=rotary_pos_sin,
+        sequence_len_offset=sequence_len_offset,
+    )
+    if not gpt.post_process:
+        return hidden
+    return output_processor(
+        hidden_states=hidden,
+        output_layer=gpt.output_layer,
+        output_weight=(gpt.shared_embedding_or_output_weight()
+                       if gpt.share_embeddings_and_output_weights else None),
+        labels=None,
+        loss_mask=loss_mask,
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        decoder_input=decoder_input,
+        inference_context=None,
+        packed_seq_params=None,
+        runtime_gather_output=None,
+        context=context,
+        compute_language_model_loss=gpt.compute_language_model_loss,
+        scale_logits=lambda logits: logits,
+        config=gpt.config,
+    )
+
+
+def _check_output_config(config) -> None:
+    """Refuse what the fused loss cannot reproduce of ``GPTModel``'s own output."""
+    if getattr(config, "use_mup", False) and getattr(config, "mup_output_mult", 1.0) != 1.0:
+        raise NotImplementedError(
+            "MuP output scaling (config.use_mup with mup_output_mult != 1) is not applied "
+            "by the fused EAOPD loss")
+
+
+def hidden_states_processor(*, hidden_states: torch.Tensor, config=None,
+                            **unused) -> torch.Tensor:
+    """An ``output_processor`` that returns the hidden states the output layer would
+    read (the final-norm output), ``[s, b, h]`` or ``[s / tp, b, h]``, in the model's
+    dtype: no ``[s, b, V / tp]`` logits are made."""
+    _check_output_config(config)
+    return hidden_states
+
+
 def gpt_hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
                       attention_mask: torch.Tensor | None) -> torch.Tensor:
     """A GPTModel's forward without its output layer: the hidden states the output layer
     would read.
 
-    ``GPTModel.forward`` is ``_preprocess`` (embedding, rotary tables) -> ``decoder``
-    (the layers and, on the last pipeline stage, the final norm) -> ``_postprocess``
-    (output layer, loss). This runs the first two, so no ``[s, b, V/tp]`` logits are
-    made. Wrappers (DDP, Float16Module) are looked through; on a bf16 model the result
-    is bf16. Multi-token prediction and inference contexts are not supported.
+    :func:`gpt_forward` with :func:`hidden_states_processor`: ``model(...)`` with the
+    ``output_processor`` hook where megatron-core has it, its private ``_preprocess`` and
+    ``decoder`` otherwise. Wrappers (DDP, Float16Module) are looked through; on a bf16
+    model the result is bf16.
 
     Args:
         model: a megatron-core ``GPTModel``, possibly wrapped.
@@ -80,23 +214,8 @@ def gpt_hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor
         ``[s, b, h]``, or ``[s / tp, b, h]`` (this rank's sequence slice) under sequence
         parallelism.
     """
-    gpt = _unwrap(model)
-    if getattr(gpt, "mtp_process", False):
-        raise NotImplementedError("gpt_hidden_states does not support multi-token prediction")
-    if not hasattr(gpt, "_preprocess"):
-        raise NotImplementedError(
-            "gpt_hidden_states needs GPTModel._preprocess (written against megatron-core "
-            f"0.16), got {type(gpt).__name__}")
-    pre = gpt._preprocess(input_ids=input_ids, position_ids=position_ids)
-    decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset = pre[:5]
-    return gpt.decoder(
-        hidden_states=decoder_input,
-        attention_mask=attention_mask,
-        rotary_pos_emb=rotary_pos_emb,
-        rotary_pos_cos=rotary_pos_cos,
-        rotary_pos_sin=rotary_pos_sin,
-        sequence_len_offset=sequence_len_offset,
-    )
+    return gpt_forward(model, input_ids, position_ids, attention_mask,
+                       hidden_states_processor)
 
 
 def output_layer_weight(model) -> torch.Tensor:
@@ -159,9 +278,7 @@ def eaopd_loss_func(
         ``{"eaopd loss", "teacher entropy", "fkl weight", "kl fwd", "kl rev"}`` each a
         ``[2]`` float tensor ``[value * num_tokens, num_tokens]`` (detached).
     """
-    fixed = sorted(set(loss_options) & set(_FIXED))
-    if fixed:
-        raise TypeError(f"eaopd_loss_func sets {', '.join(fixed)} itself")
+    _check_loss_options(loss_options)
     loss_sum, stats = fused_linear_vocab_parallel_eaopd_loss(
         student_hidden,
         student_weight,
@@ -187,6 +304,56 @@ def eaopd_loss_func(
     return loss_sum, num_tokens, logged
 
 
+class EaopdOutput:
+    """The ``output_processor_context`` of :func:`eaopd_output_processor` for one
+    micro-batch: the teacher side and the loss options go in; the model's forward fills in
+    the token count and the logged values, which :meth:`loss_func` hands to the schedule.
+
+    Args:
+        teacher_hidden, teacher_weight, sequence_parallel, vocab_size, tp_group,
+            loss_options: as for :func:`eaopd_loss_func` (checked here, before the forward).
+    """
+
+    def __init__(self, teacher_hidden: torch.Tensor | None,
+                 teacher_weight: torch.Tensor | None, *, sequence_parallel: bool = False,
+                 vocab_size: int | None = None, tp_group=None, **loss_options):
+        _check_loss_options(loss_options)
+        self.teacher_hidden, self.teacher_weight = teacher_hidden, teacher_weight
+        self.options = dict(sequence_parallel=sequence_parallel, vocab_size=vocab_size,
+                            tp_group=tp_group, **loss_options)
+        self.num_tokens: torch.Tensor | None = None
+        self.logged: dict[str, torch.Tensor] | None = None
+
+    def loss_func(self, loss_sum: torch.Tensor):
+        """megatron-core's ``loss_func(output_tensor)``: ``(loss_sum, num_tokens, logged)``
+        of the forward that ran :func:`eaopd_output_processor` with this context."""
+        if self.logged is None:
+            raise RuntimeError("the model's forward did not run eaopd_output_processor "
+                               "with this context")
+        return loss_sum, self.num_tokens, self.logged
+
+
+def eaopd_output_processor(*, hidden_states: torch.Tensor, output_layer,
+                           output_weight: torch.Tensor | None = None,
+                           loss_mask: torch.Tensor | None, context: EaopdOutput, config=None,
+                           **unused) -> torch.Tensor:
+    """An ``output_processor`` for ``GPTModel.forward`` (see :func:`gpt_forward`): the
+    :func:`eaopd_loss_func` loss on the decoder's hidden states and the output layer's
+    shard (the tied embedding when ``output_weight`` is given), in place of the logits.
+
+    Returns the float32 loss summed over the ``loss_mask`` tokens (``[b, s]`` 0/1, from
+    the forward's ``loss_mask``); the token count and logged values go to ``context``.
+    """
+    _check_output_config(config)
+    if loss_mask is None:
+        raise ValueError("eaopd_output_processor needs the forward's loss_mask ([b, s] 0/1)")
+    weight = output_weight if output_weight is not None else output_layer.weight
+    loss_sum, context.num_tokens, context.logged = eaopd_loss_func(
+        hidden_states, weight, context.teacher_hidden, context.teacher_weight, loss_mask,
+        **context.options)
+    return loss_sum
+
+
 # get_batch(data_iterator) -> (tokens [b, s], position_ids [b, s], attention_mask, loss_mask
 # [b, s]) of one micro-batch.
 GetBatch = Callable[[Iterator], tuple]
@@ -199,10 +366,11 @@ def _is_last_stage(model) -> bool:
 def teacher_forward_step(get_batch: GetBatch) -> Callable:
     """A ``forward_step_func`` for a frozen teacher's ``forward_only`` schedule.
 
-    Every stage returns ``(hidden, None)``: ``hidden`` is :func:`gpt_hidden_states` (on the
-    last stage the final-norm output, ``[s, b, h_t]`` or ``[s / tp, b, h_t]`` under sequence
-    parallelism), and with no loss function megatron's schedule keeps the last stage's
-    output of every micro-batch and returns them in order.
+    Every stage returns ``(hidden, None)``: ``hidden`` is :func:`gpt_hidden_states`
+    (``model(...)`` with :func:`hidden_states_processor` where megatron-core has the
+    ``output_processor`` hook; on the last stage the final-norm output, ``[s, b, h_t]`` or
+    ``[s / tp, b, h_t]`` under sequence parallelism), and with no loss function megatron's
+    schedule keeps the last stage's output of every micro-batch and returns them in order.
     """
     def forward_step(data_iterator, model):
         tokens, position_ids, attention_mask, _ = get_batch(data_iterator)
@@ -258,10 +426,14 @@ def eaopd_forward_step(get_batch: GetBatch, teacher, teacher_hidden: Sequence[to
                        **loss_options) -> Callable:
     """The student's ``forward_step_func`` for megatron-core's schedules.
 
-    Every stage computes :func:`gpt_hidden_states`; the last stage returns it with
-    :func:`eaopd_loss_func` bound to the student's and teacher's output-layer shards, the
-    micro-batch's loss mask and the next of ``teacher_hidden``; other stages return
-    ``(hidden, None)`` (the schedule sends ``hidden`` on and never calls a loss there).
+    The last stage runs the student with :func:`gpt_forward` and
+    :func:`eaopd_output_processor` (``model(..., output_processor=...)`` where megatron-core
+    has the hook): the model's forward returns the summed loss on the student's and
+    teacher's output-layer shards, the micro-batch's loss mask and the next of
+    ``teacher_hidden``, and ``loss_func`` (:meth:`EaopdOutput.loss_func`) hands it to the
+    schedule with its token count and logged values. Other stages return ``(hidden,
+    None)`` (:func:`gpt_hidden_states`; the schedule sends ``hidden`` on and never calls a
+    loss there).
 
     Args:
         get_batch: ``get_batch(data_iterator) -> (tokens, position_ids, attention_mask,
@@ -278,23 +450,19 @@ def eaopd_forward_step(get_batch: GetBatch, teacher, teacher_hidden: Sequence[to
         teacher hidden states.
     """
     remaining = iter(teacher_hidden)
+    _check_loss_options(loss_options)
 
     def forward_step(data_iterator, model):
         tokens, position_ids, attention_mask, loss_mask = get_batch(data_iterator)
-        hidden = gpt_hidden_states(model, tokens, position_ids, attention_mask)
         if not _is_last_stage(model):
-            return hidden, None
+            return gpt_hidden_states(model, tokens, position_ids, attention_mask), None
         t_hidden = next(remaining, None)
         if t_hidden is None:
             raise RuntimeError("more micro-batches than teacher hidden states")
-        return hidden, partial(
-            eaopd_loss_func,
-            student_weight=output_layer_weight(model),
-            teacher_hidden=t_hidden,
-            teacher_weight=output_layer_weight(teacher),
-            loss_mask=loss_mask,
-            sequence_parallel=sequence_parallel,
-            vocab_size=vocab_size,
-            **loss_options,
-        )
+        out = EaopdOutput(t_hidden, output_layer_weight(teacher),
+                          sequence_parallel=sequence_parallel, vocab_size=vocab_size,
+                          **loss_options)
+        loss_sum = gpt_forward(model, tokens, position_ids, attention_mask,
+                               eaopd_output_processor, context=out, loss_mask=loss_mask)
+        return loss_sum, out.loss_func
     return forward_step

@@ -31,6 +31,7 @@ class EntropyAwareOPDLoss(_Options):
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, *, teacher_topk_logprobs=None,
                 teacher_topk_indices=None, teacher_entropy=None, teacher_index=None):
+        """The loss (or ``(loss, stats)``), as :func:`eaopd_mp.entropy_aware_opd_loss`."""
         return logits_loss(student_logits, teacher_logits, labels, self.options,
                            teacher_topk_logprobs, teacher_topk_indices, teacher_entropy,
                            teacher_index)
@@ -50,6 +51,7 @@ class FusedLinearEAOPDLoss(_Options):
                 teacher_hidden=None, teacher_weight=None, teacher_logits=None,
                 student_bias=None, teacher_bias=None, labels=None, teacher_topk_logprobs=None,
                 teacher_topk_indices=None, teacher_entropy=None, teacher_index=None):
+        """The loss (or ``(loss, stats)``), as :func:`eaopd_mp.fused_linear_eaopd_loss`."""
         return linear_loss(student_hidden, student_weight, student_bias, teacher_hidden,
                            teacher_weight, teacher_bias, teacher_logits, labels, self.options,
                            teacher_topk_logprobs, teacher_topk_indices, teacher_entropy,

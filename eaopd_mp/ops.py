@@ -54,9 +54,6 @@ def _n_tokens(student: list[torch.Tensor], spec: Spec) -> int:
     return n * spec.tp if spec.sequence_parallel else n
 
 
-def _width(student: list[torch.Tensor], spec: Spec) -> int:
-    """Logit columns held here (padding included)."""
-    return student[1].shape[0] if spec.student == "linear" else student[0].shape[-1]
 
 
 def _compute_dtype(student: list[torch.Tensor], teacher: list[torch.Tensor],
@@ -126,7 +123,7 @@ def _heads(student, teacher, spec: Spec, combiner: TPCombiner | None):
 def _header(student, teacher, spec: Spec, n: int, kept: int,
             weight: torch.Tensor | None, index: torch.Tensor | None) -> list[float]:
     """This rank's view of the call, in the order of :data:`eaopd_mp.tp.HEADER`."""
-    return [student[0].shape[0], kept, *mask_fingerprint(weight, n), _width(student, spec),
+    return [student[0].shape[0], kept, *mask_fingerprint(weight, n), spec.stride,
             spec.chunk, spec.vocab_size, spec.inv_tau, spec.p1, spec.p2,
             GATES.index(spec.gate), REDUCTIONS.index(spec.reduction),
             spec.s_scale, spec.s_cap or 0.0, spec.t_scale, spec.t_cap or 0.0,

@@ -63,10 +63,20 @@ def vocab_parallel_eaopd_loss(
         logits. Backward needs no communication.
     """
     options = LossOptions.build(dict(options, vocab_size=vocab_size))
+    return logits_parallel(student_logits, teacher_logits, labels, options, tp_group,
+                           teacher_topk_logprobs, teacher_topk_indices, teacher_entropy,
+                           teacher_index=teacher_index)
+
+
+def logits_parallel(student_logits, teacher_logits, labels, options: LossOptions, tp_group,
+                    teacher_topk_logprobs=None, teacher_topk_indices=None,
+                    teacher_entropy=None, stride: int | None = None, *, teacher_index=None):
+    """:func:`vocab_parallel_eaopd_loss` with its options built; ``stride``: see
+    :func:`eaopd_mp.tp.resolve` (uneven shards)."""
     _checks.tensor("student_logits", student_logits, min_dim=1)
     token_shape = tuple(student_logits.shape[:-1])
     width = student_logits.shape[-1]
-    info = tp.resolve(tp_group, width, options.vocab_size, False)
+    info = tp.resolve(tp_group, width, options.vocab_size, False, stride)
     args = dict(teacher_logits=teacher_logits, teacher_topk_logprobs=teacher_topk_logprobs,
                 teacher_topk_indices=teacher_topk_indices, teacher_entropy=teacher_entropy)
     check = teachers.logits_check(student_logits, None, info.vocab_size, sharded=True)
@@ -123,9 +133,22 @@ def fused_linear_vocab_parallel_eaopd_loss(
         The same loss on every rank; ``reduction="none"`` gives the full token shape.
     """
     options = LossOptions.build(dict(options, vocab_size=vocab_size))
+    return linear_parallel(student_hidden, student_weight, student_bias, teacher_hidden,
+                           teacher_weight, teacher_bias, teacher_logits, labels, options,
+                           tp_group, sequence_parallel, teacher_topk_logprobs,
+                           teacher_topk_indices, teacher_entropy, teacher_index=teacher_index)
+
+
+def linear_parallel(student_hidden, student_weight, student_bias, teacher_hidden,
+                    teacher_weight, teacher_bias, teacher_logits, labels, options: LossOptions,
+                    tp_group, sequence_parallel: bool = False, teacher_topk_logprobs=None,
+                    teacher_topk_indices=None, teacher_entropy=None,
+                    stride: int | None = None, *, teacher_index=None):
+    """:func:`fused_linear_vocab_parallel_eaopd_loss` with its options built; ``stride``:
+    see :func:`eaopd_mp.tp.resolve` (uneven shards)."""
     _checks.linear("student", student_hidden, student_weight, student_bias)
     width = student_weight.shape[0]
-    info = tp.resolve(tp_group, width, options.vocab_size, sequence_parallel)
+    info = tp.resolve(tp_group, width, options.vocab_size, sequence_parallel, stride)
     local_shape = tuple(student_hidden.shape[:-1])
     token_shape = local_shape
     if sequence_parallel:

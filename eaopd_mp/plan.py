@@ -54,6 +54,8 @@ class Spec:
         autocast: ``""`` or the autocast dtype (``"bfloat16"``) the GEMMs honour.
         group, tp, sequence_parallel: the tensor-parallel group name (``""`` on one
             device), its size, and whether hidden states are split along the sequence.
+        stride: columns per vocabulary shard (rank ``r`` starts at ``r * stride``); 0 on
+            one device.
         s_scale, s_cap, t_scale, t_cap: the head transforms (logit scale, softcap or
             None) of the student and the teacher.
         topk_tail: the top-k teacher's target (one of
@@ -80,6 +82,7 @@ class Spec:
     group: str = ""
     tp: int = 1
     sequence_parallel: bool = False
+    stride: int = 0
     s_scale: float = 1.0
     s_cap: float | None = None
     t_scale: float = 1.0
@@ -182,6 +185,7 @@ def run(student: list, teachers: TeacherSet, labels: torch.Tensor | None, token_
         autocast=_autocast_dtype(student[0].device) if student_form == "linear" else "",
         group="" if tp is None else tp.group, tp=1 if tp is None else tp.size,
         sequence_parallel=False if tp is None else tp.sequence_parallel,
+        stride=0 if tp is None else tp.stride,
         s_scale=options.student_logit_scale, s_cap=options.student_softcap,
         t_scale=options.teacher_logit_scale, t_cap=options.teacher_softcap,
         topk_tail=options.topk_tail, entropy_given=entropy_given, teachers=described,

@@ -417,9 +417,7 @@ def backward_chunk(plan, z, teacher, stats, scale) -> None:
 
 
 def offset(plan) -> int:
-    """Global id of this rank's first column: rank x shard width (padding included)."""
+    """Global id of this rank's first column: rank x shard stride (padding included)."""
     if plan.combiner is None:
         return 0
-    head = plan.student
-    width = head.w.shape[0] if hasattr(head, "w") else head.x.shape[-1]
-    return plan.combiner.rank * width
+    return plan.combiner.rank * plan.spec.stride

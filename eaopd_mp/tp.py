@@ -61,27 +61,35 @@ class TPInfo:
     vocab_size: int  # the real (unpadded) vocabulary
     cols: int  # how many of this rank's columns are real vocabulary
     sequence_parallel: bool
+    stride: int = 0  # columns per shard: rank r's first column is r * stride
 
 
-def resolve(group, width: int, vocab_size, sequence_parallel: bool) -> TPInfo:
-    """Check the group and ``vocab_size``; work out this rank's real columns."""
+def resolve(group, width: int, vocab_size, sequence_parallel: bool,
+            stride: int | None = None) -> TPInfo:
+    """Check the group and ``vocab_size``; work out this rank's real columns.
+
+    ``stride``: columns per shard when shards may differ in width (``torch.chunk``'s layout,
+    as a DTensor ``Shard(0)`` lays it out: every shard ``stride`` wide but the last ones,
+    which hold what is left); None means Megatron's equal shards (``stride = width``)."""
     if group is None:
         group = default_group()
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialised")
     size, rank = dist.get_world_size(group), dist.get_rank(group)
-    full = width * size
+    stride = width if stride is None else stride
+    full = stride * size
     if vocab_size is None:
         vocab_size = full
     elif isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
         raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
     elif not 0 < vocab_size <= full:
         raise ValueError(
-            f"vocab_size must be in [1, {full}] (shard width {width} x {size} ranks), "
+            f"vocab_size must be in [1, {full}] (shard width {stride} x {size} ranks), "
             f"got {vocab_size}"
         )
-    cols = max(0, min(width, vocab_size - rank * width))
-    return TPInfo(group.group_name, size, rank, vocab_size, cols, bool(sequence_parallel))
+    cols = max(0, min(width, vocab_size - rank * stride))
+    return TPInfo(group.group_name, size, rank, vocab_size, cols, bool(sequence_parallel),
+                  stride)
 
 
 class TPCombiner:

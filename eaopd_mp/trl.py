@@ -28,6 +28,7 @@ import inspect
 
 import torch
 
+from . import sharded
 from .hf import lm_head
 from .loss import fused_linear_eaopd_loss
 from .options import LossOptions
@@ -145,26 +146,27 @@ class EAOPDDistillationTrainer(DistillationTrainer):
         hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, keep,
                                              **extra)
         index = inputs.get("teacher_index")
-        t_hidden, t_heads = [], []
-        for j, teacher in enumerate(self.teacher_models):
-            teacher.eval()
-            unwrapped_teacher = self.accelerator.unwrap_model(teacher)
-            t_heads.append(lm_head(unwrapped_teacher))
-            rows = None if index is None else (index == j).nonzero().squeeze(1)
-            if rows is not None and extra:
-                raise ValueError("several teachers with multimodal inputs are not supported")
-            if rows is not None and rows.numel() == 0:  # no example for this teacher
-                w = t_heads[-1].weight
-                t_hidden.append(w.new_zeros(0, keep, w.shape[1]))
-                continue
-            ids, attn = (input_ids, attention_mask) if rows is None else \
-                (input_ids[rows], attention_mask[rows])
-            with torch.no_grad():
-                t_hidden.append(self._forward_redirection(
-                    teacher, unwrapped_teacher, self._get_last_hidden_state,
-                    unwrapped_teacher, ids, attn, keep, **extra))
-        loss, stats = self._fused_loss(hidden, t_hidden, lm_head(unwrapped_student), t_heads,
-                                       loss_mask, index)
+        if index is not None:  # several teachers (not under FSDP2 / ZeRO-3 sharding)
+            loss, stats = self._routed_loss(unwrapped_student, hidden, input_ids,
+                                            attention_mask, keep, loss_mask, index, extra)
+        else:
+            self.teacher_model.eval()
+            unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+
+            def teacher_part():
+                # Inside the teacher wrapper's forward (frozen): FSDP2 / ZeRO-3 gather its
+                # head there, and keep it gathered for the fused loss, which needs both.
+                with torch.no_grad():
+                    t_hidden = self._get_last_hidden_state(unwrapped_teacher, input_ids,
+                                                           attention_mask, keep, **extra)
+                heads = [m.get_output_embeddings()
+                         for m in (unwrapped_student, unwrapped_teacher)]
+                with sharded.gathered(*(getattr(h, n, None) for h in heads
+                                        for n in ("weight", "bias"))):
+                    return self._fused_loss(hidden, [t_hidden], lm_head(unwrapped_student),
+                                            [lm_head(unwrapped_teacher)], loss_mask)
+
+            loss, stats = sharded.run_frozen(self.teacher_model, teacher_part)
         n_valid = (loss_mask != 0).sum()
         if num_items_in_batch is None:
             loss = loss / n_valid.clamp(min=1)
@@ -175,6 +177,29 @@ class EAOPDDistillationTrainer(DistillationTrainer):
         # which TRL's log() drops, leaving None).
         nan = torch.full((), float("nan"), device=loss.device)
         return loss, nan, n_valid
+
+    def _routed_loss(self, unwrapped_student, hidden, input_ids, attention_mask, keep,
+                     loss_mask, index, extra):
+        """Several teachers: each runs on its own examples (``index`` ``(B,)``), then one
+        fused call over every completion token."""
+        if extra:
+            raise ValueError("several teachers with multimodal inputs are not supported")
+        t_hidden, t_heads = [], []
+        for j, teacher in enumerate(self.teacher_models):
+            teacher.eval()
+            unwrapped_teacher = self.accelerator.unwrap_model(teacher)
+            t_heads.append(lm_head(unwrapped_teacher))
+            rows = (index == j).nonzero().squeeze(1)
+            if rows.numel() == 0:  # no example for this teacher: not run
+                w = t_heads[-1].weight
+                t_hidden.append(w.new_zeros(0, keep, w.shape[1]))
+                continue
+            with torch.no_grad():
+                t_hidden.append(self._forward_redirection(
+                    teacher, unwrapped_teacher, self._get_last_hidden_state,
+                    unwrapped_teacher, input_ids[rows], attention_mask[rows], keep))
+        return self._fused_loss(hidden, t_hidden, lm_head(unwrapped_student), t_heads,
+                                loss_mask, index)
 
     def _fused_loss(self, hidden, t_hidden, s_head, t_heads, loss_mask, index=None):
         """Summed loss and statistics of the ``(B, C)`` masked completion positions; with

@@ -1,10 +1,13 @@
 """Tiny megatron-core GPT models on CPU (gloo) or GPU (NCCL), for examples and tests.
 
-megatron-core 0.16 assumes CUDA in a few places; :func:`init_parallel` works around them
-on a machine without a GPU (nothing here is needed, or done, when CUDA is available):
+megatron-core (0.16.1 and 0.19.2 tested) assumes CUDA in a few places; :func:`init_parallel`
+works around them on a machine without a GPU (nothing here is needed, or done, when CUDA
+is available):
 
 * ``torch.cuda.current_device()`` (sequence-parallel gather buffers, GPTModel, p2p shape
   buffers) is redirected to the CPU;
+* ``torch.cuda.current_stream()`` (megatron-core >= 0.19's DDP ``start_grad_sync`` waits
+  on it for CUDA-graph gradient events) returns a stream that has nothing to wait for;
 * the modules that allocate small tensors with ``device="cuda"`` (the schedules'
   ``total_num_tokens``; the optimizer's loss scale and the grad-norm buffers in
   ``megatron.core.optimizer.{optimizer, clip_grads}`` and ``megatron.core.utils``) see a
@@ -94,6 +97,20 @@ for _name in ("tensor", "zeros", "ones", "empty"):
     setattr(_CpuTorch, _name, staticmethod(_CpuTorch._on_cpu(getattr(torch, _name))))
 
 
+class _CpuStream:
+    """``torch.cuda.current_stream()`` on a machine without CUDA: the CPU runs one op at a
+    time, so there is never anything to wait for."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
 def clip_grad_by_total_norm(parameters, max_norm: float, total_norm: float,
                             use_decoupled_grad: bool = False) -> None:
     """megatron-core's ``clip_grad_by_total_norm_fp32`` without its CUDA type assertion:
@@ -115,6 +132,7 @@ def use_cpu() -> None:
     from megatron.core.pipeline_parallel import schedules
 
     torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.current_stream = lambda device=None: _CpuStream()
     for module in (schedules, core_optimizer, clip_grads, core_utils):
         module.torch = _CpuTorch()
     core_optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm

@@ -38,6 +38,7 @@ import os
 import sys
 import time
 from functools import partial
+from importlib import metadata
 
 import torch
 import torch.distributed as dist
@@ -66,11 +67,14 @@ from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E
 from megatron.core.transformer.module import Float16Module  # noqa: E402
 
 from eaopd_mp.megatron import (  # noqa: E402
+    EaopdOutput,
     eaopd_forward_step,
-    eaopd_loss_func,
+    eaopd_output_processor,
+    gpt_forward,
     gpt_hidden_states,
     output_layer_weight,
     teacher_hidden_states,
+    uses_output_processor,
 )
 
 
@@ -343,21 +347,21 @@ def served_topk(teacher, teacher_hidden: list[torch.Tensor], k: int, vocab_size:
 
 def topk_forward_step(served: list, *, sequence_parallel: bool, vocab_size: int,
                       topk_tail: str):
-    """:func:`eaopd_mp.megatron.eaopd_forward_step` for a served teacher: the last stage
-    binds :func:`eaopd_loss_func` to the micro-batch's top-k tensors (no teacher model)."""
+    """:func:`eaopd_mp.megatron.eaopd_forward_step` for a served teacher: the last stage's
+    forward computes the loss on the micro-batch's top-k tensors (no teacher model)."""
     remaining = iter(served)
 
     def forward_step(data_iterator, model):
         tokens, position_ids, attention_mask, loss_mask = get_batch(data_iterator)
-        hidden = gpt_hidden_states(model, tokens, position_ids, attention_mask)
         if not parallel_state.is_pipeline_last_stage():
-            return hidden, None
+            return gpt_hidden_states(model, tokens, position_ids, attention_mask), None
         lp, ids = next(remaining)
-        return hidden, partial(
-            eaopd_loss_func, student_weight=output_layer_weight(model), teacher_hidden=None,
-            teacher_weight=None, loss_mask=loss_mask, sequence_parallel=sequence_parallel,
-            vocab_size=vocab_size, teacher_topk_logprobs=lp, teacher_topk_indices=ids,
-            topk_tail=topk_tail)
+        out = EaopdOutput(None, None, sequence_parallel=sequence_parallel,
+                          vocab_size=vocab_size, teacher_topk_logprobs=lp,
+                          teacher_topk_indices=ids, topk_tail=topk_tail)
+        loss_sum = gpt_forward(model, tokens, position_ids, attention_mask,
+                               eaopd_output_processor, context=out, loss_mask=loss_mask)
+        return loss_sum, out.loss_func
     return forward_step
 
 
@@ -389,6 +393,10 @@ def main(argv: list[str] | None = None) -> None:
     say(f"tp={args.tp} pp={args.pp} dp={dp} sequence_parallel={args.sequence_parallel} "
         f"micro_batches={args.micro_batches} device={device.type} vocab={args.vocab_size} "
         f"(padded to {padded}) batch={args.batch_size}x{args.seq_len}")
+    path = ("GPTModel.forward(output_processor=...)" if uses_output_processor(teacher)
+            else "_preprocess + decoder (no output_processor hook)")
+    say(f"megatron-core {metadata.version('megatron-core')}, torch {torch.__version__}: "
+        f"loss and teacher hidden states via {path}")
 
     start = time.perf_counter()
     ce = pretrain_teacher(teacher, optimizer, chain, args, device, data)

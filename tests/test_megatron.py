@@ -3,7 +3,9 @@
 Two multi-process tests only (every process imports megatron-core, ~6 s each):
 
 * a TP=2 gloo test of ``gpt_hidden_states`` + ``output_layer_weight`` + ``eaopd_loss_func``
-  on tiny padded-vocabulary GPTs, with and without sequence parallelism, against the
+  and of ``gpt_forward`` + ``eaopd_output_processor`` (the loss from the model's forward,
+  through megatron-core's ``output_processor`` hook where it exists) on tiny
+  padded-vocabulary GPTs, with and without sequence parallelism, against the
   single-device :func:`eaopd_mp.entropy_aware_opd_loss` on the gathered logits;
 * ``examples/megatron_distill.py`` run end to end under ``torch.distributed.run``
   (4 processes, TP=2 x PP=2 with sequence parallelism).
@@ -31,10 +33,16 @@ pytest.importorskip("megatron.core")
 from dist_utils import spawn  # noqa: E402
 from eaopd_mp import entropy_aware_opd_loss  # noqa: E402
 from eaopd_mp.megatron import (  # noqa: E402
+    EaopdOutput,
     eaopd_loss_func,
+    eaopd_output_processor,
+    gpt_forward,
     gpt_hidden_states,
+    hidden_states_processor,
     output_layer_weight,
+    uses_output_processor,
 )
+from megatron_paths import EXPECT_HOOK, MEGATRON_VERSION, spy_postprocess  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "examples")
@@ -95,10 +103,18 @@ def _megatron_worker(rank, world):
         assert w_s is student.output_layer.weight and w_s.shape == (width, 16)
         w_s_full, w_t_full = _gather_rows(w_s, group), _gather_rows(w_t, group)
 
+        hooked = uses_output_processor(student)
+        if EXPECT_HOOK is not None:
+            assert hooked is EXPECT_HOOK, (MEGATRON_VERSION, hooked)
+        with torch.no_grad():
+            own_logits = student(tokens, pos, attn, runtime_gather_output=True)  # [b, s, Vp]
+        teacher_calls, student_calls = spy_postprocess(teacher), spy_postprocess(student)
         with torch.no_grad():
             t_hidden = gpt_hidden_states(teacher, tokens, pos, attn)
-            own_logits = student(tokens, pos, attn, runtime_gather_output=True)  # [b, s, Vp]
         s_hidden = gpt_hidden_states(student, tokens, pos, attn)
+        # The hidden states come out of GPTModel.forward's hook where it exists.
+        expected = [hidden_states_processor] if hooked else []
+        assert teacher_calls == expected and student_calls == expected, (hooked, student_calls)
         assert s_hidden.shape == (SEQ, BATCH, 16) and t_hidden.shape == (SEQ, BATCH, 24)
         s_hidden.retain_grad()
         # gpt_hidden_states is exactly what the model's own output layer reads.
@@ -142,7 +158,26 @@ def _megatron_worker(rank, world):
         _close(s_hidden.grad, ref_h.grad, msg="hidden grad")
         assert w_t.grad is None and teacher.output_layer.weight.grad is None
         # ... and flows on into the decoder.
-        assert student.decoder.final_layernorm.weight.grad is not None
+        norm_grad = student.decoder.final_layernorm.weight.grad
+        assert norm_grad is not None and norm_grad.abs().max().item() > 0.0
+
+        # The same loss computed by the model's own forward (the output_processor hook on
+        # megatron-core >= 0.19, the private path before): same loss, logs and gradients.
+        student.zero_grad(set_to_none=True)
+        student_calls.clear()
+        out = EaopdOutput(t_hidden, w_t, vocab_size=REAL_VOCAB)
+        loss_fwd = gpt_forward(student, tokens, pos, attn, eaopd_output_processor,
+                               context=out, loss_mask=loss_mask)
+        assert student_calls == ([eaopd_output_processor] if hooked else [])
+        loss_out, num_out, logged_out = out.loss_func(loss_fwd)
+        assert loss_out is loss_fwd and num_out.item() == num_tokens.item()
+        loss_fwd.backward()
+        _close(loss_fwd, ref_loss, msg="forward-hook loss_sum")
+        for name in LOGGED:
+            _close(logged_out[name], logged[name], msg=f"forward-hook {name}")
+        _close(w_s.grad, ref_w.grad[shard], msg="forward-hook weight grad")
+        _close(student.decoder.final_layernorm.weight.grad, norm_grad,
+               msg="forward-hook decoder grad")
 
         # Loss options pass through (gate on the real vocabulary, temperature).
         opts = dict(temperature=2.0, gate="threshold", gate_threshold=1.5, chunk_size=3)
@@ -192,7 +227,12 @@ def test_eaopd_loss_func_tp2_gpt_matches_single_device():
     logged ``[value * tokens, tokens]`` pair, the weight-shard and hidden gradients, loss
     options passed through; ``reduction=`` etc. raise TypeError; and the same model built
     with sequence parallelism (hidden states split along s) gives the same loss, logs and
-    gradients. Also proves ``gpt_hidden_states`` is what the model's output layer reads."""
+    gradients. Also proves ``gpt_hidden_states`` is what the model's output layer reads,
+    and that the loss computed inside the model's forward (``gpt_forward`` with
+    ``eaopd_output_processor``) gives the same loss, logs and gradients (decoder included).
+    Path: on megatron-core 0.19 both come out of ``GPTModel.forward``'s
+    ``output_processor`` hook (a spy on ``_postprocess`` sees the processors); on 0.16 the
+    private path runs and ``_postprocess`` is never called."""
     spawn(_megatron_worker, 2)
 
 

@@ -35,9 +35,13 @@ from dist_utils import spawn  # noqa: E402
 from eaopd_mp import entropy_aware_opd_loss  # noqa: E402
 from eaopd_mp.megatron import (  # noqa: E402
     eaopd_forward_step,
+    eaopd_output_processor,
+    hidden_states_processor,
     output_layer_weight,
     teacher_hidden_states,
+    uses_output_processor,
 )
+from megatron_paths import EXPECT_HOOK, MEGATRON_VERSION, spy_postprocess  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "examples")
@@ -185,8 +189,14 @@ def _check_layout(rank, tp, pp, sp, parallel_state, megatron_cpu, megatron_disti
     shapes = dict(num_microbatches=MICRO_BATCHES, seq_length=SEQ,
                   micro_batch_size=MICRO_BATCH)
     forward_backward = megatron_distill.get_forward_backward_func()
+    hooked = uses_output_processor(student)
+    if EXPECT_HOOK is not None:
+        assert hooked is EXPECT_HOOK, (MEGATRON_VERSION, where)
+    teacher_calls = spy_postprocess(teacher)
     teacher_hidden = teacher_hidden_states(forward_backward, teacher, iter(batches),
                                            megatron_distill.get_batch, **shapes)
+    # The teacher's hidden states come out of GPTModel.forward's hook where it exists.
+    assert teacher_calls == [hidden_states_processor] * MICRO_BATCHES * hooked, where
     h_local = SEQ // tp if sp else SEQ
     assert len(teacher_hidden) == (MICRO_BATCHES if last_stage else 0), where
     assert all(h.shape == (h_local, MICRO_BATCH, 24) and not h.requires_grad
@@ -202,12 +212,16 @@ def _check_layout(rank, tp, pp, sp, parallel_state, megatron_cpu, megatron_disti
     # megatron_distill.train_step without the optimizer update.
     student.zero_grad_buffer()
     optimizer.zero_grad()
+    student_calls = spy_postprocess(student.module)
     losses = megatron_distill.forward_backward(
         eaopd_forward_step(megatron_distill.get_batch, teacher, teacher_hidden,
                            sequence_parallel=sp, vocab_size=REAL_VOCAB),
         batches, student, args)
     logged = megatron_distill.reduce_logged(losses)
     assert len(losses) == (MICRO_BATCHES if last_stage else 0), where
+    # On the last stage the loss comes out of the student's forward (the hook).
+    processor = eaopd_output_processor if last_stage else hidden_states_processor
+    assert student_calls == [processor] * MICRO_BATCHES * hooked, where
 
     # Gather both models' weights; rank 0 computes the reference at TP=1, PP=1.
     states = [None] * WORLD
@@ -252,7 +266,10 @@ def _check_layout(rank, tp, pp, sp, parallel_state, megatron_cpu, megatron_disti
 def test_schedule_matches_single_process_tp_pp_sp_dp():
     """TP=2 (DP=2), PP=2 (DP=2), TP=2 x PP=2 + sequence parallelism: loss and every rank's
     ``main_grad`` after one schedule step with megatron DDP, finalize_model_grads and
-    ``calculate_per_token_loss`` equal the single-process per-token-mean reference."""
+    ``calculate_per_token_loss`` equal the single-process per-token-mean reference. On
+    megatron-core 0.19 every stage's forward (teacher and student) goes through
+    ``GPTModel.forward``'s ``output_processor`` hook, the student's last stage computing
+    the loss there; on 0.16 none does (the private path)."""
     spawn(_step_worker, WORLD)
 
 

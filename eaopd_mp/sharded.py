@@ -1,0 +1,543 @@
+"""Sharded models: FSDP2 (``fully_shard``), DTensor tensor parallelism, DeepSpeed ZeRO-3.
+
+A fused head loss reads the output layer's weight directly instead of calling the layer, so
+a sharding engine that materialises parameters in a module's forward hooks never sees it
+used. This module runs the loss *where the engine's hooks fire*:
+
+* :func:`run_in_forward` calls a function as a module's ``forward`` (forward redirection,
+  as Lightning, TRL's ``_ForwardRedirection`` and Liger's ``_FSDPForwardRedirection`` do):
+  FSDP2's pre-forward hook all-gathers the module's parameters once, in its
+  ``MixedPrecisionPolicy.param_dtype``; its post-forward hook reshards them (per
+  ``reshard_after_forward``) and arms the pre-backward hook that all-gathers them again for
+  backward, after which FSDP reduce-scatters their gradients itself. DeepSpeed ZeRO-3's
+  engine forward arms its gradient hooks the same way.
+* :func:`run_frozen` does the same for a frozen module (a teacher): its parameters are
+  gathered for the call, but no backward hook is armed (no all-gather in backward).
+* :func:`head_eaopd_loss` is :func:`eaopd_mp.fused_linear_eaopd_loss` taking the head
+  *modules*: it finds their FSDP2 owners and runs the loss inside their forward.
+
+DTensor inputs of :func:`eaopd_mp.fused_linear_eaopd_loss` and
+:func:`eaopd_mp.entropy_aware_opd_loss` (lm-head weights ``Shard(0)`` over the vocabulary,
+logits ``Shard(-1)``) are routed by :func:`dtensor_linear_loss` / :func:`dtensor_logits_loss`
+to the vocab-parallel path (:mod:`eaopd_mp.parallel`) over the mesh dimension's process
+group. Layouts that cannot be computed exactly raise ``TypeError``/``ValueError`` naming
+the layout. ``torch.distributed`` is imported only when a sharded input is seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+
+import torch
+
+from .options import LossOptions
+
+# --------------------------------------------------------------------------- detection
+
+
+def dtensor_type():
+    """``torch.distributed.tensor.DTensor`` if that module was imported (else no DTensor
+    can exist, and nothing is imported here)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None)
+
+
+def any_dtensor(*xs) -> bool:
+    """Whether any of ``xs`` is a DTensor (cheap: no import)."""
+    cls = dtensor_type()
+    return cls is not None and any(isinstance(x, cls) for x in xs)
+
+
+def is_fsdp2(module) -> bool:
+    """Whether ``module`` was wrapped by FSDP2's ``fully_shard``."""
+    if "torch.distributed.fsdp" not in sys.modules:
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def is_fsdp1(module) -> bool:
+    """Whether ``module`` is an FSDP1 ``FullyShardedDataParallel`` wrapper."""
+    if "torch.distributed.fsdp" not in sys.modules:
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(module, FullyShardedDataParallel)
+
+
+def is_zero3_param(p) -> bool:
+    """Whether ``p`` is a DeepSpeed ZeRO-3 partitioned parameter (it carries ``ds_id``)."""
+    return hasattr(p, "ds_id") and hasattr(p, "ds_status")
+
+
+def zero3_enabled(*modules) -> bool:
+    """Whether any parameter of ``modules`` is partitioned by DeepSpeed ZeRO-3."""
+    return any(is_zero3_param(p) for m in modules if m is not None
+               for p in m.parameters(recurse=True))
+
+
+HELPERS = ("eaopd_mp.hf.eaopd_loss (Hugging Face models), eaopd_mp.trl."
+           "EAOPDDistillationTrainer, or eaopd_mp.sharded.head_eaopd_loss (your own model)")
+
+
+def check_weight(name: str, weight: object) -> None:
+    """Refuse, with the layout named, a head weight this library cannot read as it is: an
+    FSDP1 flat parameter, or an empty (ZeRO-3 / FSDP1 partitioned) parameter."""
+    if not isinstance(weight, torch.Tensor):
+        return
+    if getattr(weight, "_is_flat_param", False):
+        raise TypeError(
+            f"{name} is an FSDP1 FlatParameter (FullyShardedDataParallel): its shape "
+            f"{tuple(weight.shape)} is a flattened shard of many parameters. FSDP1 is not "
+            "supported: wrap the model with FSDP2 (torch.distributed.fsdp.fully_shard) and "
+            f"call {HELPERS}")
+    if weight.numel() == 0:
+        if is_zero3_param(weight):
+            shape = tuple(getattr(weight, "ds_shape", ()))
+            raise ValueError(
+                f"{name} is a DeepSpeed ZeRO-3 partitioned parameter (shape "
+                f"{tuple(weight.shape)}, full shape {shape}): it is empty outside its "
+                f"module's forward. Gather it as DeepSpeed expects: call {HELPERS}")
+        raise ValueError(
+            f"{name} is empty (shape {tuple(weight.shape)}): a parameter partitioned outside "
+            "its module's forward (DeepSpeed ZeRO-3, FSDP1)? Run the loss inside the "
+            f"engine's forward: {HELPERS}")
+
+
+# --------------------------------------------------------------------------- FSDP2 / ZeRO-3
+
+
+def run_in_forward(module, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, run as ``module``'s forward so that its engine's hooks fire.
+
+    For an FSDP2 module (``fully_shard``): its parameters are all-gathered once before
+    ``fn`` (in the mixed-precision ``param_dtype``; floating ``args``/``kwargs`` are cast
+    like any forward input, so pass tensors that must keep their dtype by closure), resharded
+    after it as ``reshard_after_forward`` says, gathered again for backward, and their
+    gradients reduce-scattered by FSDP. For a DeepSpeed engine, its forward's hooks. For any
+    other module, this is just ``fn(*args, **kwargs)``.
+
+    The redirection swaps ``module.forward`` for the call only (restored on exit, also on
+    error), as TRL's ``_ForwardRedirection`` and Lightning's forward redirection do.
+    """
+    if not (is_fsdp2(module) or _is_engine(module)):
+        return fn(*args, **kwargs)
+    # A DeepSpeed engine's forward runs its bookkeeping, then its module's forward.
+    inner = module.module if _is_engine(module) else module
+    original = inner.forward
+
+    def redirected(*a, **k):
+        inner.forward = original  # fn may call the real forward
+        out = fn(*a, **k)
+        # FSDP2 hooks a view output's backward in a way an in-place op would drop: own it
+        # (where grad is off, as in run_frozen, no hook is registered).
+        view = isinstance(out, torch.Tensor) and out._base is not None
+        return out.clone() if view and torch.is_grad_enabled() else out
+
+    inner.forward = redirected
+    try:
+        return module(*args, **kwargs)
+    finally:
+        inner.forward = original
+
+
+def run_frozen(module, fn, *args, **kwargs):
+    """:func:`run_in_forward` for a frozen module (a teacher): its engine's hooks run
+    without gradient, so backward never all-gathers it again; ``fn`` itself runs in the
+    caller's grad mode, and its result is handed back around the engine's post-forward hooks
+    (so the loss keeps its graph to the student: DeepSpeed passes forward outputs through
+    autograd functions, which under ``no_grad`` would cut it; FSDP2 might cast it)."""
+    grad = torch.is_grad_enabled()
+    result = []
+
+    def inner(*a, **k):
+        with torch.set_grad_enabled(grad):
+            result.append(fn(*a, **k))
+
+    with torch.no_grad():
+        run_in_forward(module, inner, *args, **kwargs)
+    return result[0]
+
+
+def run_in_forwards(modules, fn, *args, frozen: bool = False):
+    """``fn(*args)`` inside the nested forwards of ``modules`` (outermost first)."""
+    runner = run_frozen if frozen else run_in_forward
+    if not modules:
+        return fn(*args)
+    first, rest = modules[0], modules[1:]
+    return runner(first, lambda *a: run_in_forwards(rest, fn, *a, frozen=frozen), *args)
+
+
+def kept_for_backward(x, reduction: str, engine_owned: bool):
+    """A frozen (teacher) head tensor as the loss may keep it: with ``reduction="none"``
+    the backward recomputes the logits from it, after the engine has freed its gathered copy
+    (FSDP2's reshard, ZeRO-3's release), so it is copied; otherwise as it is."""
+    if x is None or reduction != "none" or not engine_owned:
+        return x
+    return x.detach().clone()
+
+
+def owners(model, head) -> list:
+    """The FSDP2 modules whose forward gathers ``head``'s parameters: the head itself when it
+    is its own FSDP unit (NeMo Automodel's layout), and ``model`` (the root that holds it);
+    or a DeepSpeed engine. Outermost first, without repeats."""
+    found = []
+    for m in (model, head):
+        if m is not None and (is_fsdp2(m) or _is_engine(m)) and all(m is not f for f in found):
+            found.append(m)
+    if _is_engine(model) and head is not None:
+        _register_external(model.module, head)
+    if is_fsdp1(model) or is_fsdp1(head):
+        raise TypeError("FSDP1 (FullyShardedDataParallel) is not supported: its flat "
+                        "parameters hide the head's (vocab, hidden) layout; wrap the model "
+                        "with FSDP2 (torch.distributed.fsdp.fully_shard)")
+    return found
+
+
+def _register_external(module, head) -> None:
+    """ZeRO-3: declare the head's parameters as used in ``module``'s forward
+    (``deepspeed.zero.register_external_parameter``, idempotent), so that the engine gathers
+    them in that forward and again in its backward, where the fused loss's dense gradient
+    then accumulates into the gathered parameter and is reduce-scattered (without it the
+    first step fails with 'size of tensor a (0) must match ...')."""
+    params = [p for p in head.parameters(recurse=False) if is_zero3_param(p)]
+    if not params:
+        return
+    import deepspeed
+
+    for p in params:
+        deepspeed.zero.register_external_parameter(module, p)
+
+
+def _is_engine(module) -> bool:
+    """A DeepSpeed engine (its ``module`` attribute holds the model)."""
+    return type(module).__name__ == "DeepSpeedEngine"
+
+
+@contextlib.contextmanager
+def gathered(*params):
+    """DeepSpeed ZeRO-3: gather ``params`` (a head's weight and bias) for the block, as
+    ``deepspeed.zero.GatheredParameters`` does (read-only; gradients flow to the partitioned
+    parameters through the engine's hooks, which :func:`run_in_forward` arms). A no-op for
+    parameters that are not ZeRO-3 partitioned or are gathered already (tied embeddings)."""
+    todo = {id(p): p for p in params if p is not None and is_zero3_param(p)}
+    if todo:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        todo = {k: p for k, p in todo.items() if p.ds_status != ZeroParamStatus.AVAILABLE}
+    if not todo:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(todo.values())):
+        yield
+
+
+def head_eaopd_loss(student_head, student_hidden: torch.Tensor, *, model=None,
+                    teacher_head=None, teacher_hidden: torch.Tensor | None = None,
+                    teacher_model=None, **kwargs):
+    """:func:`eaopd_mp.fused_linear_eaopd_loss` on the output *modules* of sharded models.
+
+    Args:
+        student_head: the student's output layer (an ``nn.Linear``-like module with
+            ``weight`` ``(V, H)`` and maybe ``bias``).
+        student_hidden: ``(..., H)`` hidden states (the backbone's output).
+        model: the FSDP2 module whose parameters include the head (the root of
+            ``fully_shard``), or a DeepSpeed engine; None when the head is its own FSDP2
+            unit or not sharded.
+        teacher_head, teacher_hidden, teacher_model: the same for a teacher given by its
+            head (frozen: no gradient, no backward all-gather); or give ``teacher_logits``
+            / the top-k form in ``kwargs``.
+        **kwargs: the other arguments and options of
+            :func:`eaopd_mp.fused_linear_eaopd_loss`.
+    Returns:
+        As :func:`eaopd_mp.fused_linear_eaopd_loss`; the heads are gathered once per call,
+        in FSDP's compute dtype, and the student head's gradient is reduce-scattered by FSDP.
+        ``student_hidden`` is cast to the head's dtype (as FSDP casts a forward input).
+    """
+    from .loss import fused_linear_eaopd_loss
+
+    s_owners = owners(model, student_head)
+    t_owners = owners(teacher_model, teacher_head) if teacher_head is not None else []
+
+    def loss_fn():
+        s_w, s_b = student_head.weight, getattr(student_head, "bias", None)
+        t_kw = {}
+        if teacher_head is not None:
+            t_w, t_b = teacher_head.weight, getattr(teacher_head, "bias", None)
+        with gathered(s_w, s_b, *((t_w, t_b) if teacher_head is not None else ())):
+            if teacher_head is not None:
+                keep = functools.partial(kept_for_backward, reduction=kwargs.get("reduction"),
+                                         engine_owned=bool(t_owners))
+                t_kw = dict(teacher_hidden=_as_dtype(teacher_hidden, t_w),
+                            teacher_weight=keep(t_w), teacher_bias=keep(t_b))
+            return fused_linear_eaopd_loss(_as_dtype(student_hidden, s_w), s_w,
+                                           student_bias=s_b, **t_kw, **kwargs)
+
+    if t_owners:
+        inner = loss_fn
+
+        def loss_fn():
+            return run_in_forwards(t_owners, inner, frozen=True)
+
+    return run_in_forwards(s_owners, loss_fn)
+
+
+def _as_dtype(hidden, weight):
+    """``hidden`` in the (gathered) head weight's dtype, as FSDP casts a forward input."""
+    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        return hidden
+    if weight.is_floating_point() and hidden.dtype != weight.dtype and weight.numel() > 0:
+        return hidden.to(weight.dtype)
+    return hidden
+
+
+# --------------------------------------------------------------------------- DTensor TP
+
+
+def _placements():
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    return Partial, Replicate, Shard
+
+
+def _layout(x) -> str:
+    return f"DTensor on mesh {tuple(x.device_mesh.shape)} with placements {tuple(x.placements)}"
+
+
+def tp_dim(weight, name: str) -> int:
+    """The mesh dim a ``(V, H)`` DTensor weight is sharded over the vocabulary on (exactly one
+    ``Shard(0)``, the other dims ``Replicate()``)."""
+    Partial, Replicate, Shard = _placements()
+    dims = []
+    for i, p in enumerate(weight.placements):
+        if isinstance(p, Shard) and p.dim == 0:
+            dims.append(i)
+        elif not isinstance(p, Replicate):
+            raise TypeError(
+                f"{name} is a {_layout(weight)}: {p!r} is not supported. The supported layout "
+                "is Shard(0) over the vocabulary (torchtitan's ColwiseParallel output layer) "
+                "on one mesh dim, Replicate() on the others")
+    if len(dims) != 1:
+        raise TypeError(
+            f"{name} is a {_layout(weight)}; the supported layout is Shard(0) over the "
+            "vocabulary on exactly one mesh dim (Replicate() on the others)")
+    return dims[0]
+
+
+def _stride(global_rows: int, mesh_size: int) -> int:
+    """``torch.chunk``'s shard width: every shard but the last ones holds this many rows."""
+    return -(-global_rows // mesh_size)
+
+
+def _local(name: str, x, mesh, dim: int, ok_dims=(), what: str = ""):
+    """``x``'s local tensor (autograd kept) and the tensor dim it is sharded on (or None).
+
+    A plain tensor is taken as the same on every rank (replicated). A DTensor must live on
+    ``mesh``, ``Replicate()`` on every mesh dim but the TP dim ``dim``, where it may also be
+    ``Shard(k)`` for ``k`` in ``ok_dims`` (``what`` names that layout in errors).
+    """
+    if x is None or not any_dtensor(x):
+        return x, None
+    Partial, Replicate, Shard = _placements()
+    if x.device_mesh != mesh:
+        raise ValueError(f"{name} is a {_layout(x)} but the student's sharded input is on mesh "
+                         f"{tuple(mesh.shape)}: give every DTensor input the same mesh")
+    sharded = None
+    for i, p in enumerate(x.placements):
+        if isinstance(p, Replicate):
+            continue
+        if i == dim and isinstance(p, Shard) and p.dim % x.dim() in ok_dims:
+            sharded = p.dim % x.dim()
+            continue
+        supported = "Replicate()" + (f" or {what}" if what else "")
+        raise TypeError(
+            f"{name} is a {_layout(x)}: {p!r} on mesh dim {i} is not supported; supported: "
+            f"{supported} on the TP mesh dim {dim}, Replicate() on the others (no sharding "
+            "along the hidden dim, no Partial)")
+    return x.to_local(), sharded
+
+
+def dtensor_linear_loss(student_hidden, student_weight, student_bias, teacher_hidden,
+                        teacher_weight, teacher_bias, teacher_logits, labels,
+                        options: LossOptions, topk_logprobs=None, topk_indices=None,
+                        entropy=None):
+    """:func:`eaopd_mp.fused_linear_eaopd_loss` on DTensor inputs: the vocab-parallel fused
+    loss over the process group of the mesh dim the student weight is ``Shard(0)`` on.
+
+    Layouts: ``student_weight``/``teacher_weight`` (and biases) ``Shard(0)`` over the
+    vocabulary (uneven last shards as ``torch.chunk`` lays them out); hidden states
+    ``Replicate()`` (or plain tensors, the same on every rank) or sharded along one token
+    dim (sequence parallelism; that dim must divide evenly); ``teacher_logits``
+    ``Shard(-1)``; the mask, entropy and top-k tensors replicated. Returns a plain tensor, the
+    same on every rank (the replicated loss's local value); gradients reach the DTensors with
+    their placements (the weight's ``Shard(0)``, the hidden state's, summed over the mesh).
+    """
+    from .parallel import linear_parallel
+
+    if not any_dtensor(student_weight):
+        raise TypeError(
+            f"student_weight is a plain tensor of shape {tuple(student_weight.shape)} but "
+            "other inputs are DTensors: give the lm-head weight as a DTensor Shard(0) over "
+            "the vocabulary (or all inputs as plain tensors)")
+    dim = tp_dim(student_weight, "student_weight")
+    mesh = student_weight.device_mesh
+    group = mesh.get_group(dim)
+    size = mesh.size(dim)
+    vocab = student_weight.shape[0]
+    stride = _stride(vocab, size)
+    if teacher_weight is not None and any_dtensor(teacher_weight):
+        t_dim = tp_dim(teacher_weight, "teacher_weight")
+        if t_dim != dim or teacher_weight.device_mesh != mesh:
+            raise ValueError(f"teacher_weight is a {_layout(teacher_weight)}, student_weight "
+                             f"a {_layout(student_weight)}: shard both on the same mesh dim")
+        if _stride(teacher_weight.shape[0], size) != stride:
+            raise ValueError(
+                f"teacher_weight rows {teacher_weight.shape[0]} and student_weight rows "
+                f"{vocab} shard into different widths over {size} ranks; pad both heads to "
+                "one row count")
+    elif teacher_weight is not None:
+        raise TypeError("teacher_weight is a plain tensor but student_weight a DTensor: give "
+                        "both heads as DTensors Shard(0) over the vocabulary")
+    seq = "Shard(d) on a token dim d (sequence parallelism)"
+    tokens = range(student_hidden.dim() - 1)
+    vocab_rows = "Shard(0) over the vocabulary"
+    h, h_dim = _local("student_hidden", student_hidden, mesh, dim, tokens, seq)
+    w, _ = _local("student_weight", student_weight, mesh, dim, (0,), vocab_rows)
+    b, _ = _local("student_bias", student_bias, mesh, dim, (0,), vocab_rows)
+    th, th_dim = _local("teacher_hidden", teacher_hidden, mesh, dim, tokens, seq)
+    tw, _ = _local("teacher_weight", teacher_weight, mesh, dim, (0,), vocab_rows)
+    tb, _ = _local("teacher_bias", teacher_bias, mesh, dim, (0,), vocab_rows)
+    tl, _ = _local("teacher_logits", teacher_logits, mesh, dim,
+                   (teacher_logits.dim() - 1,) if teacher_logits is not None else (),
+                   "Shard(-1) over the vocabulary")
+    rest = [_local(n, x, mesh, dim)[0] for n, x in (
+        ("labels", labels), ("teacher_topk_logprobs", topk_logprobs),
+        ("teacher_topk_indices", topk_indices), ("teacher_entropy", entropy))]
+    for name, x in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
+        if x is not None and not any_dtensor(x):
+            _check_replicated(name, x, group)
+    if teacher_hidden is not None and th_dim != h_dim:
+        raise ValueError(f"student_hidden ({_describe(student_hidden)}) and teacher_hidden "
+                         f"({_describe(teacher_hidden)}) must be sharded alike")
+    options = _with_vocab(options, vocab)
+    if h_dim is None:
+        return linear_parallel(h, w, b, th, tw, tb, tl, rest[0], options, group, False,
+                               *rest[1:], stride=stride)
+    return _sequence_parallel(student_hidden, h_dim, size, h, w, b, th, tw, tb, tl, rest,
+                              options, group, stride)
+
+
+def _check_replicated(name: str, x: torch.Tensor, group) -> None:
+    """A plain tensor beside a DTensor weight is taken as replicated over the weight's mesh
+    dim: check it (one tiny all-gather of a float64 fingerprint), so that an FSDP2-sharded
+    weight read outside its module's forward (a DTensor ``Shard(0)`` over the data-parallel
+    mesh, whose ranks hold different tokens) raises instead of mixing tokens."""
+    import torch.distributed as dist
+
+    v = x.detach().to(torch.float64)
+    mine = torch.stack([v.sum(), (v * v).sum()]).to(x.device)
+    table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(table, mine, group=group)
+    if any(not torch.equal(t, table[0]) for t in table):
+        raise ValueError(
+            f"{name} is a plain tensor of shape {tuple(x.shape)} that differs across the "
+            "ranks the weight is sharded over; a plain hidden state must be the same on "
+            "every rank (or give it as a DTensor). If the weight is an FSDP2 parameter read "
+            "outside its module's forward, run the loss inside it: "
+            "eaopd_mp.sharded.head_eaopd_loss(head, hidden, model=root, ...)")
+
+
+def _describe(x) -> str:
+    return _layout(x) if any_dtensor(x) else f"plain tensor of shape {tuple(x.shape)}"
+
+
+def _with_vocab(options: LossOptions, vocab: int) -> LossOptions:
+    """The real vocabulary defaults to the weight's global rows (not stride x ranks)."""
+    if options.vocab_size is not None:
+        return options
+    return LossOptions.build(dict(options.given(), vocab_size=vocab))
+
+
+def _sequence_parallel(student_hidden, d, size, h, w, b, th, tw, tb, tl, rest, options,
+                       group, stride):
+    """Hidden states sharded along token dim ``d``: the vocab-parallel path gathers and
+    reduce-scatters along the first dim, so ``d`` is moved first (and every full-token
+    tensor with it); ``batchmean`` keeps dividing by the caller's first token dim."""
+    from .parallel import linear_parallel
+
+    full = student_hidden.shape[d]
+    if full % size:
+        raise ValueError(
+            f"student_hidden is a {_layout(student_hidden)}: its token dim {d} of size {full} "
+            f"does not split evenly over {size} ranks; sequence parallelism needs equal "
+            "shards (pad the sequence)")
+    token_shape = tuple(student_hidden.shape[:-1])
+    if d:
+        h, th = h.movedim(d, 0), None if th is None else th.movedim(d, 0)
+        tl = None if tl is None else tl.movedim(d, 0)
+        rest = [None if x is None else x.movedim(d, 0) for x in rest]
+    reduction = options.reduction
+    if d and reduction == "batchmean":
+        options = LossOptions.build(dict(options.given(), reduction="sum"))
+    out = linear_parallel(h, w, b, th, tw, tb, tl, rest[0], options, group, True, *rest[1:],
+                          stride=stride)
+    loss, stats = out if options.return_stats else (out, None)
+    if d and reduction == "batchmean":
+        loss = loss / max(token_shape[0], 1)
+    elif d and reduction == "none":
+        loss = loss.movedim(0, d)
+    return loss if stats is None else (loss, stats)
+
+
+def dtensor_logits_loss(student_logits, teacher_logits, labels, options: LossOptions,
+                        topk_logprobs=None, topk_indices=None, entropy=None):
+    """:func:`eaopd_mp.entropy_aware_opd_loss` on vocabulary-sharded DTensor logits
+    (``Shard(-1)`` on one mesh dim, uneven last shards as ``torch.chunk`` lays them out):
+    the vocab-parallel loss over that dim's process group. Token dims must not be sharded;
+    the mask, entropy and top-k tensors are replicated. Returns a plain tensor, the same
+    on every rank."""
+    from .parallel import logits_parallel
+
+    Partial, Replicate, Shard = _placements()
+    if not any_dtensor(student_logits):
+        raise TypeError("student_logits is a plain tensor but other inputs are DTensors: give "
+                        "the logits as a DTensor Shard(-1) over the vocabulary")
+    last = student_logits.dim() - 1
+    dims = [i for i, p in enumerate(student_logits.placements)
+            if isinstance(p, Shard) and p.dim % student_logits.dim() == last]
+    if len(dims) != 1:
+        raise TypeError(f"student_logits is a {_layout(student_logits)}; the supported layout "
+                        "is Shard(-1) over the vocabulary on one mesh dim, Replicate() on "
+                        "the others")
+    dim, mesh = dims[0], student_logits.device_mesh
+    size = mesh.size(dim)
+    vocab = student_logits.shape[-1]
+    vocab_cols = "Shard(-1) over the vocabulary"
+    z, _ = _local("student_logits", student_logits, mesh, dim, (last,), vocab_cols)
+    y, _ = _local("teacher_logits", teacher_logits, mesh, dim, (last,), vocab_cols)
+    if teacher_logits is not None and not any_dtensor(teacher_logits):
+        raise TypeError("teacher_logits is a plain tensor but student_logits a DTensor: give "
+                        "both as DTensors Shard(-1) over the vocabulary")
+    if teacher_logits is not None and teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"student_logits shape {tuple(student_logits.shape)} != "
+                         f"teacher_logits shape {tuple(teacher_logits.shape)}")
+    rest = [_local(n, x, mesh, dim)[0] for n, x in (
+        ("labels", labels), ("teacher_topk_logprobs", topk_logprobs),
+        ("teacher_topk_indices", topk_indices), ("teacher_entropy", entropy))]
+    return logits_parallel(z, y, rest[0], _with_vocab(options, vocab), mesh.get_group(dim),
+                           *rest[1:], stride=_stride(vocab, size))
+
+
+__all__ = [
+    "check_weight",
+    "dtensor_linear_loss",
+    "dtensor_logits_loss",
+    "head_eaopd_loss",
+    "run_frozen",
+    "run_in_forward",
+]

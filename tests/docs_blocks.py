@@ -1,0 +1,247 @@
+"""The code blocks of the README and the documentation pages: find, run, check, rewrite.
+
+    python tests/docs_blocks.py            # run every page's Python blocks; exit 1 if an
+                                           # output block is stale
+    python tests/docs_blocks.py --write    # rewrite the stale output blocks (make docs-outputs)
+    python tests/docs_blocks.py --write --recorded   # also rerun the recorded example runs
+                                                     # (minutes; make docs-outputs RECORDED=1)
+
+Conventions (CONTRIBUTING.md, "The documentation"):
+
+* every ```` ```python ```` block runs, the blocks of one page in order in one namespace;
+* a Python block whose title names a test file (```` ```python title="4 processes:
+  tests/test_megatron_schedule.py" ````), or whose first line is a comment naming one
+  (``# needs torchrun: tests/test_megatron_schedule.py``), needs several processes, a GPU
+  or a download: it is not run here, and that test (which must exist) runs the same thing;
+* a Python block written as a console session (``>>>`` prompts) runs as a doctest: the
+  outputs written in it are checked (``...`` matches anything);
+* a ```` ```text ```` block right after a Python block (blank lines between at most) is
+  that block's printed output, compared exactly (trailing spaces aside);
+* a ```` ```console ```` block whose first line is ``$ <command>`` is a recorded run of an
+  example (timings and all): ``--write --recorded`` runs the command again and replaces
+  the block with its output; the test checks that the script it names exists.
+
+``tests/test_docs.py`` runs this in ``make test``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import doctest
+import io
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^`]*)$")
+TITLE = re.compile(r"""title=(["'])(?P<title>.*?)\1""")
+OWNER = re.compile(r"(?P<file>tests/[\w/.-]+\.py)(?:::(?P<test>\w+))?")
+
+
+@dataclass
+class Block:
+    """One fenced code block: ``lines[start:end]`` of its page are its content."""
+
+    path: Path
+    lang: str
+    title: str
+    indent: str
+    fence_line: int  # 0-based index of the opening fence
+    start: int
+    end: int
+    code: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.path.relative_to(ROOT)}:{self.fence_line + 1}"
+
+    @property
+    def owner(self) -> tuple[str, str | None] | None:
+        """``(test file, test name or None)`` named by the title (or by a comment on the
+        block's first line), or None."""
+        first = self.code.split("\n", 1)[0]
+        m = OWNER.search(self.title) or (OWNER.search(first) if first.startswith("#") else None)
+        return (m["file"], m["test"]) if m else None
+
+
+def pages() -> list[Path]:
+    """The README, CONTRIBUTING.md and every Markdown page under ``docs/``."""
+    found = [ROOT / "README.md", ROOT / "CONTRIBUTING.md"]
+    return found + sorted((ROOT / "docs").rglob("*.md"))
+
+
+def blocks(path: Path) -> list[Block]:
+    """The fenced code blocks of a Markdown file, in order (nested fences respected)."""
+    lines = path.read_text().split("\n")
+    found, i = [], 0
+    while i < len(lines):
+        m = FENCE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        indent, fence, info = m["indent"], m["fence"], m["info"].strip()
+        j = i + 1
+        while j < len(lines):
+            close = FENCE.match(lines[j])
+            if (close and not close["info"].strip() and close["fence"][0] == fence[0]
+                    and len(close["fence"]) >= len(fence)):
+                break
+            j += 1
+        body = [line[len(indent):] if line.startswith(indent) else line.lstrip()
+                for line in lines[i + 1:j]]
+        t = TITLE.search(info)
+        found.append(Block(path, info.split()[0].lstrip(".") if info else "",
+                           t["title"] if t else "", indent, i, i + 1, j,
+                           "\n".join(body) + "\n"))
+        i = j + 1
+    return found
+
+
+def pairs(path: Path) -> list[tuple[Block, Block | None]]:
+    """Each Python block of a page with its output block (or None)."""
+    found = blocks(path)
+    lines = path.read_text().split("\n")
+    out = []
+    for k, b in enumerate(found):
+        if b.lang != "python":
+            continue
+        nxt = found[k + 1] if k + 1 < len(found) else None
+        gap = lines[b.end + 1:nxt.fence_line] if nxt else ["x"]
+        adjacent = nxt is not None and nxt.lang == "text" and not any(x.strip() for x in gap)
+        out.append((b, nxt if adjacent else None))
+    return out
+
+
+def run_page(path: Path) -> list[tuple[Block, Block | None, str]]:
+    """Run a page's runnable Python blocks in order, in one namespace; for each, the block,
+    its output block and what it printed. An exception names the block's line."""
+    namespace: dict = {"__name__": "__docs__"}
+    results = []
+    for block, output in pairs(path):
+        if block.owner:
+            continue
+        if block.code.lstrip().startswith(">>>"):
+            run_doctest(block, namespace)
+            results.append((block, output, ""))
+            continue
+        stdout = io.StringIO()
+        code = compile(block.code, block.where, "exec")
+        try:
+            with contextlib.redirect_stdout(stdout):
+                exec(code, namespace)
+        except Exception as e:
+            raise RuntimeError(
+                f"{block.where}: the block raised {type(e).__name__}: {e}. If it needs several "
+                "processes, a GPU or a download, name the test that runs the same thing in its "
+                'title (```python title="torchrun: tests/test_x.py") or first-line comment'
+            ) from e
+        results.append((block, output, stdout.getvalue()))
+    return results
+
+
+def run_doctest(block: Block, namespace: dict) -> None:
+    """Run a ``>>>`` block in the page's namespace; RuntimeError with doctest's report if
+    an output differs."""
+    test = doctest.DocTestParser().get_doctest(block.code, namespace, block.where,
+                                               block.where, block.start)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    report = io.StringIO()
+    runner.run(test, out=report.write, clear_globs=False)
+    if runner.failures:
+        raise RuntimeError(f"{block.where}: the session's outputs differ:\n{report.getvalue()}")
+
+
+def normalise(text: str) -> str:
+    """Text as compared: trailing spaces and trailing blank lines dropped."""
+    return "\n".join(line.rstrip() for line in text.rstrip().split("\n"))
+
+
+def stale(results) -> list[str]:
+    """A message per output block that differs from what its code printed (or a printing
+    block without one)."""
+    problems = []
+    for block, output, printed in results:
+        if output is None:
+            if printed.strip():
+                problems.append(f"{block.where}: prints but has no ```text block after it")
+            continue
+        if normalise(output.code) != normalise(printed):
+            problems.append(f"{output.where}: stale output; the code prints:\n{printed}"
+                            f"the page shows:\n{output.code}")
+    return problems
+
+
+def rewrite(path: Path, results) -> bool:
+    """Replace the page's stale output blocks with what the code printed."""
+    lines = path.read_text().split("\n")
+    changed = False
+    for _block, output, printed in sorted(
+            (r for r in results if r[1] is not None), key=lambda r: -r[1].start):
+        if normalise(output.code) == normalise(printed):
+            continue
+        new = [output.indent + line if line else line
+               for line in normalise(printed).split("\n")]
+        lines[output.start:output.end] = new
+        changed = True
+    if changed:
+        path.write_text("\n".join(lines))
+    return changed
+
+
+def recorded(path: Path) -> list[Block]:
+    """The page's recorded runs: ```console blocks starting with ``$ <command>``."""
+    return [b for b in blocks(path) if b.lang == "console" and b.code.startswith("$ ")]
+
+
+def command(block: Block) -> str:
+    """The command of a recorded run (its first line, without ``$ ``)."""
+    return block.code.split("\n", 1)[0][2:].strip()
+
+
+def rerun(path: Path, block: Block) -> None:
+    """Run a recorded run's command again (from the repository root, this interpreter's
+    environment first on PATH) and put its output in the block."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    out = subprocess.run(command(block), shell=True, cwd=ROOT, env=env, check=True,
+                         stdout=subprocess.PIPE, text=True, timeout=1800).stdout
+    lines = path.read_text().split("\n")
+    new = [f"$ {command(block)}"] + normalise(out).split("\n")
+    lines[block.start:block.end] = [block.indent + x if x else x for x in new]
+    path.write_text("\n".join(lines))
+    print(f"reran {block.where}: {command(block)}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--write", action="store_true", help="rewrite stale output blocks")
+    p.add_argument("--recorded", action="store_true",
+                   help="with --write: also rerun the recorded example runs (slow)")
+    p.add_argument("pages", nargs="*", type=Path, help="default: every page")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    status = 0
+    for path in [q.resolve() for q in args.pages] or pages():
+        if args.write and args.recorded:
+            for block in reversed(recorded(path)):  # bottom up: earlier lines stay put
+                rerun(path, block)
+        if not any(not b.owner for b, _ in pairs(path)):
+            continue
+        results = run_page(path)
+        if args.write:
+            if rewrite(path, results):
+                print(f"rewrote {path.relative_to(ROOT)}")
+        else:
+            for problem in stale(results):
+                print(problem)
+                status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""DeepSpeed ZeRO-3, one rank: eaopd_mp.hf.eaopd_loss on engines whose parameters are
+partitioned to ``numel() == 0``, against the unsharded computation (fp32, rtol 1e-5).
+
+Skipped where DeepSpeed is not importable (it is not in the dev extra: its install builds
+against the local torch). ``make gpu-check`` runs the cuda case (bench/gpu_check.sh); the cpu
+case runs on gloo with ``DS_ACCELERATOR=cpu``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from dist_utils import spawn
+from formulas import close
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                reason="deepspeed is not installed (pip install deepspeed)")
+
+
+def _zero3(rank, world, device):
+    os.environ.setdefault("LOCAL_RANK", "0")
+    import deepspeed
+    import test_sharded as T
+    from deepspeed.utils import safe_get_full_grad
+
+    from eaopd_mp import hf
+
+    deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
+    ids, attn, comp = (x.to(device) for x in T._batch())
+    g = torch.linspace(0.5, 1.5, 4 * 8, device=device).view(4, 8)
+    for reduction in ("sum", "none"):
+        opts = dict(reduction=reduction, chunk_size=4)
+        ref_s = T.make_model("llama", 0).to(device)
+        ref = hf.eaopd_loss(ref_s, T.make_model("qwen2_tied", 1).to(device), ids, attn, comp,
+                            **opts)
+        ref.backward(None if reduction == "sum" else g)
+        config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+                  "zero_allow_untested_optimizer": True,
+                  "optimizer": {"type": "SGD", "params": {"lr": 0.0}}}
+        student = T.make_model("llama", 0).to(device)
+        engine, *_ = deepspeed.initialize(model=student, config=config,
+                                          model_parameters=student.parameters())
+        teacher = T.make_model("qwen2_tied", 1).to(device).requires_grad_(False)
+        t_engine, *_ = deepspeed.initialize(model=teacher, config={
+            "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
+        assert student.lm_head.weight.numel() == 0  # partitioned: the case this is about
+        with pytest.raises(ValueError, match="ZeRO-3 partitioned parameter"):
+            hf.fused_linear_eaopd_loss(torch.randn(2, 32, device=device),
+                                       student.lm_head.weight,
+                                       teacher_logits=torch.randn(2, 61, device=device))
+        loss = hf.eaopd_loss(engine, t_engine, ids, attn, comp, **opts)
+        if reduction == "sum":
+            engine.backward(loss)
+        else:
+            loss.backward(g)
+        close(loss.detach(), ref.detach())
+        for name, p in student.named_parameters():
+            close(safe_get_full_grad(p), ref_s.get_parameter(name).grad,
+                  msg=f"{reduction}: grad {name}: ")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_zero3_one_rank(device, monkeypatch):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device (make gpu-check runs this case)")
+    monkeypatch.setenv("DS_ACCELERATOR", device)
+    spawn(_zero3, 1, device)
