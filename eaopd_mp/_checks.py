@@ -18,6 +18,14 @@ def tensor(name: str, x: object, *, floating: bool = True, min_dim: int = 0) -> 
     return x
 
 
+def nonempty_vocab(name: str, x: torch.Tensor, dim: int = -1) -> None:
+    """The vocabulary dim ``dim`` of ``x`` holds at least one column: the kernels cannot
+    take an empty one (and no distribution lives on it)."""
+    if x.shape[dim] == 0:
+        raise ValueError(f"{name} has an empty vocabulary dim (shape {tuple(x.shape)}): "
+                         "the loss needs at least one vocabulary column")
+
+
 def same_device(**tensors: torch.Tensor | None) -> None:
     """All given tensors live on one device."""
     devices = {k: v.device for k, v in tensors.items() if isinstance(v, torch.Tensor)}
@@ -79,7 +87,7 @@ def vocab_fits(vocab_size: int, **widths: int) -> None:
 def linear(prefix: str, hidden: object, weight: object, bias: object) -> None:
     """Hidden ``(..., H)``, weight ``(V, H)``, bias ``(V,)`` of one linear head."""
     tensor(f"{prefix}_hidden", hidden, min_dim=1)
-    check_weight(f"{prefix}_weight", weight)  # FSDP1 / ZeRO-3 layouts, named
+    check_weight(f"{prefix}_weight", weight)  # FSDP1 / ZeRO-3 layouts, and any empty weight
     tensor(f"{prefix}_weight", weight)
     if weight.dim() != 2:
         raise ValueError(

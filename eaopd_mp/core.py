@@ -372,9 +372,10 @@ class Kernel:
     these calls only, as those combinations can exceed its default of 8. Sizes 0 and 1
     would be specialised by the compiler: an empty chunk runs eagerly and a one-token
     chunk is padded to two (its duplicate is dropped). A kernel returns one tensor with
-    the token dimension first. If compilation fails (:data:`COMPILE_ERRORS`), one warning
-    is issued and the eager function is used from then on; any other error (out of memory,
-    a bad value) propagates.
+    the token dimension first. If compilation fails (:data:`COMPILE_ERRORS`), the call is
+    run eagerly: if that fails too, the input was at fault and the eager error propagates
+    (the kernel stays compiled); otherwise one warning is issued and the eager function is
+    used from then on. Any other error (out of memory, a bad value) propagates.
     """
 
     def __init__(self, fn: Callable, dynamic: dict[int, int]):
@@ -403,7 +404,11 @@ class Kernel:
         try:
             with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
                 return self._compiled(*args)
-        except COMPILE_ERRORS as exc:  # only a failure to compile falls back
+        except COMPILE_ERRORS as exc:
+            # The compiler's fault, or an input the computation itself cannot take (dynamo
+            # wraps errors met while tracing)? The eager run tells: its error is raised as
+            # is, and only a failure to compile what runs eagerly falls back for good.
+            out = self.fn(*args)
             self._failed = True
             warnings.warn(
                 f"eaopd_mp: torch.compile failed ({type(exc).__name__}: {exc}); "
@@ -411,7 +416,7 @@ class Kernel:
                 RuntimeWarning,
                 stacklevel=2,
             )
-            return self.fn(*args)
+            return out
 
 
 # Kernels whose name ends in "_" write the gradient over their first argument, the

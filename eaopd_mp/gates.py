@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 GATES = ("linear", "threshold", "fixed")
 
@@ -33,11 +34,13 @@ class Gate:
 
     ``p1``/``p2`` are ``1/h_max`` and unused for "linear", ``gate_threshold`` and
     ``fkl_coef`` for "threshold", ``fkl_weight`` and unused for "fixed". The kernels get
-    them as a tensor (``core.make_params``), so new values never recompile.
+    them as a tensor (``core.make_params``), so new values never recompile. ``p1`` is None
+    for the linear gate's default ``h_max = log V`` resolved without a vocabulary size
+    (the op fills it in, see :meth:`eaopd_mp.plan.Spec.sized`).
     """
 
     kind: str
-    p1: float
+    p1: float | None
     p2: float = 0.0
 
     def describe(self) -> dict[str, float | str]:
@@ -54,12 +57,38 @@ def default_h_max(vocab_size: int) -> float:
     return math.log(vocab_size) if vocab_size > 1 else 1.0
 
 
+# Bounds of the options that multiply or divide logits or divergences: temperature, h_max,
+# the softcaps and logit scales in [SCALE_MIN, SCALE_MAX], fkl_coef in [0, SCALE_MAX].
+# Within them the largest factor a logit
+# can meet is 1e12 (scale / temperature), so no finite logit below ~3e26 overflows the
+# float32 compute, and every reciprocal (1/temperature, 1/h_max) is finite; a value
+# outside them is a mistake (a temperature of 1e-7 is an argmax, 1e7 a uniform target).
+SCALE_MIN, SCALE_MAX = 1e-6, 1e6
+
+
+def in_scale_range(name: str, value: float, low: float = SCALE_MIN) -> float:
+    """``value`` (a finite float) within ``[low, SCALE_MAX]``, else ValueError."""
+    if low <= value <= SCALE_MAX:
+        return value
+    raise ValueError(f"{name} must be in [{low:g}, {SCALE_MAX:g}] (the float32 compute's "
+                     f"safe range), got {value:g}")
+
+
+def plain(value: int | float) -> int | float:
+    """A Python number as a plain constant. Inside a step traced by ``torch.compile``
+    (``dynamic=True``, or after a value changed between calls) a Python number may be
+    symbolic; an option is configuration, so the trace is specialised on its value
+    (guarded: a new value compiles a new graph of the caller's step, never of the kernels,
+    which take the values as a tensor). A no-op outside tracing."""
+    return guard_scalar(value)
+
+
 def real_number(name: str, value: object) -> float:
     """``value`` as a finite float: TypeError for non-numbers (bool included), ValueError
     for NaN or infinity."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    value = float(plain(value))
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
@@ -67,7 +96,7 @@ def real_number(name: str, value: object) -> float:
 
 def resolve_gate(
     gate: str,
-    vocab_size: int,
+    vocab_size: int | None,
     *,
     h_max: float | None = None,
     gate_threshold: float | None = None,
@@ -78,6 +107,8 @@ def resolve_gate(
 
     Raises ``ValueError`` for an unknown gate, a parameter out of range, or a parameter
     that belongs to another gate (for example ``h_max`` with ``gate="fixed"``).
+    ``vocab_size`` None leaves the linear gate's default ``h_max`` unresolved (``p1``
+    None).
     """
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
@@ -94,10 +125,12 @@ def resolve_gate(
             f"(it takes {', '.join(_PARAMS[gate])})"
         )
     if gate == "linear":
-        h = default_h_max(vocab_size) if h_max is None else real_number("h_max", h_max)
+        if h_max is None:
+            return Gate("linear", None if vocab_size is None else 1.0 / default_h_max(vocab_size))
+        h = real_number("h_max", h_max)
         if h <= 0:
             raise ValueError(f"h_max must be > 0, got {h}")
-        return Gate("linear", 1.0 / h)
+        return Gate("linear", 1.0 / in_scale_range("h_max", h))
     if gate == "threshold":
         thr = 0.8 if gate_threshold is None else real_number("gate_threshold", gate_threshold)
         coef = 1.0 if fkl_coef is None else real_number("fkl_coef", fkl_coef)
@@ -105,6 +138,7 @@ def resolve_gate(
             raise ValueError(f"gate_threshold must be >= 0, got {thr}")
         if coef < 0:
             raise ValueError(f"fkl_coef must be >= 0, got {coef}")
+        in_scale_range("fkl_coef", coef, low=0.0)
         return Gate("threshold", thr, coef)
     weight = 0.5 if fkl_weight is None else real_number("fkl_weight", fkl_weight)
     if not 0.0 <= weight <= 1.0:

@@ -89,6 +89,7 @@ def logits_loss(student_logits, teacher_logits, labels, options: LossOptions,
         return sharded.dtensor_logits_loss(student_logits, teacher_logits, labels, options,
                                            topk_logprobs, topk_indices, entropy)
     _checks.tensor("student_logits", student_logits, min_dim=1)
+    _checks.nonempty_vocab("student_logits", student_logits)
     token_shape = tuple(student_logits.shape[:-1])
     vocab = student_logits.shape[-1]
     args = dict(teacher_logits=teacher_logits, teacher_topk_logprobs=topk_logprobs,

@@ -1,11 +1,13 @@
 """The loss as ``torch.library`` custom ops, so a caller's ``torch.compile`` sees one opaque
 op (no graph break, no re-tracing of the chunk loop) whose inner kernels are compiled once.
 
-* ``eaopd_mp::loss(student, teacher, mask, spec) -> (out, stats, g0, g1, g2)``: ``out`` is
-  the per-token loss ``(N,)`` (``reduction="none"``) or the mask-weighted sum ``()``;
-  ``stats`` the ``(N, 7)`` per-token statistics (zeros for skipped tokens); for scalar
-  reductions ``g0..g2`` are the gradients of ``out`` with respect to the student tensors
-  (accumulator dtypes; empty where not needed).
+* ``eaopd_mp::loss(student, teacher, mask, spec) -> (out, stats, g0, g1, g2, hs, ht)``:
+  ``out`` is the per-token loss ``(N,)`` (``reduction="none"``) or the mask-weighted sum
+  ``()``; ``stats`` the ``(N, 7)`` per-token statistics (zeros for skipped tokens); for
+  scalar reductions ``g0..g2`` are the gradients of ``out`` with respect to the student
+  tensors (accumulator dtypes; empty where not needed); ``hs, ht``: the all-gathered
+  student and teacher hidden states under sequence parallelism with ``reduction="none"``
+  (empty otherwise), kept for the backward (:func:`_regathered`).
 * ``eaopd_mp::loss_backward(...)``: the ``reduction="none"`` backward (recomputes logits).
 * ``eaopd_mp::reduce_hidden_grad(grad_h, spec)``: the tensor-parallel all-reduce (or
   reduce-scatter under sequence parallelism) of the fused path's hidden gradient.
@@ -18,6 +20,7 @@ fresh gradient tensors (never a buffer the op keeps) and refuses double backward
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 from torch.library import custom_op
@@ -26,7 +29,7 @@ from . import core
 from .driver import LinearHead, LogitsHead, Part, Plan, run_backward, run_forward
 from .gates import GATES
 from .options import REDUCTIONS, TOPK_TAILS
-from .plan import Spec, parse
+from .plan import Spec, parse, sized
 from .teachers import routing_problem
 from .topk import TopkHead, ids_problem, logprobs_problem
 from .tp import TPCombiner, mask_fingerprint, routing_fingerprint
@@ -52,6 +55,17 @@ def _n_tokens(student: list[torch.Tensor], spec: Spec) -> int:
     """Tokens the loss covers (the gathered count under sequence parallelism)."""
     n = student[0].shape[0]
     return n * spec.tp if spec.sequence_parallel else n
+
+
+def _width(student: list[torch.Tensor], spec: Spec) -> int:
+    """Logit columns held here (padding included)."""
+    return student[1].shape[0] if spec.student == "linear" else student[0].shape[-1]
+
+
+def _resolved(student: list[torch.Tensor], spec: str) -> Spec:
+    """The op body's spec: parsed, its width-derived values filled in from the student
+    tensors (concrete here, even when the caller's trace had a symbolic width)."""
+    return sized(spec, _width(student, parse(spec)))
 
 
 
@@ -240,12 +254,36 @@ def _pad3(grads: tuple, student) -> list[torch.Tensor]:
     return [g if g is not None else student[0].new_empty(0) for g in grads]
 
 
+def _keeps_gathered(spec: Spec) -> tuple[bool, bool]:
+    """Whether the op returns the gathered student / teacher hidden states for backward.
+
+    Under sequence parallelism the forward all-gathers the hidden states; the
+    ``reduction="none"`` backward recomputes the logits from them. Keeping them (``(N, H)``
+    per rank instead of ``(N / tp, H)``, from the loss's forward to its backward) saves
+    one all-gather per hidden tensor in backward. Megatron's ``ColumnParallelLinear``
+    re-gathers instead, because every layer of the model would otherwise hold a ``tp``
+    times larger input through the whole backward pass; here there is one such tensor,
+    the forward holds it anyway, and the loss's backward is the first to run.
+    """
+    # Not with routed teachers: their backward re-gathers every dense teacher's slice.
+    keep = spec.sequence_parallel and not spec.scalar and not spec.teachers
+    return keep and spec.student == "linear", keep and spec.teacher == "linear"
+
+
+def _gathered_out(plan: Plan, spec: Spec, student) -> list[torch.Tensor]:
+    """The two hidden-state outputs of the loss op (empty tensors where not kept)."""
+    keep = _keeps_gathered(spec)
+    heads = (plan.student, plan.parts[0].head)  # keep[1]: one dense linear teacher only
+    return [heads[i].h if keep[i] else student[0].new_empty(0) for i in range(2)]
+
+
 @custom_op("eaopd_mp::loss", mutates_args=())
 def loss_op(student: list[torch.Tensor], teacher: list[torch.Tensor],
             mask: torch.Tensor | None, spec: str
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                       torch.Tensor, torch.Tensor]:
     """See the module docstring."""
-    spec_ = parse(spec)
+    spec_ = _resolved(student, spec)
     with _op_context(student[0].device):
         plan = _plan(student, teacher, mask, spec_)
         scale = None
@@ -260,7 +298,7 @@ def loss_op(student: list[torch.Tensor], teacher: list[torch.Tensor],
             per_tok = per_tok * plan.weight
         out = per_tok if spec_.reduction == "none" else per_tok.sum()
         grads = plan.student.grads() if scale is not None else ()
-        return (out, stats, *_pad3(grads, student))
+        return (out, stats, *_pad3(grads, student), *_gathered_out(plan, spec_, student))
 
 
 @loss_op.register_fake
@@ -274,7 +312,10 @@ def _loss_fake(student, teacher, mask, spec):
     if spec_.scalar:
         grads = [_grad_like(student, i, spec_, accumulator=True) if spec_.need[i]
                  else student[0].new_empty(0) for i in range(3)]
-    return (out, stats, *grads)
+    keep = _keeps_gathered(spec_)
+    gathered = [src[0].new_empty((n, src[0].shape[1])) if keep[i] else student[0].new_empty(0)
+                for i, src in enumerate((student, teacher))]
+    return (out, stats, *grads, *gathered)
 
 
 def _grad_like(student, i: int, spec: Spec, accumulator: bool) -> torch.Tensor:
@@ -294,7 +335,7 @@ def loss_backward_op(student: list[torch.Tensor], teacher: list[torch.Tensor],
                      spec: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``sum(grad_tok * per_token_loss)`` for ``reduction="none"``, recomputed
     chunk by chunk from the saved ``(N, 7)`` statistics; in the student tensors' dtypes."""
-    spec_ = parse(spec)
+    spec_ = _resolved(student, spec)
     with _op_context(student[0].device):
         plan = _plan(student, teacher, mask, spec_, agree=False)
         # Detached: a saved output still says requires_grad, which the kernels guard on.
@@ -342,7 +383,7 @@ def _setup_context(ctx, inputs, output):
     ctx.n_student = len(student)
     ctx.dtypes = [x.dtype for x in student]
     spec_ = parse(spec)
-    keep = list(output[2:]) if spec_.scalar else [output[1]]
+    keep = list(output[2:5]) if spec_.scalar else [output[1], *output[5:]]
     ctx.n_teacher = len(teacher)
     # Only the loss is differentiable: no zero (V, H) gradients materialised for the rest.
     ctx.mark_non_differentiable(*output[1:])
@@ -386,12 +427,30 @@ def _backward(ctx, grad_out, _grad_stats, *_grad_grads):
         grads = [_scaled(g, grad_out, dt) if need else None
                  for g, need, dt in zip(kept, spec.need, ctx.dtypes, strict=False)]
     else:
+        student, teacher, key = _regathered(student, teacher, kept[1:], spec, ctx.spec)
         grads = list(torch.ops.eaopd_mp.loss_backward(
-            list(student), list(teacher), mask, kept[0], grad_out, ctx.spec))
+            student, teacher, mask, kept[0], grad_out, key))
         grads = [g if need else None for g, need in zip(grads, spec.need, strict=False)]
     if spec.group and spec.student == "linear" and grads[0] is not None:
         grads[0] = torch.ops.eaopd_mp.reduce_hidden_grad(grads[0], ctx.spec)
     return grads[:ns], [None] * nt, None, None
+
+
+def _regathered(student, teacher, gathered, spec: Spec, key: str):
+    """``(student, teacher, spec key)`` for the ``reduction="none"`` backward: with the
+    hidden states the forward gathered (:func:`_keeps_gathered`) in place of this rank's
+    slices, and a spec that gathers nothing (``sequence_parallel=False``: the token count
+    is then the gathered one; the hidden gradient is still reduce-scattered with the
+    call's own spec)."""
+    keep = _keeps_gathered(spec)
+    if not any(keep):
+        return list(student), list(teacher), key
+    student, teacher = list(student), list(teacher)
+    if keep[0]:
+        student[0] = gathered[0]
+    if keep[1]:
+        teacher[0] = gathered[1]
+    return student, teacher, dataclasses.replace(spec, sequence_parallel=False).key()
 
 
 loss_op.register_autograd(_backward, setup_context=_setup_context)

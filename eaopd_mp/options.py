@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .gates import Gate, real_number, resolve_gate
+from .gates import Gate, in_scale_range, plain, real_number, resolve_gate
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 TOPK_TAILS = ("bucket", "renormalize", "truncate")
@@ -20,17 +20,19 @@ def positive_int(name: str, value: object) -> int:
     """``value`` as an int > 0; TypeError for non-ints (bool included)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = plain(value)
     if value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
     return value
 
 
 def positive_real(name: str, value: object) -> float:
-    """``value`` as a finite float > 0 (TypeError for non-numbers, ValueError otherwise)."""
+    """``value`` as a float in ``[SCALE_MIN, SCALE_MAX]`` (:data:`eaopd_mp.gates.SCALE_MIN`:
+    1e-6 to 1e6); TypeError for non-numbers, ValueError otherwise."""
     x = real_number(name, value)
     if x <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {value}")
-    return x
+    return in_scale_range(name, x)
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,16 @@ class LossOptions:
             ``"truncate"`` (full-vocabulary log-probs summed over the k ids, no tail term:
             verl's top-k forward KL, NeMo-RL's with ``zero_outside_topk``). See
             :mod:`eaopd_mp.topk`.
+
+    Bounds: ``temperature``, ``h_max``, the softcaps and logit scales must lie in
+    ``[1e-6, 1e6]`` and ``fkl_coef`` in ``[0, 1e6]``
+    (:data:`eaopd_mp.gates.SCALE_MIN`, ``SCALE_MAX``): their reciprocals stay finite and
+    the largest factor a logit can meet is 1e12, far inside float32, the compute dtype
+    (float64 inputs compute in float64). Outside, a ``ValueError`` names the option.
+
+    Under ``torch.compile`` the options are constants of the traced step: a symbolic
+    Python number (``dynamic=True``) is specialised on its value (see
+    :func:`eaopd_mp.gates.plain`).
     """
 
     h_max: float | None = None
@@ -84,19 +96,15 @@ class LossOptions:
     topk_tail: str = "bucket"
 
     def __post_init__(self):
-        tau = real_number("temperature", self.temperature)
-        if tau <= 0:
-            raise ValueError(f"temperature must be finite and > 0, got {tau}")
-        object.__setattr__(self, "temperature", tau)
+        object.__setattr__(self, "temperature", positive_real("temperature", self.temperature))
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if not isinstance(self.return_stats, bool):
             raise TypeError(
                 f"return_stats must be a bool, got {type(self.return_stats).__name__}")
-        if self.chunk_size is not None:
-            positive_int("chunk_size", self.chunk_size)
-        if self.vocab_size is not None:
-            positive_int("vocab_size", self.vocab_size)
+        for name in ("chunk_size", "vocab_size"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, positive_int(name, getattr(self, name)))
         for side in ("student", "teacher"):
             cap, scale = f"{side}_softcap", f"{side}_logit_scale"
             if getattr(self, cap) is not None:
@@ -104,7 +112,7 @@ class LossOptions:
             object.__setattr__(self, scale, positive_real(scale, getattr(self, scale)))
         if self.topk_tail not in TOPK_TAILS:
             raise ValueError(f"topk_tail must be one of {TOPK_TAILS}, got {self.topk_tail!r}")
-        self.resolve_gate(2)  # every gate check that does not depend on the vocabulary
+        self.resolve_gate(None)  # every gate check (none depends on the vocabulary)
 
     @classmethod
     def build(cls, options: dict) -> LossOptions:
@@ -117,8 +125,9 @@ class LossOptions:
             )
         return cls(**options)
 
-    def resolve_gate(self, vocab_size: int) -> Gate:
-        """The gate with its parameters resolved for a (real) vocabulary size."""
+    def resolve_gate(self, vocab_size: int | None) -> Gate:
+        """The gate with its parameters resolved for a (real) vocabulary size; None leaves
+        the linear gate's default ``h_max = log V`` unresolved (``p1`` None)."""
         return resolve_gate(self.gate, vocab_size, h_max=self.h_max,
                             gate_threshold=self.gate_threshold, fkl_coef=self.fkl_coef,
                             fkl_weight=self.fkl_weight)

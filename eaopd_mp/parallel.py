@@ -74,6 +74,7 @@ def logits_parallel(student_logits, teacher_logits, labels, options: LossOptions
     """:func:`vocab_parallel_eaopd_loss` with its options built; ``stride``: see
     :func:`eaopd_mp.tp.resolve` (uneven shards)."""
     _checks.tensor("student_logits", student_logits, min_dim=1)
+    _checks.nonempty_vocab("student_logits", student_logits)
     token_shape = tuple(student_logits.shape[:-1])
     width = student_logits.shape[-1]
     info = tp.resolve(tp_group, width, options.vocab_size, False, stride)

@@ -28,7 +28,7 @@ import torch
 
 from . import core
 from .driver import default_chunk_size
-from .gates import Gate
+from .gates import Gate, default_h_max
 from .options import LossOptions
 from .teachers import TeacherSet
 from .tp import TPInfo
@@ -38,22 +38,31 @@ Stats = dict[str, object]
 
 @dataclass(frozen=True)
 class Spec:
-    """Everything the custom ops need besides tensors; no value depends on a token count,
-    so a compiled caller keeps one graph as sequence lengths change.
+    """Everything the custom ops need besides tensors, as plain Python values.
+
+    No value depends on a tensor's size: not on the token count, and not on the
+    vocabulary width either (under ``torch.compile(dynamic=True)``, or with
+    ``mark_dynamic`` on a padded head, that width is symbolic while the caller is traced).
+    The values that follow from the width (the default chunk, the real columns, the
+    default ``h_max = log V``) are left as None here and filled in by :meth:`sized` inside
+    the op, from its real tensors. So a compiled caller keeps one graph as sequence
+    lengths (and padded widths) change.
 
     Attributes:
         student, teacher: the tensor forms (``"logits"`` or ``"linear"``).
         reduction: the user's reduction (``"none"`` selects per-token outputs and the
             recompute backward; the others compute the gradient in the forward pass).
-        gate, p1, p2: the resolved :class:`~eaopd_mp.gates.Gate`.
+        gate, p1, p2: the resolved :class:`~eaopd_mp.gates.Gate`; ``p1`` None for the
+            linear gate's default ``1 / log V`` (see :meth:`sized`).
         inv_tau: ``1 / temperature``.
-        chunk: tokens per chunk.
-        cols: how many logit columns held here are real vocabulary.
-        vocab_size: the real vocabulary size (all ranks).
+        chunk: tokens per chunk; None for the default (``default_chunk_size(width)``).
+        vocab_size: the real vocabulary size (all ranks); None for every column held
+            (``width x tp``). After :meth:`sized`, always an int.
         need: which student tensors want a gradient.
         autocast: ``""`` or the autocast dtype (``"bfloat16"``) the GEMMs honour.
-        group, tp, sequence_parallel: the tensor-parallel group name (``""`` on one
-            device), its size, and whether hidden states are split along the sequence.
+        group, tp, rank, sequence_parallel: the tensor-parallel group name (``""`` on one
+            device), its size, this rank, and whether hidden states are split along the
+            sequence.
         stride: columns per vocabulary shard (rank ``r`` starts at ``r * stride``); 0 on
             one device.
         s_scale, s_cap, t_scale, t_cap: the head transforms (logit scale, softcap or
@@ -65,22 +74,24 @@ class Spec:
             ``(form, tensors, entropy_given)``, its tensors (its entropy included) being
             consecutive in the op's teacher list, which ends with the ``(N,)`` int64
             routing; ``()`` for one teacher (see :meth:`split`).
+        cols: how many logit columns held here are real vocabulary; set by :meth:`sized`
+            (None in the key).
     """
 
     student: str
     teacher: str
     reduction: str
     gate: str
-    p1: float
+    p1: float | None
     p2: float
     inv_tau: float
-    chunk: int
-    cols: int
-    vocab_size: int
+    chunk: int | None
+    vocab_size: int | None
     need: tuple
     autocast: str = ""
     group: str = ""
     tp: int = 1
+    rank: int = 0
     sequence_parallel: bool = False
     stride: int = 0
     s_scale: float = 1.0
@@ -90,10 +101,21 @@ class Spec:
     topk_tail: str = "bucket"
     entropy_given: bool = False
     teachers: tuple = ()
+    cols: int | None = None
 
     def key(self) -> str:
         """The spec as a string argument of the custom ops (see :func:`parse`)."""
         return "|".join(repr(getattr(self, name)) for name in _SPEC_FIELDS)
+
+    def sized(self, width: int) -> Spec:
+        """The spec with its width-derived values filled in, from ``width``, the logit
+        columns held here (padding included; concrete, inside the op)."""
+        stride = self.stride or width
+        vocab = self.vocab_size or stride * self.tp
+        return dataclasses.replace(
+            self, vocab_size=vocab, cols=max(0, min(width, vocab - self.rank * stride)),
+            chunk=self.chunk or default_chunk_size(width),
+            p1=1.0 / default_h_max(vocab) if self.p1 is None else self.p1)
 
     @property
     def scalar(self) -> bool:
@@ -141,6 +163,12 @@ def parse(key: str) -> Spec:
     return Spec(*(ast.literal_eval(v) for v in key.split("|")))
 
 
+@functools.lru_cache(maxsize=256)
+def sized(key: str, width: int) -> Spec:
+    """``parse(key).sized(width)``, cached (called by the op bodies, never traced)."""
+    return parse(key).sized(width)
+
+
 def _autocast_dtype(device: torch.device) -> str:
     """The autocast dtype in force for ``device`` (``""`` if autocast is off)."""
     if not torch.is_autocast_enabled(device.type):
@@ -166,13 +194,13 @@ def run(student: list, teachers: TeacherSet, labels: torch.Tensor | None, token_
         The loss (float32, float64 for float64 inputs), or ``(loss, stats)``; with several
         teachers ``stats["per_teacher"]`` holds each teacher's statistics.
     """
-    vocab = (options.vocab_size or width) if tp is None else tp.vocab_size
+    vocab = (options.vocab_size or width) if tp is None else tp.vocab_size  # maybe a SymInt
     if "topk" in teachers.forms and _transformed(options):
         raise ValueError(
             "student_softcap / student_logit_scale / teacher_softcap / teacher_logit_scale "
             "are not supported with a top-k teacher (its log-probabilities are final; the "
             "student's transform is not in the top-k kernels yet)")
-    gate = options.resolve_gate(vocab)
+    gate = options.resolve_gate(None)  # no size: the op resolves the default h_max
     grad = torch.is_grad_enabled()
     need = tuple(bool(grad and t is not None and t.requires_grad) for t in student)
     need = need + (False,) * (3 - len(need))
@@ -180,10 +208,10 @@ def run(student: list, teachers: TeacherSet, labels: torch.Tensor | None, token_
     spec = Spec(
         student=student_form, teacher=form, reduction=options.reduction,
         gate=gate.kind, p1=gate.p1, p2=gate.p2, inv_tau=1.0 / options.temperature,
-        chunk=options.chunk_size or default_chunk_size(width),
-        cols=vocab if tp is None else tp.cols, vocab_size=vocab, need=need,
+        chunk=options.chunk_size, vocab_size=options.vocab_size, need=need,
         autocast=_autocast_dtype(student[0].device) if student_form == "linear" else "",
         group="" if tp is None else tp.group, tp=1 if tp is None else tp.size,
+        rank=0 if tp is None else tp.rank,
         sequence_parallel=False if tp is None else tp.sequence_parallel,
         stride=0 if tp is None else tp.stride,
         s_scale=options.student_logit_scale, s_cap=options.student_softcap,
@@ -199,7 +227,8 @@ def run(student: list, teachers: TeacherSet, labels: torch.Tensor | None, token_
     if not options.return_stats:
         return loss
     result: Stats = dict(summarize(stats, mask))
-    result.update(gate.describe())
+    # A Python float: with the default h_max = log V, a symbolic V is specialised here.
+    result.update(options.resolve_gate(vocab).describe())
     if teachers.several:
         result["per_teacher"] = [
             summarize(stats, _routed_mask(mask, teachers.index, j, stats.dtype))

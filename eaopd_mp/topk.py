@@ -145,29 +145,51 @@ def _held(ids: torch.Tensor, lo: int, cols: int) -> tuple[torch.Tensor, torch.Te
     return held, torch.where(held, local, torch.zeros_like(local))
 
 
-def partial_stats(z: torch.Tensor, ids: torch.Tensor, params: torch.Tensor, lo: int
-                  ) -> torch.Tensor:
+def take_ids_(z: torch.Tensor, ids: torch.Tensor, lo: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Take the teacher's ids out of a chunk of student logits, in place (eager, O(k)).
+
+    Args:
+        z: ``(n, c)`` student logits of the columns ``[lo, lo + c)`` (a buffer of ours).
+        ids: ``(n, k)`` int64 global teacher ids (distinct within a token).
+    Returns:
+        ``(at, held, col)``: ``(n, k)`` the logits at the held ids in ``z``'s dtype (any
+        value where not held), whether this shard holds each id, and its local column
+        (0 where not held). ``z``'s held columns are set to ``-inf``, so that one pass
+        over the row sees the tail columns only: no ``(n, c)`` mask, no second pass.
+        (``scatter_add_`` rather than ``scatter_``: the ids a shard does not hold point
+        at column 0 and add 0 there.)
+    """
+    held, col = _held(ids, lo, z.shape[1])
+    at = z.gather(1, col)
+    minus_inf = torch.full((), float("-inf"), dtype=z.dtype, device=z.device)
+    z.scatter_add_(1, col, torch.where(held, minus_inf, torch.zeros_like(minus_inf)))
+    return at, held, col
+
+
+def partial_stats(z: torch.Tensor, at: torch.Tensor, held: torch.Tensor,
+                  params: torch.Tensor) -> torch.Tensor:
     """Per-token partial statistics of one set of student columns.
 
     Args:
-        z: ``(n, c)`` student logits of the columns ``[lo, lo + c)``, any float dtype.
-        ids: ``(n, k)`` int64 global teacher ids.
+        z: ``(n, c)`` student logits with the held ids' columns at ``-inf``
+            (:func:`take_ids_`), any float dtype.
+        at, held: ``(n, k)`` the logits at the ids and whether they are held here.
         params: ``[1/tau, p1, p2]`` in the compute dtype.
-        lo: the global id of column 0.
     Returns:
         ``(n, k + 2)`` in the compute dtype: ``[lse(z/tau), lse over the columns not in
-        ids, z_{I_k}/tau where held else -inf]``. A row with NaN or ``+inf`` gets NaN.
+        ids, z_{I_k}/tau where held else -inf]``. The first is the log-sum-exp of the
+        second and the ``k`` values (``k + 1`` numbers, no cancellation), so the row is
+        read in one pass. A row with NaN or ``+inf`` (tail or ids) gets NaN.
     """
-    torch._check(z.shape[0] == ids.shape[0])
+    torch._check(z.shape[0] == at.shape[0])
     x = z.to(params.dtype) * params[0]
     dx, m, broken = core._shifted(x)
-    e = dx.exp()
-    held, col = _held(ids, lo, z.shape[1])
-    in_topk = torch.zeros_like(e).scatter_add(1, col, held.to(e.dtype)) > 0
-    lse = m + e.sum(-1).log()
-    tail = m + torch.where(in_topk, torch.zeros_like(e), e).sum(-1).log()
-    at = x.gather(1, col)
-    at_ids = torch.where(held, at, torch.full_like(at, float("-inf")))
+    tail = m + dx.exp().sum(-1).log()
+    at_x = at.to(params.dtype) * params[0]
+    at_ids = torch.where(held, at_x, torch.full_like(at_x, float("-inf")))
+    broken = broken | _broken(at_ids)
+    lse = core._lse_shards(torch.cat([tail[:, None], at_ids], dim=1).t())
     out = torch.cat([lse[:, None], tail[:, None], at_ids], dim=1)
     return torch.where(broken[:, None], torch.full_like(out, float("nan")), out)
 
@@ -247,84 +269,117 @@ def combine_stats(parts: torch.Tensor, lp: torch.Tensor, entropy: torch.Tensor, 
     return torch.stack([total, norm.to(params.dtype), fwd, rev, ent, a, b], dim=-1)
 
 
-def grad_logits(z: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, stats: torch.Tensor,
-                scale: torch.Tensor, params: torch.Tensor, mode: str, has_tail: bool,
-                lo: int) -> torch.Tensor:
+def grad_logits(z: torch.Tensor, at: torch.Tensor, held: torch.Tensor, lp: torch.Tensor,
+                stats: torch.Tensor, scale: torch.Tensor, params: torch.Tensor, mode: str,
+                has_tail: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form gradient of ``scale * L`` with respect to the local student logits.
 
     For column ``j`` in bucket ``b(j)``: ``(p_j / tau) [a (1 - Q_b/P_b) + b (log P_b -
-    log Q_b - KL_rev)]``; the tail columns share one coefficient and ``p_j Q_t / P_t`` is
-    ``Q_t exp(z_j/tau - lse_tail)`` (no division). Renormalize: 0 off the ids,
-    ``[a (P^_k - Q^_k) + b P^_k (log P^_k - log Q^_k - KL_rev)] / tau`` at them.
-    Truncate (``S = sum_k Q_k``, ``P_I = sum_k p_k``): ``p_j [a S - b (KL_rev + P_I)] /
-    tau`` off the ids, plus ``[-a Q_k + b p_k (log p_k - l_k + 1)] / tau`` at them. A
-    coefficient of exactly 0 drops its term (:func:`eaopd_mp.core.weighted`): a served
-    log-prob of ``-inf`` under ``b = 0`` gives the forward KL's gradient, not NaN.
+    log Q_b - KL_rev)]``. Renormalize: 0 off the ids, ``[a (P^_k - Q^_k) + b P^_k (log
+    P^_k - log Q^_k - KL_rev)] / tau`` at them. Truncate (``S = sum_k Q_k``, ``P_I =
+    sum_k p_k``): ``p_j [a S - b (KL_rev + P_I)] / tau`` off the ids, plus ``[-a Q_k + b
+    p_k (log p_k - l_k + 1)] / tau`` at them. A coefficient of exactly 0 drops its term
+    (:func:`eaopd_mp.core.weighted`): a served log-prob of ``-inf`` under ``b = 0`` gives
+    the forward KL's gradient, not NaN.
+
+    Every column off the ids gets ``r_j c`` with one coefficient ``c`` per token:
+    ``r_j = exp(z_j/tau - base)``, ``base`` the tail's log-sum-exp in bucket mode (so
+    ``p_j / P_t`` with no division: finite when ``P_t`` underflows) and ``lse`` otherwise;
+    ``c`` is formed in float64 from per-token numbers (:func:`_tail_coefficient`).
 
     Args:
-        z: ``(n, c)`` student logits of columns ``[lo, lo + c)``; ids, lp: ``(n, k)``;
+        z: ``(n, c)`` student logits with the held ids at ``-inf`` (:func:`take_ids_`);
+        at, held: ``(n, k)`` (:func:`take_ids_`); lp: ``(n, k)`` served log-probs;
         stats: ``(n, 7)`` from :func:`combine_stats`; scale: ``(n,)``.
     Returns:
-        ``(n, c)`` in the compute dtype.
+        ``(n, c)`` the gradient off the ids (0 at the held ids' columns), and ``(n, k)``
+        the gradient at the ids (0 where not held), both in the compute dtype.
     """
     torch._check(z.shape[0] == stats.shape[0])
     torch._check(z.shape[0] == scale.shape[0])
     inv_tau = params[0]
+    base, c = _tail_coefficient(lp, stats, scale, params, mode, has_tail)
     x = z.to(params.dtype) * inv_tau
+    r = (x - base[:, None]).exp()
+    off = torch.where(torch.isnan(c), c, torch.zeros_like(c))[:, None]  # NaN stays NaN
+    row = torch.where(r > 0, r * c[:, None], off)
+    return row, _id_gradient(at, held, lp, stats, scale, params, mode, has_tail)
+
+
+def _tail_coefficient(lp, stats, scale, params, mode, has_tail):
+    """``(base, c)``, each ``(n,)`` in the compute dtype: the gradient at a column ``j``
+    off the ids is ``exp(z_j/tau - base) c`` (see :func:`grad_logits`)."""
+    f64 = torch.float64
+    lse, norm = stats[:, LSE_S], stats[:, LSE_T]
+    kl_rev = stats[:, KL_REV].to(f64)
+    ca = (scale * stats[:, core.A] * params[0]).to(f64)
+    cb = (scale * stats[:, core.B] * params[0]).to(f64)
+    if mode == "bucket":
+        live = norm > float("-inf")  # a tail with mass (else every tail column is -inf)
+        base = torch.where(live, lse + norm, torch.zeros_like(lse))
+        q_tail, log_q_rev = _teacher(lp.to(f64), has_tail)
+        log_pt = norm.to(f64)
+        p_tail = log_pt.exp()
+        d_tail = torch.where(live, log_pt - log_q_rev - kl_rev, torch.zeros_like(kl_rev))
+        c = ca * (p_tail - q_tail) + weighted(cb, _xlogy(p_tail, d_tail))
+    elif mode == "truncate":
+        base = lse
+        served = torch.logsumexp(lp.to(f64), dim=-1).exp()
+        c = ca * served - weighted(cb, kl_rev + norm.to(f64).exp())
+    else:
+        base, c = lse, torch.zeros_like(ca)
+    return base, c.to(params.dtype)
+
+
+def _id_gradient(at, held, lp, stats, scale, params, mode, has_tail):
+    """``(n, k)`` gradient at the teacher's ids held here (0 elsewhere), compute dtype."""
+    x = at.to(params.dtype) * params[0]
     lp = lp.to(params.dtype)
     lse, norm, kl_rev = stats[:, LSE_S, None], stats[:, LSE_T, None], stats[:, KL_REV, None]
-    ca = (scale * stats[:, core.A] * inv_tau)[:, None]
-    cb = (scale * stats[:, core.B] * inv_tau)[:, None]
-    held, col = _held(ids, lo, z.shape[1])
-    log_pk = x.gather(1, col) - lse
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    ca = (scale * stats[:, core.A] * params[0])[:, None]
+    cb = (scale * stats[:, core.B] * params[0])[:, None]
+    log_pk = x - lse
+    pk = log_pk.exp()
     if mode == "bucket":
-        q_tail, log_q_rev = _teacher(lp, has_tail)
-        p = (x - lse).exp()
-        live = norm > float("-inf")  # a tail with mass (else every tail p_j is 0)
-        ratio = torch.where(live, (x - lse - torch.where(live, norm, zero)).exp(), zero)
-        d_tail = torch.where(live, norm - log_q_rev[:, None] - kl_rev, zero)
-        row = ca * (p - q_tail[:, None] * ratio) + weighted(cb, _xlogy(p, d_tail))
-        pk = log_pk.exp()
-        at_ids = ca * (pk - lp.exp()) + weighted(cb, _xlogy(pk, log_pk - lp - kl_rev))
+        out = ca * (pk - lp.exp()) + weighted(cb, _xlogy(pk, log_pk - lp - kl_rev))
     elif mode == "truncate":
-        p = (x - lse).exp()
         served = torch.logsumexp(lp.to(torch.float64), dim=-1).exp().to(x.dtype)[:, None]
-        row = ca * served * p - weighted(cb, _xlogy(p, kl_rev + norm.exp()))
-        pk = log_pk.exp()
-        at_ids = (ca * (served * pk - lp.exp())
-                  + weighted(cb, _xlogy(pk, log_pk - lp + 1.0 - kl_rev - norm.exp())))
+        out = (ca * (served * pk - lp.exp())
+               + weighted(cb, _xlogy(pk, log_pk - lp + 1.0 - kl_rev - norm.exp())))
     else:
-        row = torch.zeros_like(x)
         lpk = log_pk - norm
         lq = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
         pk = lpk.exp()
-        at_ids = ca * (pk - lq.exp()) + weighted(cb, _xlogy(pk, lpk - lq - kl_rev))
-    held_f = held.to(x.dtype)
-    in_topk = torch.zeros_like(x).scatter_add(1, col, held_f) > 0
-    placed = torch.zeros_like(x).scatter_add(1, col, torch.where(held, at_ids, zero))
-    return torch.where(in_topk, placed, row)
+        out = ca * (pk - lq.exp()) + weighted(cb, _xlogy(pk, lpk - lq - kl_rev))
+    return torch.where(held, out, torch.zeros_like(out))
 
 
 # ----------------------------------------------------------------- kernels and chunks
+#
+# The compiled kernels take the chunk with its held ids at -inf (take_ids_, eager): one
+# pass over the row for the statistics, one for the gradient off the ids; the ``(n, k)``
+# gradient at the ids comes back packed after the statistics and is added at the ids
+# by put_ids_ (eager, O(k)).
 
 
-def single_stats(z, ids, lp, ent, given, params, kind, mode, has_tail):
+def single_stats(z, at, held, lp, ent, given, params, kind, mode, has_tail):
     """One device, no gradient: ``(n, 7)`` statistics of a chunk."""
-    parts = partial_stats(z, ids, params, 0).unsqueeze(0)
+    parts = partial_stats(z, at, held, params).unsqueeze(0)
     return combine_stats(parts, lp, ent, given, params, kind, mode, has_tail)
 
 
-def grad_logits_(z, ids, lp, stats, scale, params, mode, has_tail, lo):
-    """:func:`grad_logits` written over ``z`` (a buffer of ours); returns ``stats``."""
-    z.copy_(grad_logits(z, ids, lp, stats, scale, params, mode, has_tail, lo))
-    return stats
+def grad_logits_(z, at, held, lp, stats, scale, params, mode, has_tail):
+    """:func:`grad_logits`, the part off the ids written over ``z`` (a buffer of ours);
+    returns ``(n, 7 + k)``: ``stats`` then the gradient at the ids."""
+    row, at_grad = grad_logits(z, at, held, lp, stats, scale, params, mode, has_tail)
+    z.copy_(row)
+    return torch.cat([stats, at_grad], dim=1)
 
 
-def single_grad_(z, ids, lp, ent, scale, given, params, kind, mode, has_tail):
-    """One device: ``(n, 7)`` statistics; the gradient overwrites ``z``."""
-    stats = single_stats(z, ids, lp, ent, given, params, kind, mode, has_tail)
-    return grad_logits_(z, ids, lp, stats, scale, params, mode, has_tail, 0)
+def single_grad_(z, at, held, lp, ent, scale, given, params, kind, mode, has_tail):
+    """One device: :func:`grad_logits_` after the chunk's statistics."""
+    stats = single_stats(z, at, held, lp, ent, given, params, kind, mode, has_tail)
+    return grad_logits_(z, at, held, lp, stats, scale, params, mode, has_tail)
 
 
 def shard_stats(lp, ent, parts, given, params, kind, mode, has_tail):
@@ -333,23 +388,30 @@ def shard_stats(lp, ent, parts, given, params, kind, mode, has_tail):
     return combine_stats(parts, lp, ent, given, params, kind, mode, has_tail)
 
 
-def shard_grad_(z, ids, lp, ent, parts, scale, given, params, kind, mode, has_tail, lo):
-    """Column shards: ``(n, 7)`` statistics from the gathered partials; the local
-    gradient overwrites ``z``."""
+def shard_grad_(z, at, held, lp, ent, parts, scale, given, params, kind, mode, has_tail):
+    """Column shards: :func:`grad_logits_` after combining the gathered partials."""
     torch._check(parts.shape[1] == z.shape[0])
     stats = combine_stats(parts, lp, ent, given, params, kind, mode, has_tail)
-    return grad_logits_(z, ids, lp, stats, scale, params, mode, has_tail, lo)
+    return grad_logits_(z, at, held, lp, stats, scale, params, mode, has_tail)
+
+
+def put_ids_(z: torch.Tensor, col: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """Add the ``(n, k)`` gradient at the ids (after the ``NSTATS`` columns of
+    ``packed``) into ``z``'s id columns, which hold 0 (eager, O(k)); returns the stats.
+    Ids not held carry 0 and point at column 0."""
+    z.scatter_add_(1, col, packed[:, core.NSTATS:].to(z.dtype))
+    return packed[:, :core.NSTATS]
 
 
 # Token dims (position -> dim). ``ent`` is always an ``(n,)`` tensor (a dummy view when
 # the entropy is not given), so that a one-token chunk can be padded like the others.
-_N = {0: 0, 1: 0, 2: 0, 3: 0}
+_N = {0: 0, 1: 0, 2: 0, 3: 0, 4: 0}
 stats_kernel = Kernel(single_stats, _N)
-fwd_grad_kernel_ = Kernel(single_grad_, {**_N, 4: 0})
-partial_kernel = Kernel(partial_stats, {0: 0, 1: 0})
+fwd_grad_kernel_ = Kernel(single_grad_, {**_N, 5: 0})
+partial_kernel = Kernel(partial_stats, {0: 0, 1: 0, 2: 0})
 shard_stats_kernel = Kernel(shard_stats, {0: 0, 1: 0, 2: 1})
-shard_grad_kernel_ = Kernel(shard_grad_, {**_N, 4: 1, 5: 0})
-grad_kernel_ = Kernel(grad_logits_, {0: 0, 1: 0, 2: 0, 3: 0, 4: 0})
+shard_grad_kernel_ = Kernel(shard_grad_, {**_N, 5: 1, 6: 0})
+grad_kernel_ = Kernel(grad_logits_, {**_N, 5: 0})
 
 
 class TopkHead:
@@ -389,31 +451,36 @@ def chunk(plan, spec, z, teacher, scale):
     ids, lp, ent = teacher
     kind, mode, given = spec.gate, spec.topk_tail, spec.entropy_given
     has_tail = ids.shape[1] < spec.vocab_size
+    lo = offset(plan)
+    if z.shape[1] > 0:
+        at, held, col = take_ids_(z, ids, lo)
     if plan.combiner is None:
         if scale is None:
-            return stats_kernel(z, ids, lp, ent, given, params, kind, mode, has_tail), None
-        out = fwd_grad_kernel_(z, ids, lp, ent, scale, given, params, kind, mode, has_tail)
-        return out, z
-    lo = offset(plan)
+            return stats_kernel(z, at, held, lp, ent, given, params, kind, mode,
+                                has_tail), None
+        out = fwd_grad_kernel_(z, at, held, lp, ent, scale, given, params, kind, mode,
+                               has_tail)
+        return put_ids_(z, col, out), z
     if z.shape[1] == 0:
         parts = _empty_partial(z.shape[0], ids.shape[1], plan.dtype, z.device)
     else:
-        parts = partial_kernel(z, ids, params, lo)
+        parts = partial_kernel(z, at, held, params)
     gathered = plan.combiner.gather(parts)
     if scale is None or z.shape[1] == 0:
         out = shard_stats_kernel(lp, ent, gathered, given, params, kind, mode, has_tail)
         return out, (None if scale is None else z)
-    out = shard_grad_kernel_(z, ids, lp, ent, gathered, scale, given, params, kind, mode,
-                             has_tail, lo)
-    return out, z
+    out = shard_grad_kernel_(z, at, held, lp, ent, gathered, scale, given, params, kind,
+                             mode, has_tail)
+    return put_ids_(z, col, out), z
 
 
 def backward_chunk(plan, z, teacher, stats, scale) -> None:
     """The recomputing backward of one chunk: the gradient overwrites ``z``."""
     ids, lp, _ = teacher
     has_tail = ids.shape[1] < plan.spec.vocab_size
-    grad_kernel_(z, ids, lp, stats, scale, plan.params, plan.spec.topk_tail, has_tail,
-                 offset(plan))
+    at, held, col = take_ids_(z, ids, offset(plan))
+    put_ids_(z, col, grad_kernel_(z, at, held, lp, stats, scale, plan.params,
+                                  plan.spec.topk_tail, has_tail))
 
 
 def offset(plan) -> int:

@@ -50,6 +50,11 @@ def test_gpu_suite_dry_run_plans_every_point(capsys):
     assert plan[(16384, "eaopd_fused")][0] < 1.2 * plan[(4096, "eaopd_fused")][0]
     assert re.search(r"^gpu-chunk1024\s+8192\s+4096\s+128256\s+1024\s+liger_jsd", out,
                      flags=re.M)
+    topk = re.findall(r"^gpu-topk\s+(\d+)\s+4096\s+128256\s+\d+\s+(\w+)\s+([\d.]+)\s+run$",
+                      out, flags=re.M)
+    assert {(int(n), impl) for n, impl, _ in topk} == {
+        (n, i) for n in (4096, 8192, 16384)
+        for i in ("eaopd_fused_topk32", "eaopd_fused_topk256", "floor_topk")}, topk
 
 
 def test_startup_and_cpu_bf16_dry_runs(capsys):

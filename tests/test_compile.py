@@ -89,3 +89,47 @@ def test_compile_failure_falls_back_with_one_warning(monkeypatch, error):
     assert sum("falling back to eager" in str(w.message) for w in caught) == 1
     torch.testing.assert_close(first, core.single_stats(z, y, params, "linear", True))
     torch.testing.assert_close(second, first)
+
+
+def _fallback_flags():
+    from eaopd_mp import topk
+    kernels = [k for mod in (core, topk) for k in vars(mod).values() if isinstance(k, core.Kernel)]
+    return {id(k): k._failed for k in kernels}
+
+
+def test_a_user_error_never_switches_the_process_to_eager(monkeypatch):
+    """Issue 18: bad shapes raise a ValueError, and the next valid call still runs the
+    compiled kernels (no fallback flag flipped, no fallback warning)."""
+    monkeypatch.setenv("EAOPD_COMPILE", "1")
+    before = _fallback_flags()
+    h, th = torch.randn(4, 8), torch.randn(4, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback would warn
+        with pytest.raises(ValueError, match=r"student_weight is empty \(shape \(0, 8\)\)"):
+            fused_linear_eaopd_loss(h, torch.randn(0, 8), teacher_hidden=th,
+                                    teacher_weight=torch.randn(0, 6))
+        with pytest.raises(ValueError, match="student_logits has an empty vocabulary dim"):
+            entropy_aware_opd_loss(torch.randn(4, 0), torch.randn(4, 0))
+        assert _fallback_flags() == before
+        w = torch.randn(50, 8, requires_grad=True)
+        fused_linear_eaopd_loss(h, w, teacher_hidden=th, teacher_weight=torch.randn(50, 6),
+                                temperature=0.9).backward()  # _step's kernel: shared
+    # No kernel fell back: with the flag down, Kernel.__call__ runs the compiled function.
+    assert _fallback_flags() == before and not any(before.values())
+
+
+def test_an_input_error_met_while_compiling_propagates_without_fallback(monkeypatch):
+    """An error dynamo meets while tracing a bad input is the input's, not the
+    compiler's: the eager run raises it too, it propagates, and the kernel stays compiled."""
+    monkeypatch.setenv("EAOPD_COMPILE", "1")
+    kernel = core.Kernel(core.single_stats, {0: 0, 1: 0})
+    params = torch.tensor([1.0, 0.5, 0.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises((IndexError, RuntimeError)):
+            kernel(torch.randn(4, 0), torch.randn(4, 0), params, "linear", True)
+    assert not kernel._failed
+    z, y = torch.randn(4, 9), torch.randn(4, 9)
+    torch.testing.assert_close(kernel(z, y, params, "linear", True),
+                               core.single_stats(z, y, params, "linear", True))
+    assert not kernel._failed and kernel._compiled is not None

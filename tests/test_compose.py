@@ -5,6 +5,7 @@ non-finite inputs (NaN in, NaN out)."""
 from __future__ import annotations
 
 import threading
+import warnings
 
 import pytest
 import torch
@@ -62,36 +63,65 @@ def _entry_points():
     def fused_mod(model, x, w, th, tw, labels, **o):
         return FusedLinearEAOPDLoss(**o)(model(x), w, teacher_logits=th @ tw.T, labels=labels)
 
+    def topk_fn(model, x, w, th, tw, labels, **o):  # a served teacher's top-k, fused student
+        lp, ids = torch.log_softmax(th @ tw.T, dim=-1).topk(TOPK, dim=-1)
+        return fused_linear_eaopd_loss(model(x), w, teacher_topk_logprobs=lp,
+                                       teacher_topk_indices=ids, labels=labels, **o)
+
     return {"logits": logits_fn, "fused": fused_fn, "logits_module": logits_mod,
-            "fused_module": fused_mod}
+            "fused_module": fused_mod, "topk": topk_fn}
 
 
-def _run(fn, cfg, compiled, fullgraph=False, seed=0):
+TOPK = 5
+
+
+def _step(fn, cfg):
+    """``(step, model, labels kind)``: a training step with the loss, its options bound."""
     cfg = dict(cfg)
-    x, w0, th, tw, base = _inputs(seed)
-    labels = _labels(cfg.pop("labels"), base)
+    kind = cfg.pop("labels")
     torch.manual_seed(1)
     model = torch.nn.Linear(H, H)
-    w = w0.clone().requires_grad_()
 
     def step(x, w, th, tw, labels):
         out = fn(model, x, w, th, tw, labels, **cfg)
         return out if isinstance(out, tuple) else (out, None)
 
-    if compiled:
-        step = torch.compile(step, fullgraph=fullgraph)
+    return step, model, kind
+
+
+def _call(step, model, kind, seed=0, shape=(3, 8), mark=False):
+    """Run ``step`` on fresh inputs and backward; the loss, the gradients and the stats.
+    ``mark``: mark the token dims dynamic (``torch._dynamo.mark_dynamic``) first."""
+    x, w0, th, tw, base = _inputs(seed, shape)
+    labels = _labels(kind, base)
+    w = w0.clone().requires_grad_()
+    model.zero_grad(set_to_none=True)
+    if mark:
+        for t in (x, th, labels):
+            if t is not None:
+                torch._dynamo.mark_dynamic(t, 1)
     loss, stats = step(x, w, th, tw, labels)
     loss.backward(torch.linspace(-1, 1, loss.numel()).view(loss.shape) if loss.dim() else None)
     grads = [loss.detach(), w.grad, model.weight.grad, model.bias.grad]
     if stats is not None:
-        grads += [v for v in stats.values() if isinstance(v, torch.Tensor)]
+        # the gate's parameters (Python floats, such as h_max = log V) compared too
+        grads += [v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+                  for k, v in stats.items() if k != "gate"]
     return grads
 
 
-@pytest.mark.parametrize("name", list(_entry_points()))
+def _run(fn, cfg, compiled, fullgraph=False, seed=0):
+    step, model, kind = _step(fn, cfg)
+    if compiled:
+        step = torch.compile(step, fullgraph=fullgraph)
+    return _call(step, model, kind, seed)
+
+
+@pytest.mark.parametrize("name", [n for n in _entry_points() if n != "topk"])
 @pytest.mark.parametrize("fullgraph", [False, True])
 def test_compiled_step_equals_eager(name, fullgraph):
-    """Issue 9's repro generalised: the loss inside a compiled step, every config."""
+    """Issue 9's repro generalised: the loss inside a compiled step, every config (the
+    top-k teacher's static compiled step: tests/test_topk.py; dynamic: below)."""
     fn = _entry_points()[name]
     with torch._dynamo.config.patch(recompile_limit=64):
         for cfg in CONFIGS:
@@ -99,6 +129,48 @@ def test_compiled_step_equals_eager(name, fullgraph):
             got = _run(fn, cfg, compiled=True, fullgraph=fullgraph)
             for a, b in zip(got, want, strict=True):
                 close(a, b, msg=f"{name} {cfg}: ")
+
+
+DYNAMIC_CASES = [(name, mode, i + j) for i, name in enumerate(_entry_points())
+                 for j, mode in enumerate(["dynamic", "mark_dynamic"])]
+
+
+@pytest.mark.parametrize("name,mode,row", DYNAMIC_CASES)
+def test_dynamic_compiled_step_equals_eager(name, mode, row):
+    """Issue 18: the loss in a step compiled with ``dynamic=True`` (the vocabulary width is
+    then symbolic too) or with ``mark_dynamic`` on the token dim, fullgraph (no graph
+    break), equals eager at two sequence lengths with one graph. Every entry point in both
+    modes; the configs rotate, so each mode meets every reduction, gate and label kind."""
+    fn = _entry_points()[name]
+    cfg = CONFIGS[row % len(CONFIGS)]
+    step, model, kind = _step(fn, cfg)
+    compiled = torch.compile(step, fullgraph=True, dynamic=True if mode == "dynamic" else None)
+    with torch._dynamo.config.patch(recompile_limit=64):  # `step` is compiled per test
+        for i, shape in enumerate([(3, 8), (3, 13)]):
+            want = _call(step, model, kind, i, shape)
+            if i == 1:
+                counters.clear()
+            got = _call(compiled, model, kind, i, shape, mark=mode == "mark_dynamic")
+            for a, b in zip(got, want, strict=True):
+                close(a, b, msg=f"{name} {cfg} {shape}: ")
+    assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
+
+
+def test_dynamic_step_traces_without_graph_breaks():
+    """Without fullgraph, ``dynamic=True`` traces each entry point (statistics on) as one
+    frame, with no warning from dynamo (main had 5 graph breaks and an lru_cache warning)."""
+    from torch._dynamo.testing import CompileCounter
+    for name, fn in _entry_points().items():
+        step, model, kind = _step(fn, CONFIGS[0])
+        counter = CompileCounter()
+        compiled = torch.compile(step, dynamic=True, backend=counter)
+        with warnings.catch_warnings(record=True) as caught, \
+                torch._dynamo.config.patch(recompile_limit=64):
+            warnings.simplefilter("always")
+            _call(compiled, model, kind)
+        assert counter.frame_count == 1, (name, counter.frame_count)
+        dynamo = [str(w.message) for w in caught if "Dynamo" in str(w.message)]
+        assert not dynamo, (name, dynamo)
 
 
 def test_compiled_step_with_eager_kernels(eager):

@@ -562,6 +562,38 @@ def _check_collectives(rank, world, group):
             else "all_gather_into_tensor"
         assert fwd.calls == [gather] * (1 + n_chunks), fwd.calls
         assert bwd.calls == ["all_reduce"], bwd.calls
+    _check_sp_none_collectives(rank, world, group)
+
+
+def _check_sp_none_collectives(rank, world, group):
+    """Sequence parallelism, reduction="none": the forward gathers each hidden tensor once
+    and keeps it; the recomputing backward's only collective is the reduce-scatter of the
+    hidden gradient (no second all-gather), and its gradients match the gathered call's."""
+    h, w, _, th, tw, _ = _data(3, tokens=(4 * world,), tp=world)
+    width = w.shape[0] // world
+    shard = slice(rank * width, (rank + 1) * width)
+    gather = "all_gather_single" if hasattr(dist, "all_gather_single") \
+        else "all_gather_into_tensor"
+    scatter = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") \
+        else "reduce_scatter_tensor"
+    hl, wl = h.chunk(world, 0)[rank].clone().requires_grad_(), w[shard].clone().requires_grad_()
+    with CollectiveCounter() as fwd:
+        loss = fused_linear_vocab_parallel_eaopd_loss(
+            hl, wl, teacher_hidden=th.chunk(world, 0)[rank], teacher_weight=tw[shard],
+            tp_group=group, reduction="none", chunk_size=3, sequence_parallel=True)
+    with CollectiveCounter() as bwd:
+        loss.backward(_grad_out(loss))
+    n_chunks = -(-4 * world // 3)
+    assert fwd.calls == [gather] * (3 + n_chunks), fwd.calls  # header, h, h_t, chunks
+    assert bwd.calls == [scatter], bwd.calls
+    hr, wr = h.clone().requires_grad_(), w[shard].clone().requires_grad_()
+    ref = fused_linear_vocab_parallel_eaopd_loss(
+        hr, wr, teacher_hidden=th, teacher_weight=tw[shard], tp_group=group,
+        reduction="none", chunk_size=3)
+    ref.backward(_grad_out(ref))
+    _close(loss, ref)
+    _close(hl.grad, hr.grad.chunk(world, 0)[rank], msg="grad h ")
+    _close(wl.grad, wr.grad, msg="grad W ")
 
 
 def _check_disagreement(rank, world, group):

@@ -122,3 +122,88 @@ def test_integer_and_bool_masks_equal_float():
 def test_unknown_option_is_a_type_error():
     with pytest.raises(TypeError, match="unknown option.*temprature"):
         entropy_aware_opd_loss(Z, Y, temprature=2.0)
+
+
+# ---------------------------------------------------------------- issue 18: empty dims
+
+EMPTY_CASES = [  # shapes the kernels cannot take: a ValueError naming the argument first
+    (lambda: entropy_aware_opd_loss(torch.randn(2, 3, 0), torch.randn(2, 3, 0)),
+     r"student_logits has an empty vocabulary dim \(shape \(2, 3, 0\)\)"),
+    (lambda: entropy_aware_opd_loss(torch.randn(2, 0), teacher_topk_logprobs=torch.zeros(2, 1),
+                                    teacher_topk_indices=torch.zeros(2, 1, dtype=torch.long)),
+     r"student_logits has an empty vocabulary dim \(shape \(2, 0\)\)"),
+    (lambda: _fused(w=torch.randn(0, 5), teacher_weight=torch.randn(0, 4)),
+     r"student_weight is empty \(shape \(0, 5\)\)"),
+    (lambda: _fused(teacher_weight=torch.randn(0, 4), vocab_size=3),
+     r"teacher_weight is empty \(shape \(0, 4\)\)"),
+    (lambda: _fused(h=torch.randn(2, 3, 0), w=torch.randn(11, 0)),
+     r"student_weight is empty \(shape \(11, 0\)\)"),
+    (lambda: _fused(teacher_hidden=torch.randn(2, 3, 0), teacher_weight=torch.randn(11, 0)),
+     r"teacher_weight is empty \(shape \(11, 0\)\)"),
+    (lambda: entropy_aware_opd_loss(Z, teacher_topk_logprobs=torch.zeros(2, 3, 0),
+                                    teacher_topk_indices=torch.zeros(2, 3, 0, dtype=torch.long)),
+     "1 <= k <= vocabulary size 11, got k=0"),
+]
+
+
+@pytest.mark.parametrize("call,match", EMPTY_CASES)
+def test_empty_dims_raise_before_any_work(monkeypatch, call, match):
+    """An empty vocabulary or hidden dim is refused by name before the op runs (main
+    failed inside the compiled kernel, flipping it to eager for the whole process)."""
+    import eaopd_mp.plan as plan_mod
+
+    def boom(*a, **k):
+        raise AssertionError("work started before validation")
+
+    monkeypatch.setattr(plan_mod, "run", boom)
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_empty_vocab_shard_is_refused_by_name():
+    from eaopd_mp.parallel import fused_linear_vocab_parallel_eaopd_loss, vocab_parallel_eaopd_loss
+    with pytest.raises(ValueError, match=r"student_logits has an empty vocabulary dim"):
+        vocab_parallel_eaopd_loss(torch.randn(2, 0), torch.randn(2, 0))
+    with pytest.raises(ValueError, match=r"student_weight is empty"):
+        fused_linear_vocab_parallel_eaopd_loss(H, torch.randn(0, 5), teacher_hidden=TH,
+                                               teacher_weight=torch.randn(0, 4))
+
+
+# ------------------------------------------------------- issue 18: extreme option values
+
+EXTREME_OPTIONS = [
+    (dict(temperature=1e-320), "temperature must be in"),  # 1/x is inf
+    (dict(temperature=1e-7), "temperature must be in"),
+    (dict(temperature=1e7), "temperature must be in"),
+    (dict(h_max=1e-320), "h_max must be in"),
+    (dict(h_max=1e300), "h_max must be in"),
+    (dict(student_logit_scale=1e300), "student_logit_scale must be in"),  # main: NaN
+    (dict(teacher_logit_scale=1e-300), "teacher_logit_scale must be in"),
+    (dict(student_softcap=1e-300), "student_softcap must be in"),
+    (dict(teacher_softcap=1e300), "teacher_softcap must be in"),
+    (dict(gate="threshold", fkl_coef=1e300), "fkl_coef must be in"),
+]
+
+
+@pytest.mark.parametrize("kw,match", EXTREME_OPTIONS)
+def test_extreme_option_values_raise_at_construction(kw, match):
+    """Options whose reciprocal is not finite, or that overflow the float32 compute, raise
+    a ValueError naming them when the options are built (module or call)."""
+    with pytest.raises(ValueError, match=match):
+        EntropyAwareOPDLoss(**kw)
+    with pytest.raises(ValueError, match=match):
+        entropy_aware_opd_loss(Z, Y, **kw)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1e-6), dict(temperature=1e6),
+                                dict(h_max=1e-6), dict(h_max=1e6),
+                                dict(student_logit_scale=1e6, teacher_logit_scale=1e-6),
+                                dict(student_softcap=1e-6, teacher_softcap=1e6),
+                                dict(gate="threshold", fkl_coef=1e6)])
+def test_option_bounds_are_inclusive_and_finite(kw, eager):
+    """At the bounds the loss and its gradient are finite on ordinary logits (the same
+    call at 1e300 gave NaN on main). Eager kernels: the maths, not the compiler."""
+    z = Z.clone().requires_grad_()
+    loss = entropy_aware_opd_loss(z, Y, **kw)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z.grad).all(), (kw, loss)
