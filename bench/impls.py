@@ -227,6 +227,28 @@ def eaopd_fused_topk(k: int) -> Callable[[Case, Inputs], Step]:
     return make
 
 
+def eaopd_fused_teachers(n_teachers: int) -> Callable[[Case, Inputs], Step]:
+    """Fused, the tokens routed round-robin to ``n_teachers`` teachers (token ``i`` to
+    teacher ``i % n``): each teacher gets its own rows of the teacher hidden states and the
+    same teacher head, so the loss equals the one-teacher loss (checked) and the time
+    shows what the routing costs (more, shorter chunks; gathered rows)."""
+
+    def make(case: Case, x: Inputs) -> Step:
+        index = torch.arange(case.tokens, device=x.hs.device) % n_teachers
+        hidden = [x.ht[index == j] for j in range(n_teachers)]  # outside the timed step
+
+        def step():
+            loss = eaopd_mp.fused_linear_eaopd_loss(
+                x.hs, x.ws, teacher_hidden=hidden, teacher_weight=[x.wt] * n_teachers,
+                teacher_index=index, chunk_size=case.chunk)
+            loss.backward()
+            return loss
+
+        return step
+
+    return make
+
+
 def floor(case: Case, x: Inputs) -> Step:
     """The four unavoidable GEMMs at full size: two logits GEMMs and two gradient GEMMs.
 
@@ -362,6 +384,11 @@ IMPLS: dict[str, Impl] = {
              per_chunk=10, exact=False),
         Impl("floor_topk", "the 3 GEMMs a top-k teacher leaves (student logits, dX, dW), "
              "chunked", floor_topk, per_chunk=3, exact=False),
+        Impl("eaopd_fused_teachers2", "eaopd_mp fused, tokens routed to 2 teachers (copies "
+             "of one head: the one-teacher loss, checked)", eaopd_fused_teachers(2),
+             per_chunk=10),
+        Impl("eaopd_fused_teachers4", "the same with 4 teachers", eaopd_fused_teachers(4),
+             per_chunk=10),
         Impl("liger_jsd", "Liger LigerFusedLinearJSDLoss (a different loss: cost "
              "reference)", liger_jsd, per_chunk=12, exact=False, needs=_needs_liger),
         Impl("liger_eaopd", "EAOPD on Liger's LigerFusedLinearDistillationBase",

@@ -11,6 +11,7 @@
     python bench/run.py --suite topk --out bench-topk       # served top-k teacher (CPU)
     python bench/run.py --suite long --out bench-long       # long context, V = 151936
     python bench/run.py --suite long --device cuda --dtype bf16 --out bench-long-cuda
+    python bench/run.py --suite teachers --out bench-teachers # 1, 2, 4 routed teachers
 
 Writes ``results.json`` (one record per implementation and point), ``results.md``
 (tables), ``meta.json`` (machine, versions, command) and one PNG per sweep into
@@ -44,6 +45,7 @@ from suites import (
     issue2_suite,
     long_suite,
     main_suite,
+    teachers_suite,
     topk_suite,
 )
 
@@ -115,6 +117,8 @@ def select_cases(args: argparse.Namespace):
         cases = topk_suite()
     elif args.suite == "long":
         cases = long_suite(args.device, args.dtype)
+    elif args.suite == "teachers":
+        cases = teachers_suite()
     else:
         cases = main_suite(args.device, args.dtype, args.quick)
     if args.sweeps:

@@ -5,7 +5,8 @@ chunk size; ``--quick`` keeps a small tokens sweep. ``issue2``: the acceptance n
 of the fused loss against the GEMM floor (CPU, fp32, V = 32000). ``gpu``: issue 13's
 GPU table (CUDA, bf16, V = 128256, H = 4096, N = 4k/8k/16k). ``cpu-bf16``: the fused
 loss and the chunked GEMM floor in bf16 next to fp32 on CPU. ``topk``: a served top-k
-teacher (issue 12). ``long``: long-context memory at V = 151,936 (issue 17). ``startup`` (first-call
+teacher (issue 12). ``long``: long-context memory at V = 151,936 (issue 17).
+``teachers``: 1, 2 and 4 routed teachers (issue 19). ``startup`` (first-call
 times in fresh processes) is not a list of cases: see ``startup.py``.
 
 CPU sweeps use a small hidden size: on two cores the GEMMs of a realistic one (4096)
@@ -22,8 +23,9 @@ from eaopd_mp.driver import default_chunk_size
 
 TOPK = ("eaopd_fused", "eaopd_fused_topk32", "eaopd_fused_topk256", "floor_chunked",
         "floor_topk")
+TEACHERS = ("eaopd_fused", "eaopd_fused_teachers2", "eaopd_fused_teachers4", "floor_chunked")
 ALL = tuple(i for i in IMPLS if i not in ("eaopd_fused_topk32", "eaopd_fused_topk256",
-                                          "floor_topk"))  # the topk suite runs them
+                                          "floor_topk", *TEACHERS[1:3]))  # own suites
 CHUNKED = ("eaopd_fused", "eaopd_fused_recompute", TP_IMPL, "floor_chunked", "liger_jsd",
            "liger_eaopd")
 ISSUE2 = ("eaopd_fused", "floor", "floor_chunked", "naive_compiled", "liger_eaopd")
@@ -170,6 +172,13 @@ def long_suite(device: str, dtype: str) -> list[Case]:
                   hidden=hidden, vocab=V_QWEN, impls=LONG_IMPLS)
 
 
+def teachers_suite() -> list[Case]:
+    """Issue 19: the fused loss with 1, 2 and 4 routed teachers on the same tokens next to
+    the chunked four-GEMM floor (CPU, fp32, V = 32000, H = 128)."""
+    return _sweep("teachers-H128", "tokens", "cpu", "fp32", (2048, 4096), hidden=128,
+                  vocab=V32K, impls=TEACHERS)
+
+
 def custom_sweep(device: str, dtype: str, tokens: tuple[int, ...], hidden: int, vocab: int,
                  chunk: int | None = None) -> list[Case]:
     """One tokens sweep at the given shapes (``--tokens``), every implementation."""
@@ -180,4 +189,4 @@ def custom_sweep(device: str, dtype: str, tokens: tuple[int, ...], hidden: int, 
 # The device and dtype a suite is defined on (None: chosen by --device/--dtype).
 SUITES = {"main": None, "issue2": ("cpu", "fp32"), "gpu": ("cuda", "bf16"),
           "cpu-bf16": ("cpu", None), "startup": ("cpu", "fp32"), "topk": ("cpu", "fp32"),
-          "long": None}
+          "long": None, "teachers": ("cpu", "fp32")}

@@ -216,31 +216,55 @@ def _buffer(head, n: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 @dataclass
+class Part:
+    """One teacher's share of a call: positions ``[lo, hi)`` of the kept tokens.
+
+    Attributes:
+        head: the teacher's head over its own ``N_j`` rows.
+        spec: the single-teacher :class:`eaopd_mp.plan.Spec` of this teacher (its form,
+            whether its entropy is given): it selects the chunk's kernels.
+        entropy: ``(N_j,)`` gate entropy given for a dense teacher, or None (a top-k
+            teacher head carries its own).
+    """
+
+    head: object
+    spec: object
+    entropy: torch.Tensor | None
+    lo: int = 0
+    hi: int = 0
+
+
+@dataclass
 class Plan:
     """One evaluation inside the op.
 
+    The kept tokens are walked in *kept order*: token order, or with several teachers
+    grouped by teacher (teacher 0's tokens first, each group in token order), so that
+    every chunk belongs to one teacher and the student's logits are made once per token.
+
     Attributes:
-        student, teacher: heads over the same ``N`` flattened tokens.
-        rows: indices of tokens with a non-zero mask weight, or None for all tokens.
+        student: the student head over ``N`` flattened tokens.
+        parts: one :class:`Part` per teacher, in kept order.
+        rows: the student token of each kept position, or None (all tokens, in order).
         weight: ``(N,)`` mask weights in the compute dtype, or None.
         spec: the call's :class:`eaopd_mp.plan.Spec`.
         combiner: None on one device; a :class:`eaopd_mp.tp.TPCombiner` otherwise.
-        entropy: ``(N,)`` gate entropy given by the caller for a dense teacher, or None
-            (a top-k teacher head carries its own).
+        t_rows: the teacher row of each kept position (None: the same as ``rows``).
     """
 
     student: LogitsHead | LinearHead
-    teacher: LogitsHead | LinearHead
+    parts: list
     rows: torch.Tensor | None
     weight: torch.Tensor | None
     n_tokens: int
     spec: object
     combiner: object = None
-    entropy: torch.Tensor | None = None
+    t_rows: torch.Tensor | None = None
 
     def __post_init__(self):
         self.n_kept = self.n_tokens if self.rows is None else int(self.rows.numel())
-        self.dtype = core.compute_dtype(self.student.dtype, self.teacher.dtype)
+        self.dtype = core.compute_dtype(self.student.dtype,
+                                        *(p.head.dtype for p in self.parts))
         self.params = core.make_params(self.spec.inv_tau, self.spec.gate_obj, self.dtype,
                                        self.student.device)
         head, flags = core.make_head(self.spec.transform, self.dtype, self.student.device)
@@ -254,11 +278,17 @@ class Plan:
         return self.weight if self.rows is None else self.weight[self.rows]
 
     def chunks(self):
-        """Yield ``(lo, hi, rows)``: positions in the kept tokens and the row selector."""
+        """Yield ``(lo, hi, rows, t_rows, part)``: positions in the kept tokens, the
+        student's and the teacher's row selectors, and the chunk's teacher. A teacher's
+        buffers are released once its last chunk is done (one teacher's chunk is live)."""
         chunk = self.spec.chunk
-        for lo in range(0, self.n_kept, chunk):
-            hi = min(lo + chunk, self.n_kept)
-            yield lo, hi, (slice(lo, hi) if self.rows is None else self.rows[lo:hi])
+        for part in self.parts:
+            for lo in range(part.lo, part.hi, chunk):
+                hi = min(lo + chunk, part.hi)
+                rows = slice(lo, hi) if self.rows is None else self.rows[lo:hi]
+                t_rows = rows if self.t_rows is None else self.t_rows[lo:hi]
+                yield lo, hi, rows, t_rows, part
+            part.head.release()
 
     def scatter(self, kept: torch.Tensor) -> torch.Tensor:
         """Per-kept-token rows -> all ``N`` tokens (zeros for the skipped ones)."""
@@ -276,15 +306,16 @@ def _empty_partial(n: int, dtype, device) -> torch.Tensor:
     return out
 
 
-def _chunk(plan: Plan, z, y, scale, entropy=None):
+def _chunk(plan: Plan, spec, z, y, scale, entropy=None):
     """Statistics ``(n, 7)`` of one chunk; with ``scale``, the gradient is written over
     ``z`` (the student head's buffer) and ``z`` is returned as the gradient.
-    ``entropy``: the chunk's ``(n,)`` given gate entropy (dense teacher), or None."""
-    spec, params, x = plan.spec, plan.params, plan.extra
+    ``spec``: the chunk's teacher's (:attr:`Part.spec`); ``entropy``: the chunk's ``(n,)``
+    given gate entropy (dense teacher), or None."""
+    params, x = plan.params, plan.extra
     if spec.teacher == "topk":
-        return topk.chunk(plan, z, y, scale)
+        return topk.chunk(plan, spec, z, y, scale)
     if entropy is not None:
-        return _chunk_given_entropy(plan, z, y, scale, entropy)
+        return _chunk_given_entropy(plan, spec, z, y, scale, entropy)
     kind, untempered = spec.gate, spec.inv_tau == 1.0
     tf = plan.transformed
     if plan.combiner is None:
@@ -316,11 +347,11 @@ def _override_gate(stats: torch.Tensor, entropy: torch.Tensor, params: torch.Ten
                       torch.stack([ent, a, b], dim=-1)], dim=1)
 
 
-def _chunk_given_entropy(plan: Plan, z, y, scale, entropy):
+def _chunk_given_entropy(plan: Plan, spec, z, y, scale, entropy):
     """:func:`_chunk` with the caller's gate entropy: the dense statistics, the gate
     recomputed from ``entropy`` (:func:`_override_gate`), then the gradient
     from those statistics (one more pass over the chunk than the fused kernel)."""
-    spec, params, x, tf = plan.spec, plan.params, plan.extra, plan.transformed
+    params, x, tf = plan.params, plan.extra, plan.transformed
     untempered = spec.inv_tau == 1.0
     if plan.combiner is None:
         kernel = core.stats_x_kernel if tf else core.stats_kernel
@@ -339,34 +370,43 @@ def _chunk_given_entropy(plan: Plan, z, y, scale, entropy):
     return stats, z
 
 
+def fresh(x: torch.Tensor) -> torch.Tensor:
+    """``x`` at storage offset 0 (a copy of a small per-chunk slice if needed): the
+    compiled kernels specialise on an offset of 0 or 1 against one >= 2, so slices that
+    start anywhere would compile each kernel twice (seconds each)."""
+    return x if x.storage_offset() == 0 else x.clone()
+
+
 def run_forward(plan: Plan, scale: torch.Tensor | None) -> torch.Tensor:
     """Per-kept-token statistics ``(n_kept, 7)``; with ``scale`` also the student gradient."""
-    student, teacher = plan.student, plan.teacher
+    student = plan.student
     stats = torch.empty(plan.n_kept, core.NSTATS, dtype=plan.dtype, device=student.device)
-    for lo, hi, rows in plan.chunks():
-        z, y = student.logits(rows), teacher.logits(rows)
-        s = None if scale is None else scale[lo:hi]
-        ent = None if plan.entropy is None else plan.entropy[rows]
-        stats[lo:hi], grad = _chunk(plan, z, y, s, ent)
+    for lo, hi, rows, t_rows, part in plan.chunks():
+        z, y = student.logits(rows), part.head.logits(t_rows)
+        s = None if scale is None else fresh(scale[lo:hi])
+        ent = None if part.entropy is None else fresh(part.entropy[t_rows])
+        stats[lo:hi], grad = _chunk(plan, part.spec, z, y, s, ent)
         if grad is not None:
             student.add_grad(grad, rows)
+        y = None  # a teacher's buffer is freed after its last chunk (see Plan.chunks)
     student.release()
-    teacher.release()
     return stats
 
 
 def run_backward(plan: Plan, stats: torch.Tensor, scale: torch.Tensor) -> None:
     """Recompute each chunk's logits and hand the student its gradient (no collective)."""
-    student, teacher = plan.student, plan.teacher
-    for lo, hi, rows in plan.chunks():
-        z, y = student.logits(rows), teacher.logits(rows)
+    student = plan.student
+    for lo, hi, rows, t_rows, part in plan.chunks():
+        z, y = student.logits(rows), part.head.logits(t_rows)
         if z.shape[1] == 0:
+            y = None
             continue
-        if plan.spec.teacher == "topk":
-            topk.backward_chunk(plan, z, y, stats[lo:hi], scale[lo:hi])
+        st, sc = fresh(stats[lo:hi]), fresh(scale[lo:hi])
+        if part.spec.teacher == "topk":
+            topk.backward_chunk(plan, z, y, st, sc)
         else:
             kernel = core.grad_x_kernel_ if plan.transformed else core.grad_kernel_
-            kernel(z, y, stats[lo:hi], scale[lo:hi], plan.params, *plan.extra)
+            kernel(z, y, st, sc, plan.params, *plan.extra)
         student.add_grad(z, rows)
+        y = None  # as in run_forward
     student.release()
-    teacher.release()

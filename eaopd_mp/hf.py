@@ -157,9 +157,10 @@ def next_token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     return keep.to(torch.float32)
 
 
-def eaopd_loss(student, teacher, input_ids: torch.Tensor,
+def eaopd_loss(student, teacher=None, input_ids: torch.Tensor | None = None,
                attention_mask: torch.Tensor | None = None,
-               completion_mask: torch.Tensor | None = None, **loss_options):
+               completion_mask: torch.Tensor | None = None, *, teachers: list | None = None,
+               teacher_index: torch.Tensor | None = None, **loss_options):
     """The entropy-aware OPD loss of two ``transformers`` causal LMs on ``input_ids``.
 
     Args:
@@ -176,9 +177,14 @@ def eaopd_loss(student, teacher, input_ids: torch.Tensor,
             ``labels.ne(-100)``). A position counts when it and its next token are real and
             the next token is a completion token, so left, right and no padding give the
             same per-sequence losses.
+        teachers, teacher_index: several teachers instead of ``teacher``: a list of causal
+            LMs (each of its own size and head width, the same head transforms) and the
+            ``(B,)`` integer teacher of each sequence. Each teacher runs on its own
+            sequences only; one fused call scores every sequence by its teacher
+            (``stats["per_teacher"]`` with ``return_stats=True``).
         **loss_options: :class:`~eaopd_mp.options.LossOptions` (``reduction``,
             ``temperature``, ``gate``, ``return_stats``, ...). ``vocab_size`` defaults to
-            the smaller of the two models' vocabularies. The head transforms come from the
+            the smallest of the models' vocabularies. The head transforms come from the
             models' configs and cannot be given here.
     Returns:
         As :func:`eaopd_mp.fused_linear_eaopd_loss` over the ``(B, T - 1)`` next-token
@@ -190,6 +196,12 @@ def eaopd_loss(student, teacher, input_ids: torch.Tensor,
         raise TypeError(f"{', '.join(given)} come(s) from the models' configs (see "
                         "eaopd_mp.hf.lm_head); call eaopd_mp.fused_linear_eaopd_loss to set "
                         "them by hand")
+    if input_ids is None:
+        raise TypeError("eaopd_loss needs input_ids")
+    models = _teacher_models(teacher, teachers, teacher_index, input_ids)
+    if teachers is not None:
+        return _routed(student, models, teacher_index, input_ids, attention_mask,
+                       completion_mask, loss_options)
     vocab = loss_options.pop("vocab_size", None)
     labels = next_token_mask(input_ids, attention_mask, completion_mask)
 
@@ -230,3 +242,59 @@ def _fused(hidden, t_hidden, student, teacher, labels, vocab, loss_options):
             teacher_weight=keep(t_head.weight), teacher_bias=keep(t_head.bias),
             labels=labels.to(hidden.device), vocab_size=vocab, **s_head.options("student"),
             **t_head.options("teacher"), **loss_options)
+
+
+def _routed(student, models, teacher_index, input_ids, attention_mask, completion_mask,
+            loss_options):
+    """:func:`eaopd_loss` with several teachers, each run on its own sequences (not
+    under FSDP2 / ZeRO-3 sharding: the heads are read as they are)."""
+    s_head = lm_head(student)
+    t_heads = [lm_head(m) for m in models]
+    vocab = loss_options.pop("vocab_size", None)
+    if vocab is None:
+        vocab = min(s_head.vocab_size, *(t.vocab_size for t in t_heads))
+    labels = next_token_mask(input_ids, attention_mask, completion_mask)
+    hidden = last_hidden_state(student, input_ids, attention_mask)[:, :-1]
+    transforms = {tuple(sorted(t.options("teacher").items())) for t in t_heads}
+    if len(transforms) > 1:
+        raise ValueError(f"the teachers' head transforms differ ({sorted(transforms)}): one "
+                         "call takes one teacher_softcap / teacher_logit_scale")
+    index = teacher_index.to(input_ids.device)
+    t_hidden = []
+    with torch.no_grad():
+        for j, (model, head) in enumerate(zip(models, t_heads, strict=True)):
+            rows = (index == j).nonzero().squeeze(1)
+            if rows.numel() == 0:  # no sequence for this teacher: no forward pass
+                t_hidden.append(head.weight.new_zeros(0, input_ids.shape[1] - 1,
+                                                      head.weight.shape[1]))
+                continue
+            mask = None if attention_mask is None else attention_mask[rows]
+            t_hidden.append(last_hidden_state(model, input_ids[rows], mask)[:, :-1])
+    return fused_linear_eaopd_loss(
+        hidden, s_head.weight, student_bias=s_head.bias,
+        teacher_hidden=[h.to(hidden.device) for h in t_hidden],
+        teacher_weight=[t.weight for t in t_heads], teacher_bias=[t.bias for t in t_heads],
+        teacher_index=index[:, None].expand(labels.shape).to(hidden.device),
+        labels=labels.to(hidden.device), vocab_size=vocab, **s_head.options("student"),
+        **t_heads[0].options("teacher"), **loss_options)
+
+
+def _teacher_models(teacher, teachers, teacher_index, input_ids) -> list:
+    """``[teacher]``, or the checked ``teachers`` with a ``(B,)`` ``teacher_index``."""
+    if teachers is None:
+        if teacher is None:
+            raise TypeError("eaopd_loss needs a teacher (or teachers + teacher_index)")
+        if teacher_index is not None:
+            raise ValueError("teacher_index routes sequences to teachers=[...]; with one "
+                             "teacher leave it out")
+        return [teacher]
+    if teacher is not None:
+        raise ValueError("give teacher OR teachers=[...], not both")
+    if not isinstance(teachers, (list, tuple)) or not teachers:
+        raise TypeError("teachers must be a non-empty list of causal LMs")
+    if not isinstance(teacher_index, torch.Tensor) or teacher_index.is_floating_point() \
+            or tuple(teacher_index.shape) != (input_ids.shape[0],):
+        raise ValueError(f"teacher_index must be an integer tensor of shape "
+                         f"({input_ids.shape[0]},) (one teacher per sequence), got "
+                         f"{getattr(teacher_index, 'shape', teacher_index)}")
+    return list(teachers)

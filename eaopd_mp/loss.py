@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, ops, plan, sharded  # noqa: F401 - ops registers the custom ops
+from . import _checks, ops, plan, sharded, teachers  # noqa: F401 - ops registers the custom ops
 from .core import compute_dtype
 from .options import LossOptions
 
@@ -35,11 +35,12 @@ def teacher_entropy(teacher_logits: torch.Tensor) -> torch.Tensor:
 
 def entropy_aware_opd_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | list | None = None,
     *,
-    teacher_topk_logprobs: torch.Tensor | None = None,
-    teacher_topk_indices: torch.Tensor | None = None,
-    teacher_entropy: torch.Tensor | None = None,
+    teacher_topk_logprobs: torch.Tensor | list | None = None,
+    teacher_topk_indices: torch.Tensor | list | None = None,
+    teacher_entropy: torch.Tensor | list | None = None,
+    teacher_index: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     **options,
 ) -> torch.Tensor | tuple[torch.Tensor, plan.Stats]:
@@ -63,6 +64,11 @@ def entropy_aware_opd_loss(
         teacher_entropy: ``(...)`` floating, optional: the gate's teacher entropy (nats),
             overriding the one computed from the teacher (with a top-k teacher: the
             entropy of the bucketed teacher, a lower bound of the true one).
+        teacher_index: several teachers: ``(...)`` integer, the student's token shape,
+            values in ``[0, n_teachers)``: the teacher of each token. Every teacher
+            argument is then a list with one entry per teacher (None where a teacher does
+            not use it) holding exactly that teacher's tokens in token order (see
+            :mod:`eaopd_mp.teachers`).
         labels: ``(...)`` mask over tokens: 0/1 (bool or integer) or float weights >= 0;
             None means all tokens. Tokens of weight 0 are skipped.
         **options: :class:`~eaopd_mp.options.LossOptions` (``h_max``, ``temperature``,
@@ -71,11 +77,12 @@ def entropy_aware_opd_loss(
         The loss (float32; float64 for float64 inputs), or ``(loss, stats)``.
     """
     return logits_loss(student_logits, teacher_logits, labels, LossOptions.build(options),
-                       teacher_topk_logprobs, teacher_topk_indices, teacher_entropy)
+                       teacher_topk_logprobs, teacher_topk_indices, teacher_entropy,
+                       teacher_index)
 
 
 def logits_loss(student_logits, teacher_logits, labels, options: LossOptions,
-                topk_logprobs=None, topk_indices=None, entropy=None):
+                topk_logprobs=None, topk_indices=None, entropy=None, teacher_index=None):
     """:func:`entropy_aware_opd_loss` with its options already built."""
     if sharded.any_dtensor(student_logits, teacher_logits, labels, topk_logprobs,
                            topk_indices, entropy):  # vocabulary-sharded DTensor logits
@@ -85,55 +92,33 @@ def logits_loss(student_logits, teacher_logits, labels, options: LossOptions,
     _checks.nonempty_vocab("student_logits", student_logits)
     token_shape = tuple(student_logits.shape[:-1])
     vocab = student_logits.shape[-1]
-    if teacher_logits is not None and (topk_logprobs is not None or topk_indices is not None):
-        raise ValueError("give the teacher as teacher_logits OR teacher_topk_logprobs + "
-                         "teacher_topk_indices, not both")
-    if teacher_logits is None and topk_logprobs is None and topk_indices is None:
-        raise ValueError("the teacher is missing: give teacher_logits, or "
-                         "teacher_topk_logprobs + teacher_topk_indices")
-    if teacher_logits is not None:
-        _checks.logits_pair(student_logits, teacher_logits, options.vocab_size)
-        y = teacher_logits.detach()
-        teacher, form = [y.reshape(-1, y.shape[-1])], "logits"
-    else:
-        _checks.topk_teacher(topk_logprobs, topk_indices, token_shape,
-                             options.vocab_size or vocab)
-        teacher, form = topk_tensors(topk_logprobs, topk_indices), "topk"
-    _checks.entropy(entropy, token_shape)
-    _checks.same_device(student_logits=student_logits, teacher_logits=teacher_logits,
-                        teacher_topk_logprobs=topk_logprobs,
-                        teacher_topk_indices=topk_indices, teacher_entropy=entropy,
-                        labels=labels)
+    args = dict(teacher_logits=teacher_logits, teacher_topk_logprobs=topk_logprobs,
+                teacher_topk_indices=topk_indices, teacher_entropy=entropy)
+    check = teachers.logits_check(student_logits, options.vocab_size,
+                                  options.vocab_size or vocab)
+    chosen = teachers.build(args, teacher_index, token_shape, check)
+    _checks.same_device(student_logits=student_logits, labels=labels,
+                        teacher_index=teacher_index, **teachers.named(args))
     labels = _checks.labels(labels, token_shape)
     z = student_logits.reshape(-1, vocab)
-    return plan.run([z], teacher, labels, token_shape, options, student_form="logits",
-                    teacher_form=form, width=vocab, entropy=flat_entropy(entropy))
-
-
-def topk_tensors(logprobs: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor]:
-    """The top-k teacher's tensor list ``[(N, k) log-probs, (N, k) int64 ids]``."""
-    k = logprobs.shape[-1]
-    return [logprobs.detach().reshape(-1, k), ids.detach().reshape(-1, k).to(torch.int64)]
-
-
-def flat_entropy(entropy: torch.Tensor | None) -> torch.Tensor | None:
-    """The ``(N,)`` gate entropy (detached), or None."""
-    return None if entropy is None else entropy.detach().reshape(-1)
+    return plan.run([z], chosen, labels, token_shape, options, student_form="logits",
+                    width=vocab)
 
 
 def fused_linear_eaopd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
     *,
-    teacher_hidden: torch.Tensor | None = None,
-    teacher_weight: torch.Tensor | None = None,
-    teacher_logits: torch.Tensor | None = None,
+    teacher_hidden: torch.Tensor | list | None = None,
+    teacher_weight: torch.Tensor | list | None = None,
+    teacher_logits: torch.Tensor | list | None = None,
     student_bias: torch.Tensor | None = None,
-    teacher_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | list | None = None,
     labels: torch.Tensor | None = None,
-    teacher_topk_logprobs: torch.Tensor | None = None,
-    teacher_topk_indices: torch.Tensor | None = None,
-    teacher_entropy: torch.Tensor | None = None,
+    teacher_topk_logprobs: torch.Tensor | list | None = None,
+    teacher_topk_indices: torch.Tensor | list | None = None,
+    teacher_entropy: torch.Tensor | list | None = None,
+    teacher_index: torch.Tensor | None = None,
     **options,
 ) -> torch.Tensor | tuple[torch.Tensor, plan.Stats]:
     """The loss on ``student_hidden @ student_weight.T + student_bias``, chunk by chunk.
@@ -153,7 +138,10 @@ def fused_linear_eaopd_loss(
             gradient to the teacher. With ``vocab_size``, student and teacher may have
             ``V_s, V_t >= vocab_size`` rows (columns), of which the first ``vocab_size``
             count.
-        labels, teacher_entropy, **options: as :func:`entropy_aware_opd_loss`;
+        labels, teacher_entropy, teacher_index, **options: as
+            :func:`entropy_aware_opd_loss` (with ``teacher_index`` each teacher argument
+            is a list, one entry per teacher: teachers may differ in form, hidden width
+            and padded head width);
             ``student_softcap``, ``student_logit_scale`` (and the teacher's) transform each
             head's logits as Gemma and Cohere do: ``cap * tanh(scale * (h W^T + b) / cap)``.
     Returns:
@@ -162,16 +150,19 @@ def fused_linear_eaopd_loss(
     return linear_loss(student_hidden, student_weight, student_bias, teacher_hidden,
                        teacher_weight, teacher_bias, teacher_logits, labels,
                        LossOptions.build(options), teacher_topk_logprobs,
-                       teacher_topk_indices, teacher_entropy)
+                       teacher_topk_indices, teacher_entropy, teacher_index)
 
 
 def linear_loss(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                 teacher_bias, teacher_logits, labels, options: LossOptions,
-                topk_logprobs=None, topk_indices=None, entropy=None):
+                topk_logprobs=None, topk_indices=None, entropy=None, teacher_index=None):
     """:func:`fused_linear_eaopd_loss` with its options already built."""
     if sharded.any_dtensor(student_hidden, student_weight, student_bias, teacher_hidden,
                            teacher_weight, teacher_bias, teacher_logits, labels,
                            topk_logprobs, topk_indices, entropy):  # DTensor TP
+        if teacher_index is not None:
+            raise ValueError("several teachers (teacher_index) with DTensor inputs are not "
+                             "supported: pass local shards to the vocab-parallel functions")
         return sharded.dtensor_linear_loss(student_hidden, student_weight, student_bias,
                                            teacher_hidden, teacher_weight, teacher_bias,
                                            teacher_logits, labels, options, topk_logprobs,
@@ -179,50 +170,16 @@ def linear_loss(student_hidden, student_weight, student_bias, teacher_hidden, te
     _checks.linear("student", student_hidden, student_weight, student_bias)
     token_shape = tuple(student_hidden.shape[:-1])
     vocab = student_weight.shape[0]
-    form = teacher_form(teacher_hidden, teacher_weight, teacher_logits, teacher_bias,
-                        topk_logprobs, topk_indices, token_shape, vocab, options.vocab_size)
-    _checks.entropy(entropy, token_shape)
+    args = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                teacher_bias=teacher_bias, teacher_logits=teacher_logits,
+                teacher_topk_logprobs=topk_logprobs, teacher_topk_indices=topk_indices,
+                teacher_entropy=entropy)
+    chosen = teachers.build(args, teacher_index, token_shape,
+                            teachers.fused_check(vocab, options.vocab_size))
     _checks.same_device(student_hidden=student_hidden, student_weight=student_weight,
-                        student_bias=student_bias, teacher_hidden=teacher_hidden,
-                        teacher_weight=teacher_weight, teacher_logits=teacher_logits,
-                        teacher_bias=teacher_bias, teacher_topk_logprobs=topk_logprobs,
-                        teacher_topk_indices=topk_indices, teacher_entropy=entropy,
-                        labels=labels)
+                        student_bias=student_bias, labels=labels,
+                        teacher_index=teacher_index, **teachers.named(args))
     labels = _checks.labels(labels, token_shape)
-    student, teacher = linear_tensors(student_hidden, student_weight, student_bias,
-                                      teacher_hidden, teacher_weight, teacher_bias,
-                                      teacher_logits, topk_logprobs, topk_indices)
-    return plan.run(student, teacher, labels, token_shape, options, student_form="linear",
-                    teacher_form=form, width=vocab, entropy=flat_entropy(entropy))
-
-
-def teacher_form(t_hidden, t_weight, t_logits, t_bias, topk_logprobs, topk_indices,
-                 token_shape, vocab: int, vocab_size: int | None = None) -> str:
-    """Check the fused call's teacher (exactly one form); ``"linear"``, ``"logits"`` or
-    ``"topk"``. ``token_shape``: that of ``teacher_logits`` / the top-k tensors."""
-    if topk_logprobs is None and topk_indices is None:
-        _checks.teacher_source(t_hidden, t_weight, t_logits, t_bias, token_shape, vocab,
-                               vocab_size)
-        return "logits" if t_logits is not None else "linear"
-    if any(x is not None for x in (t_hidden, t_weight, t_logits, t_bias)):
-        raise ValueError("give the teacher in one form: teacher_hidden + teacher_weight, "
-                         "teacher_logits, or teacher_topk_logprobs + teacher_topk_indices")
-    _checks.topk_teacher(topk_logprobs, topk_indices, token_shape, vocab_size or vocab)
-    return "topk"
-
-
-def linear_tensors(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits,
-                   topk_logprobs=None, topk_indices=None):
-    """The student and teacher tensor lists of a fused call (token dims flattened), for
-    whichever teacher form was given (see :func:`teacher_form`)."""
-    student = [s_hidden.reshape(-1, s_hidden.shape[-1]), s_weight]
-    if s_bias is not None:
-        student.append(s_bias)
-    if t_logits is not None:
-        return student, [t_logits.detach().reshape(-1, t_logits.shape[-1])]
-    if topk_logprobs is not None:
-        return student, topk_tensors(topk_logprobs, topk_indices)
-    teacher = [t_hidden.detach().reshape(-1, t_hidden.shape[-1]), t_weight.detach()]
-    if t_bias is not None:
-        teacher.append(t_bias.detach())
-    return student, teacher
+    student = teachers.student_tensors(student_hidden, student_weight, student_bias)
+    return plan.run(student, chosen, labels, token_shape, options, student_form="linear",
+                    width=vocab)

@@ -424,6 +424,10 @@ def megatron_loss_triple(loss_sum: torch.Tensor, loss_mask: torch.Tensor,
     logged = {"eaopd loss": torch.cat([loss_sum.detach().view(1), n])}
     for name, key in LOGGED_STATS.items():
         logged[name] = torch.cat([stats[key].detach().view(1) * n, n])
+    for j, mine in enumerate(stats.get("per_teacher", ())):  # several teachers
+        n_j = mine["tokens"].detach().view(1).to(torch.float32)
+        for name, key in LOGGED_STATS.items():
+            logged[f"teacher {j} {name}"] = torch.cat([mine[key].detach().view(1) * n_j, n_j])
     return loss_sum, num_tokens, logged
 
 
@@ -480,8 +484,10 @@ def eaopd_loss_func(
         loss_options: ``h_max``, ``temperature``, ``gate``, ``gate_threshold``,
             ``fkl_coef``, ``fkl_weight``, ``chunk_size``, ``topk_tail``, ``student_bias``,
             ``teacher_bias``, ``teacher_topk_logprobs``, ``teacher_topk_indices``,
-            ``teacher_entropy`` of
-            :func:`eaopd_mp.parallel.fused_linear_vocab_parallel_eaopd_loss`.
+            ``teacher_entropy``, ``teacher_index`` of
+            :func:`eaopd_mp.parallel.fused_linear_vocab_parallel_eaopd_loss`. With
+            several teachers (``teacher_index`` ``[s, b]``, the teacher arguments lists),
+            ``logged`` adds ``"teacher j <name>"`` pairs over teacher j's tokens.
     Returns:
         ``(loss_sum, num_tokens, logged)``: the float32 loss summed over the masked
         tokens (the same on every tensor-parallel rank), an int tensor, and

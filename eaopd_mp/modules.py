@@ -30,10 +30,11 @@ class EntropyAwareOPDLoss(_Options):
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, *, teacher_topk_logprobs=None,
-                teacher_topk_indices=None, teacher_entropy=None):
+                teacher_topk_indices=None, teacher_entropy=None, teacher_index=None):
         """The loss (or ``(loss, stats)``), as :func:`eaopd_mp.entropy_aware_opd_loss`."""
         return logits_loss(student_logits, teacher_logits, labels, self.options,
-                           teacher_topk_logprobs, teacher_topk_indices, teacher_entropy)
+                           teacher_topk_logprobs, teacher_topk_indices, teacher_entropy,
+                           teacher_index)
 
 
 class FusedLinearEAOPDLoss(_Options):
@@ -49,8 +50,9 @@ class FusedLinearEAOPDLoss(_Options):
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, *,
                 teacher_hidden=None, teacher_weight=None, teacher_logits=None,
                 student_bias=None, teacher_bias=None, labels=None, teacher_topk_logprobs=None,
-                teacher_topk_indices=None, teacher_entropy=None):
+                teacher_topk_indices=None, teacher_entropy=None, teacher_index=None):
         """The loss (or ``(loss, stats)``), as :func:`eaopd_mp.fused_linear_eaopd_loss`."""
         return linear_loss(student_hidden, student_weight, student_bias, teacher_hidden,
                            teacher_weight, teacher_bias, teacher_logits, labels, self.options,
-                           teacher_topk_logprobs, teacher_topk_indices, teacher_entropy)
+                           teacher_topk_logprobs, teacher_topk_indices, teacher_entropy,
+                           teacher_index)

@@ -26,12 +26,13 @@ import torch
 from torch.library import custom_op
 
 from . import core
-from .driver import LinearHead, LogitsHead, Plan, run_backward, run_forward
+from .driver import LinearHead, LogitsHead, Part, Plan, run_backward, run_forward
 from .gates import GATES
 from .options import REDUCTIONS, TOPK_TAILS
 from .plan import Spec, parse, sized
+from .teachers import routing_problem
 from .topk import TopkHead, ids_problem, logprobs_problem
-from .tp import TPCombiner, mask_fingerprint
+from .tp import TPCombiner, mask_fingerprint, routing_fingerprint
 
 _INTEGER_MASK = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -67,20 +68,17 @@ def _resolved(student: list[torch.Tensor], spec: str) -> Spec:
     return sized(spec, _width(student, parse(spec)))
 
 
-def _split_entropy(teacher: list[torch.Tensor], spec: Spec):
-    """The teacher's own tensors and the ``(N,)`` gate entropy (None if not given)."""
-    if spec.entropy_given:
-        return list(teacher[:-1]), teacher[-1]
-    return list(teacher), None
 
 
 def _compute_dtype(student: list[torch.Tensor], teacher: list[torch.Tensor],
                    spec: Spec) -> torch.dtype:
     s = student[0] if len(student) == 1 else student[1]
-    teacher, _ = _split_entropy(teacher, spec)
-    # teacher[1] is W_t (linear) or the int64 ids (top-k: log-probs first)
-    t = teacher[0] if len(teacher) == 1 or spec.teacher == "topk" else teacher[1]
-    return core.compute_dtype(s.dtype, t.dtype)
+    dtypes = []
+    for part, (tensors, _) in zip(spec.parts, spec.split(teacher)[0], strict=True):
+        # tensors[1] is W_t (linear) or the int64 ids (top-k: log-probs first)
+        t = tensors[0] if len(tensors) == 1 or part.teacher == "topk" else tensors[1]
+        dtypes.append(t.dtype)
+    return core.compute_dtype(s.dtype, *dtypes)
 
 
 def mask_weight(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -106,8 +104,9 @@ def mask_weight(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor |
 
 
 def _heads(student, teacher, spec: Spec, combiner: TPCombiner | None):
-    """The student and teacher heads; under sequence parallelism the hidden states are
-    all-gathered here (the ops take this rank's slice)."""
+    """The student head and one :class:`~eaopd_mp.driver.Part` per teacher; under
+    sequence parallelism the hidden states are all-gathered here (the ops take this
+    rank's slice)."""
     need = spec.need
 
     def gathered(h):
@@ -121,62 +120,132 @@ def _heads(student, teacher, spec: Spec, combiner: TPCombiner | None):
         h, w, *b = student
         s_head = LinearHead(gathered(h), w, b[0] if b else None, spec.cols, need,
                             spec.autocast)
-    teacher, entropy = _split_entropy(teacher, spec)
-    if spec.teacher == "topk":
-        t_head = TopkHead(teacher[0], teacher[1], entropy)
-    elif spec.teacher == "logits":
-        t_head = LogitsHead(teacher[0], spec.cols)
-    else:
-        th, tw, *tb = teacher
-        t_head = LinearHead(gathered(th), tw, tb[0] if tb else None, spec.cols,
-                            autocast=spec.autocast)
-    return s_head, t_head
+    parts = []
+    for part, (tensors, entropy) in zip(spec.parts, spec.split(teacher)[0], strict=True):
+        if part.teacher == "topk":
+            head, entropy = TopkHead(tensors[0], tensors[1], entropy), None
+        elif part.teacher == "logits":
+            head = LogitsHead(tensors[0], spec.cols)
+        else:
+            th, tw, *tb = tensors
+            head = LinearHead(gathered(th), tw, tb[0] if tb else None, spec.cols,
+                              autocast=spec.autocast)
+        parts.append(Part(head, part, entropy))
+    return s_head, parts
 
 
 def _header(student, teacher, spec: Spec, n: int, kept: int,
-            weight: torch.Tensor | None) -> list[float]:
+            weight: torch.Tensor | None, index: torch.Tensor | None) -> list[float]:
     """This rank's view of the call, in the order of :data:`eaopd_mp.tp.HEADER`."""
     return [student[0].shape[0], kept, *mask_fingerprint(weight, n), spec.stride,
             spec.chunk, spec.vocab_size, spec.inv_tau, spec.p1, spec.p2,
             GATES.index(spec.gate), REDUCTIONS.index(spec.reduction),
             spec.s_scale, spec.s_cap or 0.0, spec.t_scale, spec.t_cap or 0.0,
-            *_topk_code(teacher, spec)]
+            *_topk_code(teacher, spec), len(spec.parts), *routing_fingerprint(index, n)]
 
 
-def _topk_code(teacher, spec: Spec) -> tuple[int, int]:
-    """``(k, target)``: ``(0, -1)`` for a dense teacher; else ``k`` and the index of
-    ``topk_tail`` in :data:`eaopd_mp.options.TOPK_TAILS` (each mode its own value)."""
-    if spec.teacher != "topk":
-        return 0, -1
-    return teacher[0].shape[1], TOPK_TAILS.index(spec.topk_tail)
+def _topk_code(teacher, spec: Spec) -> tuple[float, int]:
+    """``(k, target)``: ``(0, -1)`` for dense teachers; else the top-k teachers' ``k``
+    (teacher ``j``'s scaled by ``1000 ** j``) and the index of ``topk_tail`` in
+    :data:`eaopd_mp.options.TOPK_TAILS` (each mode its own value)."""
+    code, topk = 0.0, False
+    for j, (part, (tensors, _)) in enumerate(zip(spec.parts, spec.split(teacher)[0],
+                                                 strict=True)):
+        if part.teacher == "topk":
+            code += tensors[0].shape[1] * 1000.0 ** j
+            topk = True
+    return code, (TOPK_TAILS.index(spec.topk_tail) if topk else -1)
+
+
+def _route(index: torch.Tensor | None, keep: torch.Tensor | None, n_parts: int):
+    """Kept tokens grouped by teacher: ``(rows, t_rows, counts)``.
+
+    ``rows``: the student token of each kept position (each teacher's tokens in token
+    order, teacher 0 first); ``t_rows``: the row of that token in its teacher's tensors;
+    ``counts``: kept tokens per teacher. One teacher without routing: ``(rows, None,
+    [n_kept])`` with ``rows`` the kept tokens (None: all of them).
+    """
+    if index is None:
+        rows = None if keep is None else keep.nonzero().squeeze(1)
+        return rows, None, None
+    n = index.numel()
+    order = torch.sort(index, stable=True).indices  # tokens grouped by teacher
+    starts = torch.bincount(index, minlength=n_parts).cumsum(0) - \
+        torch.bincount(index, minlength=n_parts)
+    local = torch.empty_like(index)
+    local[order] = torch.arange(n, device=index.device) - starts[index[order]]
+    rows = order if keep is None else order[keep[order]]
+    counts = torch.bincount(index[rows], minlength=n_parts).tolist()
+    return rows, local[rows], counts
 
 
 def _plan(student, teacher, mask, spec: Spec, agree: bool = True) -> Plan:
-    """Validate the mask, agree with the other ranks (forward only), build the heads."""
+    """Validate the mask and the routing, agree with the other ranks (forward only),
+    build the heads."""
     n = _n_tokens(student, spec)
     weight = mask_weight(mask, _compute_dtype(student, teacher, spec))
     combiner = TPCombiner(spec.group, spec.sequence_parallel) if spec.group else None
-    rows, kept = None, n
+    groups, index = spec.split(teacher)
+    keep, kept = None, n
     if weight is not None:
         keep = weight != 0
         kept = int(keep.sum())
-        if kept != n:
-            rows = keep.nonzero().squeeze(1)
-    problems = [None, None]
-    if spec.teacher == "topk" and agree:  # masked tokens' ids and log-probs are never read
-        lp, ids = (teacher[0], teacher[1]) if rows is None else (teacher[0][rows],
-                                                                 teacher[1][rows])
-        problems = [ids_problem(ids, spec.vocab_size), logprobs_problem(lp, rows)]
+        if kept == n and index is None:
+            keep = None
+    problems = [None, None]  # (routing or ids, log-probs): the header's last two flags
+    if index is not None and agree:
+        problems[0] = routing_problem(index, [_rows(t, p, spec) for (t, _), p in
+                                              zip(groups, spec.parts, strict=True)],
+                                      [_first_name(p) for p in spec.parts])
+    rows, t_rows, counts = (None, None, None) if problems[0] else \
+        _route(index, keep, len(groups))
+    if problems[0] is None and agree:
+        problems = _teacher_problems(groups, spec, rows, t_rows, counts)
     if combiner is not None and agree:
-        header = _header(student, teacher, spec, n, kept, weight)
+        header = _header(student, teacher, spec, n, kept, weight, index)
         header += [float(p is not None) for p in problems]
         combiner.check_agreement(header, student[0].device)
-    for problem in problems:  # the same teacher on every rank (agreed): every rank raises
+    for problem in problems:  # the same teachers on every rank (agreed): every rank raises
         if problem is not None:
             raise ValueError(problem)
-    s_head, t_head = _heads(student, teacher, spec, combiner)
-    entropy = _split_entropy(teacher, spec)[1] if spec.teacher != "topk" else None
-    return Plan(s_head, t_head, rows, weight, n, spec, combiner, entropy)
+    s_head, parts = _heads(student, teacher, spec, combiner)
+    lo = 0
+    for part, count in zip(parts, counts or [kept], strict=True):
+        part.lo, part.hi = lo, lo + count
+        lo += count
+    return Plan(s_head, parts, rows, weight, n, spec, combiner, t_rows)
+
+
+def _rows(tensors: list, part: Spec, spec: Spec) -> int:
+    """A teacher's token rows (gathered under sequence parallelism)."""
+    n = tensors[0].shape[0]
+    return n * spec.tp if part.teacher == "linear" and spec.sequence_parallel else n
+
+
+def _first_name(part: Spec) -> str:
+    return {"linear": "teacher_hidden", "logits": "teacher_logits",
+            "topk": "teacher_topk_logprobs"}[part.teacher]
+
+
+def _teacher_problems(groups, spec: Spec, rows, t_rows, counts) -> list[str | None]:
+    """``[ids problem, log-probs problem]`` of the first top-k teacher with one (each
+    None if none); only the kept tokens' ids and log-probs are read."""
+    found: list[str | None] = [None, None]
+    lo = 0
+    for j, (part, (tensors, _)) in enumerate(zip(spec.parts, groups, strict=True)):
+        if part.teacher == "topk":
+            lp, ids, where = tensors[0], tensors[1], rows
+            if counts is not None:  # teacher j's kept rows, and their student tokens
+                mine = t_rows[lo:lo + counts[j]]
+                lp, ids, where = lp[mine], ids[mine], rows[lo:lo + counts[j]]
+            elif rows is not None:
+                lp, ids = lp[rows], ids[rows]
+            new = [ids_problem(ids, spec.vocab_size), logprobs_problem(lp, where)]
+            prefix = "" if counts is None else f"teacher {j}: "
+            found = [f if f is not None or p is None else prefix + p
+                     for f, p in zip(found, new, strict=True)]
+        lo += 0 if counts is None else counts[j]
+    return found
 
 
 def _pad3(grads: tuple, student) -> list[torch.Tensor]:
@@ -196,14 +265,15 @@ def _keeps_gathered(spec: Spec) -> tuple[bool, bool]:
     times larger input through the whole backward pass; here there is one such tensor,
     the forward holds it anyway, and the loss's backward is the first to run.
     """
-    keep = spec.sequence_parallel and not spec.scalar
+    # Not with routed teachers: their backward re-gathers every dense teacher's slice.
+    keep = spec.sequence_parallel and not spec.scalar and not spec.teachers
     return keep and spec.student == "linear", keep and spec.teacher == "linear"
 
 
 def _gathered_out(plan: Plan, spec: Spec, student) -> list[torch.Tensor]:
     """The two hidden-state outputs of the loss op (empty tensors where not kept)."""
     keep = _keeps_gathered(spec)
-    heads = (plan.student, plan.teacher)
+    heads = (plan.student, plan.parts[0].head)  # keep[1]: one dense linear teacher only
     return [heads[i].h if keep[i] else student[0].new_empty(0) for i in range(2)]
 
 

@@ -21,22 +21,22 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, ops, plan, tp  # noqa: F401 - ops registers the custom ops
-from .loss import flat_entropy, linear_tensors, teacher_form, topk_tensors
+from . import _checks, ops, plan, teachers, tp  # noqa: F401 - ops registers the custom ops
 from .options import LossOptions
 from .tp import TPCombiner
 
 
 def vocab_parallel_eaopd_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | list | None = None,
     *,
     labels: torch.Tensor | None = None,
     tp_group=None,
     vocab_size: int | None = None,
-    teacher_topk_logprobs: torch.Tensor | None = None,
-    teacher_topk_indices: torch.Tensor | None = None,
-    teacher_entropy: torch.Tensor | None = None,
+    teacher_topk_logprobs: torch.Tensor | list | None = None,
+    teacher_topk_indices: torch.Tensor | list | None = None,
+    teacher_entropy: torch.Tensor | list | None = None,
+    teacher_index: torch.Tensor | None = None,
     **options,
 ) -> torch.Tensor | tuple[torch.Tensor, plan.Stats]:
     """:func:`eaopd_mp.entropy_aware_opd_loss` on this rank's vocabulary shards.
@@ -50,6 +50,9 @@ def vocab_parallel_eaopd_loss(
             :func:`eaopd_mp.entropy_aware_opd_loss`. The chunk's one all-gather then
             carries ``k + 2`` numbers per token.
         teacher_entropy: ``(...)``, optional, identical on every rank: the gate's entropy.
+        teacher_index: several teachers (see :func:`eaopd_mp.entropy_aware_opd_loss`),
+            identical on every rank (checked); each teacher's tensors hold its routed
+            tokens (dense teachers: this rank's shard columns).
         labels: the token mask, identical on every rank (checked).
         tp_group: the tensor-parallel group; None means megatron-core's.
         vocab_size: the real vocabulary when it was padded; columns past it get no
@@ -61,12 +64,13 @@ def vocab_parallel_eaopd_loss(
     """
     options = LossOptions.build(dict(options, vocab_size=vocab_size))
     return logits_parallel(student_logits, teacher_logits, labels, options, tp_group,
-                           teacher_topk_logprobs, teacher_topk_indices, teacher_entropy)
+                           teacher_topk_logprobs, teacher_topk_indices, teacher_entropy,
+                           teacher_index=teacher_index)
 
 
 def logits_parallel(student_logits, teacher_logits, labels, options: LossOptions, tp_group,
                     teacher_topk_logprobs=None, teacher_topk_indices=None,
-                    teacher_entropy=None, stride: int | None = None):
+                    teacher_entropy=None, stride: int | None = None, *, teacher_index=None):
     """:func:`vocab_parallel_eaopd_loss` with its options built; ``stride``: see
     :func:`eaopd_mp.tp.resolve` (uneven shards)."""
     _checks.tensor("student_logits", student_logits, min_dim=1)
@@ -74,48 +78,35 @@ def logits_parallel(student_logits, teacher_logits, labels, options: LossOptions
     token_shape = tuple(student_logits.shape[:-1])
     width = student_logits.shape[-1]
     info = tp.resolve(tp_group, width, options.vocab_size, False, stride)
-    topk = teacher_topk_logprobs is not None or teacher_topk_indices is not None
-    if teacher_logits is not None and topk:
-        raise ValueError("give the teacher as teacher_logits OR teacher_topk_logprobs + "
-                         "teacher_topk_indices, not both")
-    if topk:
-        _checks.topk_teacher(teacher_topk_logprobs, teacher_topk_indices, token_shape,
-                             info.vocab_size)
-        teacher, form = topk_tensors(teacher_topk_logprobs, teacher_topk_indices), "topk"
-    else:
-        if teacher_logits is None:
-            raise ValueError("the teacher is missing: give teacher_logits, or "
-                             "teacher_topk_logprobs + teacher_topk_indices")
-        _checks.logits_pair(student_logits, teacher_logits, sharded=True)
-        teacher, form = [teacher_logits.detach().reshape(-1, width)], "logits"
-    _checks.entropy(teacher_entropy, token_shape)
-    _checks.same_device(student_logits=student_logits, teacher_logits=teacher_logits,
-                        teacher_topk_logprobs=teacher_topk_logprobs,
-                        teacher_topk_indices=teacher_topk_indices,
-                        teacher_entropy=teacher_entropy, labels=labels)
+    args = dict(teacher_logits=teacher_logits, teacher_topk_logprobs=teacher_topk_logprobs,
+                teacher_topk_indices=teacher_topk_indices, teacher_entropy=teacher_entropy)
+    check = teachers.logits_check(student_logits, None, info.vocab_size, sharded=True)
+    chosen = teachers.build(args, teacher_index, token_shape, check)
+    _checks.same_device(student_logits=student_logits, labels=labels,
+                        teacher_index=teacher_index, **teachers.named(args))
     labels = _checks.labels(labels, token_shape)
     z = student_logits.reshape(-1, width)
-    return plan.run([z], teacher, labels, token_shape, options, student_form="logits",
-                    teacher_form=form, width=width, tp=info,
-                    entropy=flat_entropy(teacher_entropy))
+    return plan.run([z], chosen, labels, token_shape, options, student_form="logits",
+                    width=width, tp=info)
 
 
 def fused_linear_vocab_parallel_eaopd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
     *,
-    teacher_hidden: torch.Tensor | None = None,
-    teacher_weight: torch.Tensor | None = None,
-    teacher_logits: torch.Tensor | None = None,
+    teacher_hidden: torch.Tensor | list | None = None,
+    teacher_weight: torch.Tensor | list | None = None,
+    teacher_logits: torch.Tensor | list | None = None,
     student_bias: torch.Tensor | None = None,
-    teacher_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | list | None = None,
     labels: torch.Tensor | None = None,
     tp_group=None,
     vocab_size: int | None = None,
     sequence_parallel: bool = False,
-    teacher_topk_logprobs: torch.Tensor | None = None,
-    teacher_topk_indices: torch.Tensor | None = None,
-    teacher_entropy: torch.Tensor | None = None,
+    teacher_topk_logprobs: torch.Tensor | list | None = None,
+    teacher_topk_indices: torch.Tensor | list | None = None,
+    teacher_entropy: torch.Tensor | list | None = None,
+    teacher_index: torch.Tensor | None = None,
     **options,
 ) -> torch.Tensor | tuple[torch.Tensor, plan.Stats]:
     """:func:`eaopd_mp.fused_linear_eaopd_loss` with vocabulary-sharded output layers.
@@ -131,6 +122,11 @@ def fused_linear_vocab_parallel_eaopd_loss(
             teacher_topk_indices ``(..., k)`` with the full token shape and global ids
             (see :func:`vocab_parallel_eaopd_loss`).
         teacher_entropy: ``(...)`` over the full token shape, optional.
+        teacher_index: several teachers (see :func:`eaopd_mp.fused_linear_eaopd_loss`)
+            over the full token shape, identical on every rank (checked). Under sequence
+            parallelism a dense teacher's hidden states are this rank's slice of its
+            routed tokens, whose all-gather must be those tokens in token order (per-sequence
+            routing of Megatron's ``[s, b, h]`` layout is).
         labels: mask over the full (gathered) token shape.
         tp_group, vocab_size: as :func:`vocab_parallel_eaopd_loss`.
         **options: as the single-device function.
@@ -141,14 +137,14 @@ def fused_linear_vocab_parallel_eaopd_loss(
     return linear_parallel(student_hidden, student_weight, student_bias, teacher_hidden,
                            teacher_weight, teacher_bias, teacher_logits, labels, options,
                            tp_group, sequence_parallel, teacher_topk_logprobs,
-                           teacher_topk_indices, teacher_entropy)
+                           teacher_topk_indices, teacher_entropy, teacher_index=teacher_index)
 
 
 def linear_parallel(student_hidden, student_weight, student_bias, teacher_hidden,
                     teacher_weight, teacher_bias, teacher_logits, labels, options: LossOptions,
                     tp_group, sequence_parallel: bool = False, teacher_topk_logprobs=None,
                     teacher_topk_indices=None, teacher_entropy=None,
-                    stride: int | None = None):
+                    stride: int | None = None, *, teacher_index=None):
     """:func:`fused_linear_vocab_parallel_eaopd_loss` with its options built; ``stride``:
     see :func:`eaopd_mp.tp.resolve` (uneven shards)."""
     _checks.linear("student", student_hidden, student_weight, student_bias)
@@ -161,27 +157,20 @@ def linear_parallel(student_hidden, student_weight, student_bias, teacher_hidden
             raise ValueError("sequence_parallel=True needs student_hidden with a sequence dim, "
                              f"got shape {tuple(student_hidden.shape)}")
         token_shape = (local_shape[0] * info.size, *local_shape[1:])
-    topk = teacher_topk_logprobs is not None or teacher_topk_indices is not None
-    full_tokens = teacher_logits is not None or topk
-    form = teacher_form(teacher_hidden, teacher_weight, teacher_logits, teacher_bias,
-                        teacher_topk_logprobs, teacher_topk_indices,
-                        token_shape if full_tokens else local_shape,
-                        info.vocab_size if topk else width)
-    _checks.entropy(teacher_entropy, token_shape)
+    args = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                teacher_bias=teacher_bias, teacher_logits=teacher_logits,
+                teacher_topk_logprobs=teacher_topk_logprobs,
+                teacher_topk_indices=teacher_topk_indices, teacher_entropy=teacher_entropy)
+    check = teachers.fused_check(width, None, info.vocab_size, hidden_shape=local_shape)
+    chosen = teachers.build(args, teacher_index, token_shape, check,
+                            sequence_split=info.size if sequence_parallel else 1)
     _checks.same_device(student_hidden=student_hidden, student_weight=student_weight,
-                        student_bias=student_bias, teacher_hidden=teacher_hidden,
-                        teacher_weight=teacher_weight, teacher_logits=teacher_logits,
-                        teacher_bias=teacher_bias, teacher_topk_logprobs=teacher_topk_logprobs,
-                        teacher_topk_indices=teacher_topk_indices,
-                        teacher_entropy=teacher_entropy, labels=labels)
+                        student_bias=student_bias, labels=labels,
+                        teacher_index=teacher_index, **teachers.named(args))
     labels = _checks.labels(labels, token_shape)
-    student, teacher = linear_tensors(student_hidden, student_weight, student_bias,
-                                      teacher_hidden, teacher_weight, teacher_bias,
-                                      teacher_logits, teacher_topk_logprobs,
-                                      teacher_topk_indices)
-    return plan.run(student, teacher, labels, token_shape, options, student_form="linear",
-                    teacher_form=form, width=width, tp=info,
-                    entropy=flat_entropy(teacher_entropy))
+    student = teachers.student_tensors(student_hidden, student_weight, student_bias)
+    return plan.run(student, chosen, labels, token_shape, options, student_form="linear",
+                    width=width, tp=info)
 
 
 __all__ = [

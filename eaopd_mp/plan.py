@@ -7,7 +7,9 @@ student and teacher tensors in one of their *forms*:
 * student ``"logits"``: ``[z (N, V)]``; ``"linear"``: ``[h (N, H), W (V, H)(, b (V,))]``;
 * teacher ``"logits"``: ``[y (N, V)]``; ``"linear"``: ``[h_t (N, H_t), W_t (V, H_t)(, b_t)]``;
   ``"topk"``: ``[logprobs (N, k), ids (N, k) int64]``;
-* any teacher form may end with an ``(N,)`` gate entropy (``entropy_given``).
+* any teacher form may end with an ``(N,)`` gate entropy (``entropy_given``);
+* several routed teachers (:mod:`eaopd_mp.teachers`): each teacher's list (its ``N_j``
+  routed rows), one after the other, then the ``(N,)`` int64 routing (``Spec.teachers``).
 
 :func:`run` turns the options and the tensors' static properties into a :class:`Spec` (plain
 values, passed to the custom op as a string), calls ``torch.ops.eaopd_mp.loss`` (see
@@ -28,6 +30,7 @@ from . import core
 from .driver import default_chunk_size
 from .gates import Gate, default_h_max
 from .options import LossOptions
+from .teachers import TeacherSet
 from .tp import TPInfo
 
 Stats = dict[str, object]
@@ -67,6 +70,10 @@ class Spec:
         topk_tail: the top-k teacher's target (one of
             :data:`~eaopd_mp.options.TOPK_TAILS`).
         entropy_given: the teacher list ends with an ``(N,)`` gate entropy.
+        teachers: several routed teachers (``teacher == "routed"``): per teacher
+            ``(form, tensors, entropy_given)``, its tensors (its entropy included) being
+            consecutive in the op's teacher list, which ends with the ``(N,)`` int64
+            routing; ``()`` for one teacher (see :meth:`split`).
         cols: how many logit columns held here are real vocabulary; set by :meth:`sized`
             (None in the key).
     """
@@ -93,6 +100,7 @@ class Spec:
     t_cap: float | None = None
     topk_tail: str = "bucket"
     entropy_given: bool = False
+    teachers: tuple = ()
     cols: int | None = None
 
     def key(self) -> str:
@@ -123,6 +131,28 @@ class Spec:
     def gate_obj(self) -> Gate:
         return Gate(self.gate, self.p1, self.p2)
 
+    @functools.cached_property
+    def parts(self) -> tuple[Spec, ...]:
+        """One single-teacher spec per teacher (``(self,)`` for one teacher)."""
+        if not self.teachers:
+            return (self,)
+        return tuple(dataclasses.replace(self, teacher=form, entropy_given=given, teachers=())
+                     for form, _, given in self.teachers)
+
+    def split(self, teacher: list) -> tuple[list, torch.Tensor | None]:
+        """The op's flat teacher list -> ``([(tensors, entropy or None)] per teacher,
+        routing or None)``."""
+        if not self.teachers:
+            if self.entropy_given:
+                return [(list(teacher[:-1]), teacher[-1])], None
+            return [(list(teacher), None)], None
+        out, i = [], 0
+        for _, count, given in self.teachers:
+            mine = list(teacher[i:i + count])
+            i += count
+            out.append((mine[:-1], mine[-1]) if given else (mine, None))
+        return out, teacher[i]
+
 
 _SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(Spec))
 
@@ -146,25 +176,26 @@ def _autocast_dtype(device: torch.device) -> str:
     return str(torch.get_autocast_dtype(device.type)).removeprefix("torch.")
 
 
-def run(student: list, teacher: list, labels: torch.Tensor | None, token_shape: tuple,
-        options: LossOptions, *, student_form: str, teacher_form: str, width: int,
-        tp: TPInfo | None = None, entropy: torch.Tensor | None = None):
+def run(student: list, teachers: TeacherSet, labels: torch.Tensor | None, token_shape: tuple,
+        options: LossOptions, *, student_form: str, width: int, tp: TPInfo | None = None):
     """Evaluate the loss through the custom op; the reduction and statistics around it.
 
     Args:
-        student, teacher: the tensors of each form (token dims flattened).
+        student: the student's tensors (token dims flattened).
+        teachers: the checked teachers (:func:`eaopd_mp.teachers.build`): one, or several
+            routed per token.
         labels: the ``token_shape`` mask (already shape-checked), or None.
         token_shape: the token dims of the result (under sequence parallelism, the full
             gathered shape).
         width: logit columns held here (the student's ``V`` on one device, where
             ``options.vocab_size`` may keep fewer; ``V_local`` on a rank).
         tp: the tensor-parallel group, or None on one device.
-        entropy: the ``(N,)`` gate entropy overriding the teacher's, or None.
     Returns:
-        The loss (float32, float64 for float64 inputs), or ``(loss, stats)``.
+        The loss (float32, float64 for float64 inputs), or ``(loss, stats)``; with several
+        teachers ``stats["per_teacher"]`` holds each teacher's statistics.
     """
     vocab = (options.vocab_size or width) if tp is None else tp.vocab_size  # maybe a SymInt
-    if teacher_form == "topk" and _transformed(options):
+    if "topk" in teachers.forms and _transformed(options):
         raise ValueError(
             "student_softcap / student_logit_scale / teacher_softcap / teacher_logit_scale "
             "are not supported with a top-k teacher (its log-probabilities are final; the "
@@ -173,8 +204,9 @@ def run(student: list, teacher: list, labels: torch.Tensor | None, token_shape: 
     grad = torch.is_grad_enabled()
     need = tuple(bool(grad and t is not None and t.requires_grad) for t in student)
     need = need + (False,) * (3 - len(need))
+    flat, form, entropy_given, described = _encode(teachers)
     spec = Spec(
-        student=student_form, teacher=teacher_form, reduction=options.reduction,
+        student=student_form, teacher=form, reduction=options.reduction,
         gate=gate.kind, p1=gate.p1, p2=gate.p2, inv_tau=1.0 / options.temperature,
         chunk=options.chunk_size, vocab_size=options.vocab_size, need=need,
         autocast=_autocast_dtype(student[0].device) if student_form == "linear" else "",
@@ -184,12 +216,10 @@ def run(student: list, teacher: list, labels: torch.Tensor | None, token_shape: 
         stride=0 if tp is None else tp.stride,
         s_scale=options.student_logit_scale, s_cap=options.student_softcap,
         t_scale=options.teacher_logit_scale, t_cap=options.teacher_softcap,
-        topk_tail=options.topk_tail, entropy_given=entropy is not None,
+        topk_tail=options.topk_tail, entropy_given=entropy_given, teachers=described,
     )
-    if entropy is not None:
-        teacher = [*teacher, entropy.detach()]
     mask = None if labels is None else labels.reshape(-1)
-    out, stats, *_ = torch.ops.eaopd_mp.loss(student, teacher, mask, spec.key())
+    out, stats, *_ = torch.ops.eaopd_mp.loss(student, flat, mask, spec.key())
     if options.reduction == "none":
         loss = out.reshape(token_shape)
     else:
@@ -199,7 +229,37 @@ def run(student: list, teacher: list, labels: torch.Tensor | None, token_shape: 
     result: Stats = dict(summarize(stats, mask))
     # A Python float: with the default h_max = log V, a symbolic V is specialised here.
     result.update(options.resolve_gate(vocab).describe())
+    if teachers.several:
+        result["per_teacher"] = [
+            summarize(stats, _routed_mask(mask, teachers.index, j, stats.dtype))
+            for j in range(len(teachers.forms))]
     return loss, result
+
+
+ROUTED = "routed"  # Spec.teacher of a call with several teachers
+
+
+def _encode(teachers: TeacherSet) -> tuple[list, str, bool, tuple]:
+    """The op's flat teacher list, ``Spec.teacher``, ``Spec.entropy_given`` and
+    ``Spec.teachers`` (see :meth:`Spec.split`)."""
+    if not teachers.several:
+        (tensors,), (entropy,) = teachers.tensors, teachers.entropies
+        flat = list(tensors) if entropy is None else [*tensors, entropy]
+        return flat, teachers.forms[0], entropy is not None, ()
+    flat, described = [], []
+    for form, tensors, entropy in zip(teachers.forms, teachers.tensors, teachers.entropies,
+                                      strict=True):
+        mine = list(tensors) if entropy is None else [*tensors, entropy]
+        flat.extend(mine)
+        described.append((form, len(mine), entropy is not None))
+    return [*flat, teachers.index], ROUTED, False, tuple(described)
+
+
+def _routed_mask(mask: torch.Tensor | None, index: torch.Tensor, j: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """The token weights of teacher ``j``'s tokens (0 elsewhere)."""
+    mine = (index == j).to(dtype)
+    return mine if mask is None else mine * mask.detach().to(dtype)
 
 
 def _transformed(options: LossOptions) -> bool:

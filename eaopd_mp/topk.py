@@ -426,11 +426,14 @@ class TopkHead:
 
     def logits(self, rows) -> tuple:
         """``(ids, logprobs, entropy)`` of the rows; a dummy entropy view if none."""
-        lp = self.lp[rows]
-        if isinstance(rows, slice):  # a copy, never a view of the caller's tensor: a
-            lp = lp.clone()          # one-token chunk's kernel writes its first argument
-        ent = self.entropy[rows] if self.entropy is not None else lp[:, 0]
-        return self.ids[rows], lp, ent
+        lp, ids = self.lp[rows], self.ids[rows]
+        ent = self.entropy[rows] if self.entropy is not None else None
+        if isinstance(rows, slice):  # a copy, never a view of the caller's tensor (a
+            # one-token chunk's kernel writes its first argument), at storage offset 0
+            # (see eaopd_mp.driver.fresh)
+            lp, ids = lp.clone(), ids.clone()
+            ent = None if ent is None else ent.clone()
+        return ids, lp, (ent if ent is not None else lp[:, 0])
 
     def release(self) -> None:
         pass
@@ -441,10 +444,10 @@ def _empty_partial(n: int, k: int, dtype, device) -> torch.Tensor:
     return torch.full((n, k + 2), float("-inf"), dtype=dtype, device=device)
 
 
-def chunk(plan, z, teacher, scale):
-    """:func:`eaopd_mp.driver._chunk` for a top-k teacher: ``(n, 7)`` statistics, and the
-    gradient written over ``z`` (returned) when ``scale`` is given."""
-    spec, params = plan.spec, plan.params
+def chunk(plan, spec, z, teacher, scale):
+    """:func:`eaopd_mp.driver._chunk` for a top-k teacher (``spec``: its own): ``(n, 7)``
+    statistics, and the gradient written over ``z`` (returned) when ``scale`` is given."""
+    params = plan.params
     ids, lp, ent = teacher
     kind, mode, given = spec.gate, spec.topk_tail, spec.entropy_given
     has_tail = ids.shape[1] < spec.vocab_size

@@ -25,7 +25,8 @@ HEADER = ("tokens", "kept tokens", "mask sum", "mask fingerprint", "mask fingerp
            "shard width", "chunk_size", "vocab_size", "1/temperature", "gate p1", "gate p2",
            "gate", "reduction", "student_logit_scale", "student_softcap",
            "teacher_logit_scale", "teacher_softcap", "teacher top-k", "topk_tail",
-           "teacher ids invalid", "teacher log-probs invalid")
+           "teachers", "routing fingerprint 1", "routing fingerprint 2", "teacher ids invalid",
+           "teacher log-probs invalid")
 
 
 def _collective(new: str, old: str):
@@ -175,3 +176,13 @@ def mask_fingerprint(weight: torch.Tensor | None, n: int) -> list[float]:
     w = weight.reshape(-1).to(torch.float64)
     r = position_hashes(w.shape[0], w.device)
     return torch.cat([w.sum().reshape(1), w @ r]).tolist()
+
+
+def routing_fingerprint(index: torch.Tensor | None, n: int) -> list[float]:
+    """``[sum (t + 1) r, sum (t + 1) r']`` over the ``n`` token positions of the teacher
+    numbers ``t`` (float64, :func:`position_hashes`; zeros for one teacher): ranks that
+    route tokens differently get different fingerprints (with overwhelming probability)."""
+    if index is None:
+        return [0.0, 0.0]
+    t = index.reshape(-1).to(torch.float64) + 1
+    return (t @ position_hashes(n, t.device)).tolist()

@@ -12,6 +12,11 @@ means over the logging window and the processes). TRL's ``beta`` does not apply 
 mixes the KLs); its ``entropy`` metric (the student's entropy) is not computed by this
 loss and is logged as None.
 
+Several teachers: ``teacher_model={"math": m1, "code": m2}`` and ``teacher_column`` (a
+dataset column naming each example's teacher, as verl routes by ``data_source``): each
+teacher runs on its own examples and one fused call scores every completion token by its
+example's teacher; ``eaopd/<name>/<stat>`` logs each teacher's statistics.
+
 TRL's internals move between releases: the supported range is pinned in the ``[trl]``
 extra, and :func:`check_trl` refuses a ``DistillationTrainer`` whose hook no longer has
 the signature this class overrides.
@@ -61,14 +66,17 @@ def check_trl(cls=DistillationTrainer) -> None:
 class EAOPDDistillationTrainer(DistillationTrainer):
     """``trl.DistillationTrainer`` whose loss is the entropy-aware OPD loss.
 
-    Takes ``DistillationTrainer``'s arguments plus ``loss_options``, a dict of
+    Takes ``DistillationTrainer``'s arguments (``teacher_model`` may be a dict of several
+    teachers, with ``teacher_column``: see the module docstring) plus ``loss_options``, a
+    dict of
     :class:`~eaopd_mp.options.LossOptions` (``gate``, ``h_max``, ``chunk_size``,
     ``vocab_size``, ...), validated at construction. ``temperature`` defaults to the
     config's (TRL uses it for sampling and the loss); ``reduction`` and ``return_stats``
     are the trainer's; the head transforms come from the models' configs.
     """
 
-    def __init__(self, *args, loss_options: dict | None = None, **kwargs):
+    def __init__(self, model=None, teacher_model=None, *args, loss_options: dict | None = None,
+                 teacher_column: str | None = None, **kwargs):
         check_trl(DistillationTrainer)
         options = dict(loss_options or {})
         bad = sorted(set(options) & {*FIXED_OPTIONS, "student_softcap", "teacher_softcap",
@@ -77,13 +85,48 @@ class EAOPDDistillationTrainer(DistillationTrainer):
             raise TypeError(f"loss_options {', '.join(bad)} are set by the trainer or read "
                             "from the models")
         LossOptions.build(options)  # unknown names and bad values raise here, before setup
-        super().__init__(*args, **kwargs)
+        names, models = _teacher_table(teacher_model, teacher_column)
+        super().__init__(model, models[0] if models else None, *args, **kwargs)
         if self.teacher_model is None:
             raise ValueError("EAOPDDistillationTrainer needs a local teacher_model: the fused "
                              "loss reads the teacher's hidden states and output layer")
+        # Several teachers: the first is TRL's own; the others are prepared as TRL
+        # prepares it (evaluation mode, DeepSpeed or not).
+        self.teacher_names, self.teacher_column = names, teacher_column
+        self.teacher_models = [self.teacher_model] + [self._prepare_teacher(m)
+                                                      for m in models[1:]]
         options.setdefault("temperature", self.args.temperature)
         self.loss_options = LossOptions.build(dict(options, reduction="sum", return_stats=True))
         self._eaopd_stats: dict | None = None
+
+    def _prepare_teacher(self, model):
+        if self.is_deepspeed_enabled:
+            from trl.trainer.utils import prepare_deepspeed
+
+            return prepare_deepspeed(model, self.accelerator)
+        return self.accelerator.prepare_model(model, evaluation_mode=True)
+
+    def _set_signature_columns_if_needed(self):
+        """Keep the teacher column through TRL's column filter."""
+        super()._set_signature_columns_if_needed()
+        if self.teacher_column and self.teacher_column not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, self.teacher_column]
+
+    def _generate_and_score_completions(self, inputs):
+        """TRL's generation batch, plus ``teacher_index`` ``(B,)`` from the teacher column
+        (TRL shuffles and splits it with the other per-example tensors)."""
+        out = super()._generate_and_score_completions(inputs)
+        if self.teacher_column is not None:
+            out["teacher_index"] = torch.tensor(
+                [self._teacher_number(x.get(self.teacher_column)) for x in inputs],
+                device=self.accelerator.device)
+        return out
+
+    def _teacher_number(self, name) -> int:
+        if name not in self.teacher_names:
+            raise ValueError(f"{self.teacher_column}={name!r} names no teacher; the teachers "
+                             f"are {self.teacher_names}")
+        return self.teacher_names.index(name)
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         """The loss of one micro-batch: ``(loss, entropy_sum, n_valid)`` as TRL's hook.
@@ -102,22 +145,28 @@ class EAOPDDistillationTrainer(DistillationTrainer):
         # completion tokens; the teacher's through its own wrapper, without gradient.
         hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, keep,
                                              **extra)
-        self.teacher_model.eval()
-        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+        index = inputs.get("teacher_index")
+        if index is not None:  # several teachers (not under FSDP2 / ZeRO-3 sharding)
+            loss, stats = self._routed_loss(unwrapped_student, hidden, input_ids,
+                                            attention_mask, keep, loss_mask, index, extra)
+        else:
+            self.teacher_model.eval()
+            unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
 
-        def teacher_part():
-            # Inside the teacher wrapper's forward (frozen): FSDP2 / ZeRO-3 gather its
-            # head there, and keep it gathered for the fused loss, which needs both heads.
-            with torch.no_grad():
-                t_hidden = self._get_last_hidden_state(unwrapped_teacher, input_ids,
-                                                       attention_mask, keep, **extra)
-            heads = [m.get_output_embeddings() for m in (unwrapped_student, unwrapped_teacher)]
-            with sharded.gathered(*(getattr(h, n, None) for h in heads
-                                    for n in ("weight", "bias"))):
-                return self._fused_loss(hidden, t_hidden, lm_head(unwrapped_student),
-                                        lm_head(unwrapped_teacher), loss_mask)
+            def teacher_part():
+                # Inside the teacher wrapper's forward (frozen): FSDP2 / ZeRO-3 gather its
+                # head there, and keep it gathered for the fused loss, which needs both.
+                with torch.no_grad():
+                    t_hidden = self._get_last_hidden_state(unwrapped_teacher, input_ids,
+                                                           attention_mask, keep, **extra)
+                heads = [m.get_output_embeddings()
+                         for m in (unwrapped_student, unwrapped_teacher)]
+                with sharded.gathered(*(getattr(h, n, None) for h in heads
+                                        for n in ("weight", "bias"))):
+                    return self._fused_loss(hidden, [t_hidden], lm_head(unwrapped_student),
+                                            [lm_head(unwrapped_teacher)], loss_mask)
 
-        loss, stats = sharded.run_frozen(self.teacher_model, teacher_part)
+            loss, stats = sharded.run_frozen(self.teacher_model, teacher_part)
         n_valid = (loss_mask != 0).sum()
         if num_items_in_batch is None:
             loss = loss / n_valid.clamp(min=1)
@@ -129,17 +178,51 @@ class EAOPDDistillationTrainer(DistillationTrainer):
         nan = torch.full((), float("nan"), device=loss.device)
         return loss, nan, n_valid
 
-    def _fused_loss(self, hidden, t_hidden, s_head, t_head, loss_mask):
-        """Summed loss and statistics of the ``(B, C)`` masked completion positions."""
+    def _routed_loss(self, unwrapped_student, hidden, input_ids, attention_mask, keep,
+                     loss_mask, index, extra):
+        """Several teachers: each runs on its own examples (``index`` ``(B,)``), then one
+        fused call over every completion token."""
+        if extra:
+            raise ValueError("several teachers with multimodal inputs are not supported")
+        t_hidden, t_heads = [], []
+        for j, teacher in enumerate(self.teacher_models):
+            teacher.eval()
+            unwrapped_teacher = self.accelerator.unwrap_model(teacher)
+            t_heads.append(lm_head(unwrapped_teacher))
+            rows = (index == j).nonzero().squeeze(1)
+            if rows.numel() == 0:  # no example for this teacher: not run
+                w = t_heads[-1].weight
+                t_hidden.append(w.new_zeros(0, keep, w.shape[1]))
+                continue
+            with torch.no_grad():
+                t_hidden.append(self._forward_redirection(
+                    teacher, unwrapped_teacher, self._get_last_hidden_state,
+                    unwrapped_teacher, input_ids[rows], attention_mask[rows], keep))
+        return self._fused_loss(hidden, t_hidden, lm_head(unwrapped_student), t_heads,
+                                loss_mask, index)
+
+    def _fused_loss(self, hidden, t_hidden, s_head, t_heads, loss_mask, index=None):
+        """Summed loss and statistics of the ``(B, C)`` masked completion positions; with
+        several teachers ``index`` ``(B,)`` routes each example to its teacher."""
         device = s_head.weight.device
         opts = self.loss_options
-        vocab = opts.vocab_size or min(s_head.vocab_size, t_head.vocab_size)
+        vocab = opts.vocab_size or min(s_head.vocab_size, *(t.vocab_size for t in t_heads))
+        transforms = {tuple(sorted(t.options("teacher").items())) for t in t_heads}
+        if len(transforms) > 1:
+            raise ValueError(f"the teachers' head transforms differ ({sorted(transforms)}): "
+                             "one call takes one teacher_softcap / teacher_logit_scale")
+        teacher = dict(teacher_hidden=[h.to(device) for h in t_hidden],
+                       teacher_weight=[t.weight for t in t_heads],
+                       teacher_bias=[t.bias for t in t_heads],
+                       teacher_index=None if index is None else
+                       index.to(device)[:, None].expand(loss_mask.shape))
+        if index is None:  # one teacher: plain tensors
+            teacher = {k: v[0] for k, v in teacher.items() if k != "teacher_index"}
         return fused_linear_eaopd_loss(
             hidden.to(device), s_head.weight, student_bias=s_head.bias,
-            teacher_hidden=t_hidden.to(device), teacher_weight=t_head.weight,
-            teacher_bias=t_head.bias, labels=loss_mask.to(device),
+            labels=loss_mask.to(device), **teacher,
             **dict(opts.given(), vocab_size=vocab), **s_head.options("student"),
-            **t_head.options("teacher"))
+            **t_heads[0].options("teacher"))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """TRL's ``compute_loss``, then the gate statistics into the logged metrics (outside
@@ -160,3 +243,27 @@ class EAOPDDistillationTrainer(DistillationTrainer):
             weighted = gather((stats[key].detach().float() * tokens).reshape(1)).sum()
             value = (weighted / total).item() if total > 0 else float("nan")
             self._metrics[mode][f"eaopd/{key}"].append(value)
+        for name, mine in zip(self.teacher_names, stats.get("per_teacher", ()), strict=False):
+            tokens = gather(mine["tokens"].detach().float().reshape(1)).sum()
+            for key in STATS:
+                weighted = gather((mine[key].detach().float() * mine["tokens"]).reshape(1)).sum()
+                value = (weighted / tokens).item() if tokens > 0 else float("nan")
+                self._metrics[mode][f"eaopd/{name}/{key}"].append(value)
+
+
+def _teacher_table(teacher_model, teacher_column: str | None) -> tuple[list, list]:
+    """``(names, models)``: one teacher as TRL takes it, or ``{name: model}`` with the
+    dataset column that names each example's teacher."""
+    if not isinstance(teacher_model, dict):
+        if teacher_column is not None:
+            raise ValueError("teacher_column routes examples to several teachers: pass "
+                             "teacher_model={name: model, ...}")
+        return [], [] if teacher_model is None else [teacher_model]
+    if teacher_column is None:
+        raise ValueError("several teachers (teacher_model={name: model}) need teacher_column, "
+                         "the dataset column that names each example's teacher")
+    if not teacher_model:
+        raise ValueError("teacher_model={} holds no teacher")
+    if any(isinstance(m, str) for m in teacher_model.values()):
+        raise TypeError("several teachers must be loaded models (not names to load)")
+    return list(teacher_model), list(teacher_model.values())

@@ -250,3 +250,37 @@ def test_mask_dtypes_give_the_same_loss(eager):
     want = hf.eaopd_loss(student, teacher, ids, attn, comp)
     for dtype in (torch.bool, torch.int32, torch.float32, torch.bfloat16):
         close(hf.eaopd_loss(student, teacher, ids, attn.to(dtype), comp.to(dtype)), want)
+
+
+@pytest.mark.parametrize("routing", [[1, 0, 1], [0, 0, 0]])
+def test_several_teachers_per_sequence(eager, routing):
+    """teachers=[...] with a (B,) teacher_index: each sequence scored by its own teacher
+    (another family, another padded vocabulary, one with a bias; one with no sequence):
+    the loss on the models' own logits, each teacher's rows taken from its own forward
+    over the whole batch; per-teacher statistics."""
+    student = make_model("llama", 0)
+    teachers = [make_model("qwen2_tied", 1), make_model("phi_bias", 2)]
+    ids, attn, comp = _batch()
+    index = torch.tensor(routing)
+    opts = dict(temperature=0.9, reduction="sum", return_stats=True)
+    loss, stats = hf.eaopd_loss(student, None, ids, attn, comp, teachers=teachers,
+                                teacher_index=index, **opts)
+    loss.backward()
+    got = _grads(student)
+    student.zero_grad(set_to_none=True)
+    z = student(input_ids=ids, attention_mask=attn).logits[:, :-1, :61]
+    labels = (comp * attn)[:, 1:].float()
+    with torch.no_grad():
+        ys = [t(input_ids=ids, attention_mask=attn).logits[:, :-1, :61] for t in teachers]
+    ref = sum(entropy_aware_opd_loss(z[index == j], ys[j][index == j],
+                                     labels=labels[index == j], **opts)[0]
+              for j in range(2) if bool((index == j).any()))
+    ref.backward()
+    close(loss, ref)
+    for name, want in _grads(student).items():
+        close(got[name], want, msg=f"grad {name}: ")
+    for j, mine in enumerate(stats["per_teacher"]):
+        assert float(mine["tokens"]) == float(labels[index == j].sum())
+    with pytest.raises(ValueError, match=r"teacher_index must be an integer tensor of shape"):
+        hf.eaopd_loss(student, None, ids, attn, comp, teachers=teachers,
+                      teacher_index=torch.tensor([0, 1]))

@@ -319,6 +319,155 @@ def _tp4_worker(rank, world):
     _check_disagreement(rank, world, group)
     _check_mask_disagreement(rank, world, group)
     _check_non_finite(rank, world, group)
+    _check_routed(rank, world, group)
+
+
+# ---------------------------------------------------------------- several teachers
+
+
+def _routed_teachers(seed, tokens, tp, real, sp=False, rank=0, k=5, third="logits"):
+    """Three teachers (dense head of its own hidden width, served top-k, given logits or
+    with ``third="linear"`` another dense head) over per-token routing: this rank's
+    shards, and the single-device tensors on the real vocabulary. Under ``sp``,
+    per-sequence routing (dim 1 of [s, b]) so that each rank's slice of a dense teacher's
+    hidden states is well defined."""
+    g = torch.Generator().manual_seed(seed)
+    if sp:
+        index = (torch.arange(tokens[1]) % 3)[None, :].expand(tokens).contiguous()
+    else:
+        index = torch.randint(0, 3, tokens, generator=g)
+    width = 7
+    v = tp * width
+    shard = slice(rank * width, (rank + 1) * width)
+    n = [int((index == j).sum()) for j in range(3)]
+    if sp:
+        th = torch.randn(tokens[0], int((index[0] == 0).sum()), 5, generator=g)
+    else:
+        th = torch.randn(n[0], 5, generator=g)
+    tw = torch.randn(v, 5, generator=g) * 1.5
+    ids = torch.stack([torch.randperm(real, generator=g)[:k] for _ in range(n[1])])
+    lp = torch.log_softmax(torch.randn(n[1], real, generator=g) * 2, -1).gather(1, ids)
+    y = torch.randn(n[2], v, generator=g) * 2
+    local = dict(teacher_hidden=[th.chunk(tp, 0)[rank] if sp else th, None, None],
+                 teacher_weight=[tw[shard], None, None],
+                 teacher_topk_logprobs=[None, lp, None], teacher_topk_indices=[None, ids, None],
+                 teacher_logits=[None, None, y[:, shard]])
+    full = dict(teacher_hidden=[th, None, None], teacher_weight=[tw[:real], None, None],
+                teacher_topk_logprobs=[None, lp, None], teacher_topk_indices=[None, ids, None],
+                teacher_logits=[None, None, y[:, :real]])
+    if third == "linear":  # a second dense head, hidden width 3
+        th2 = torch.randn(*(th.shape[:-1] if sp else (n[2],)), 3, generator=g)
+        tw2 = torch.randn(v, 3, generator=g)
+        for d in (local, full):
+            del d["teacher_logits"]
+        local["teacher_hidden"][2] = th2.chunk(tp, 0)[rank] if sp else th2
+        local["teacher_weight"][2] = tw2[shard]
+        full["teacher_hidden"][2], full["teacher_weight"][2] = th2, tw2[:real]
+    return index, local, full
+
+
+def check_routed_case(rank, tp, group, *, reduction, vocab_size, sp=False, seed=0, chunk=4,
+                      loss_func=False):
+    """Three routed teachers of mixed forms on vocabulary shards (fused, logits-in, or
+    megatron's loss_func) against the single-device routed loss (itself checked against
+    the float64 formula in test_multi_teacher), loss, gradients and per-teacher stats."""
+    h, w, b, _, _, labels = _data(seed, tp=tp)
+    width = w.shape[0] // tp
+    real = vocab_size or w.shape[0]
+    shard = slice(rank * width, (rank + 1) * width)
+    index, local, full = _routed_teachers(seed, h.shape[:-1], tp, real, sp, rank,
+                                          third="linear" if loss_func else "logits")
+    opts = dict(labels=labels, temperature=1.3, reduction=reduction, chunk_size=chunk)
+    hr, wr = h.clone().requires_grad_(), w[:real].clone().requires_grad_()
+    ref, ref_stats = fused_linear_eaopd_loss(hr, wr, teacher_index=index, return_stats=True,
+                                             **full, **opts)
+    ref.backward(_grad_out(ref))
+    wl = w[shard].clone().requires_grad_()
+    hl = (h.chunk(tp, 0)[rank] if sp else h).clone().requires_grad_()
+    stats = None
+    if loss_func:
+        loss, num, logged = eaopd_loss_func(
+            hl, wl, local.pop("teacher_hidden"), local.pop("teacher_weight"), labels.t(),
+            sequence_parallel=sp, vocab_size=vocab_size, teacher_index=index,
+            temperature=1.3, chunk_size=chunk, **local)
+        assert int(num) == int(labels.sum())
+        for j, want in enumerate(ref_stats["per_teacher"]):
+            _close(logged[f"teacher {j} kl fwd"],
+                   torch.stack([want["kl_fwd"] * want["tokens"], want["tokens"]]))
+    else:
+        loss, stats = fused_linear_vocab_parallel_eaopd_loss(
+            hl, wl, tp_group=group, vocab_size=vocab_size, sequence_parallel=sp,
+            teacher_index=index, return_stats=True, **local, **opts)
+    loss.backward(_grad_out(loss))
+    tag = f"[routed {reduction} V={vocab_size} sp={sp} loss_func={loss_func}] "
+    _close(loss, ref, msg=tag)
+    _close(hl.grad, hr.grad.chunk(tp, 0)[rank] if sp else hr.grad, msg=tag + "grad h ")
+    want_w = torch.zeros_like(w)
+    want_w[:real] = wr.grad
+    _close(wl.grad, want_w[shard], msg=tag + "grad W ")
+    if stats is not None:
+        for mine, want in zip(stats["per_teacher"], ref_stats["per_teacher"], strict=True):
+            for key, value in want.items():
+                _close(mine[key], value, msg=tag + f"stats {key} ")
+    if sp or loss_func:
+        return
+    # logits-in on the same shards: the dense teachers as logits shards
+    th = full["teacher_hidden"][0]
+    zl = (h @ w.T)[..., shard].clone().requires_grad_()
+    dense0 = local["teacher_hidden"][0] @ local["teacher_weight"][0].T
+    got = vocab_parallel_eaopd_loss(
+        zl, [dense0, None, local["teacher_logits"][2]], tp_group=group,
+        vocab_size=vocab_size, teacher_index=index,
+        teacher_topk_logprobs=local["teacher_topk_logprobs"],
+        teacher_topk_indices=local["teacher_topk_indices"], **opts)
+    with CollectiveCounter() as counter:
+        got.backward(_grad_out(got))
+    assert counter.calls == [], "logits-in backward must not communicate"
+    _close(got, ref, msg=tag + "logits-in ")
+    zr = (h @ w[:real].T).clone().requires_grad_()
+    ref_z = entropy_aware_opd_loss(
+        zr, [th @ full["teacher_weight"][0].T, None, full["teacher_logits"][2]],
+        teacher_index=index, teacher_topk_logprobs=full["teacher_topk_logprobs"],
+        teacher_topk_indices=full["teacher_topk_indices"], **opts)
+    ref_z.backward(_grad_out(ref_z))
+    want_z = torch.zeros(*h.shape[:-1], w.shape[0])
+    want_z[..., :real] = zr.grad
+    _close(zl.grad, want_z[..., shard], msg=tag + "logits-in grad z ")
+
+
+def _check_routed_collectives_and_disagreement(rank, world, group):
+    """Several teachers: the header + ONE all-gather per chunk (chunks never straddle two
+    teachers); ranks that route differently, or a row count that does not match the
+    routing, make every rank raise."""
+    h, w, _, _, _, _ = _data(3, tokens=(10,), tp=world)
+    width = w.shape[0] // world
+    shard = slice(rank * width, (rank + 1) * width)
+    index = torch.tensor([0, 1, 1, 0, 0, 1, 0, 0, 1, 0])  # 6 + 4 tokens: 2 + 1 chunks of 4
+    y = torch.randn(10, w.shape[0])
+    kw = dict(teacher_logits=[y[index == 0][:, shard], y[index == 1][:, shard]],
+              tp_group=group, reduction="sum", chunk_size=4)
+    with CollectiveCounter() as fwd:
+        fused_linear_vocab_parallel_eaopd_loss(h, w[shard].clone().requires_grad_(),
+                                               teacher_index=index, **kw)
+    gather = "all_gather_single" if hasattr(dist, "all_gather_single") \
+        else "all_gather_into_tensor"
+    assert fwd.calls == [gather] * (1 + 3), fwd.calls
+    other = index.clone()
+    if rank == 1:
+        other[[0, 1]] = other[[1, 0]]  # same counts, different tokens
+    with pytest.raises(ValueError, match="ranks disagree on routing fingerprint"):
+        fused_linear_vocab_parallel_eaopd_loss(h, w[shard], teacher_index=other, **kw)
+    short = dict(kw, teacher_logits=[kw["teacher_logits"][0][1:], kw["teacher_logits"][1]])
+    with pytest.raises(ValueError, match="teacher 0: teacher_logits has 5 token rows but "
+                                         "teacher_index routes 6"):
+        fused_linear_vocab_parallel_eaopd_loss(h, w[shard], teacher_index=index, **short)
+
+
+def _check_routed(rank, world, group):
+    for i, reduction in enumerate(["sum", "none", "batchmean"]):
+        check_routed_case(rank, world, group, reduction=reduction,
+                          vocab_size=25 if i % 2 == 0 else None, seed=30 + i)
+    _check_routed_collectives_and_disagreement(rank, world, group)
 
 
 # (student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap)
@@ -584,6 +733,8 @@ def _megatron_worker(rank, world, tp, use_sp, compile_check):
         check_topk_case(tp_rank, tp, group, reduction="sum", tau=1.5, vocab_size=13,
                         tail="bucket", seed=10 + dp_rank, sp=use_sp)
         _check_topk_loss_func(tp_rank, tp, use_sp, 10 + dp_rank)
+        check_routed_case(tp_rank, tp, group, reduction="sum", vocab_size=13, sp=use_sp,
+                          seed=10 + dp_rank, loss_func=True)
         # A -inf teacher under a zero reverse-KL weight (the compiled graphs of the
         # linear gate; tp_group=None is megatron's group).
         _check_minus_inf_teacher(tp_rank, tp, group, gates=FORWARD_ONLY[1:])

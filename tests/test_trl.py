@@ -122,6 +122,63 @@ def test_two_steps_equal_direct_calls(eager, tmp_path):
     assert not torch.equal(before, student.lm_head.weight)  # it trained
 
 
+class _RecordingRouted(EAOPDDistillationTrainer):
+    """As :class:`_Recording` with several teachers: the direct call routes by the
+    batch's ``teacher_index`` (built by the trainer from the dataset column)."""
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        out = super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        comp = torch.cat([torch.zeros_like(inputs["prompt_mask"]), inputs["completion_mask"]],
+                         dim=1)
+        with torch.no_grad():
+            direct, stats = hf.eaopd_loss(unwrapped_student, None, ids, attn, comp,
+                                          teachers=self.teacher_models,
+                                          teacher_index=inputs["teacher_index"],
+                                          reduction="sum", return_stats=True,
+                                          temperature=self.args.temperature)
+        self.records.append(dict(loss=out[0].detach(), direct=direct / num_items_in_batch,
+                                 index=inputs["teacher_index"].tolist(), stats=stats))
+        return out
+
+
+def test_several_teachers_routed_by_a_dataset_column(eager, tmp_path):
+    """teacher_model={name: model} + teacher_column: each example scored by the teacher
+    its column names (two Llama teachers of different widths); per-teacher logs."""
+    from datasets import Dataset
+
+    student, _ = _models()
+    common = dict(intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=64, bos_token_id=2,
+                  eos_token_id=1, pad_token_id=0, vocab_size=40, initializer_range=0.3)
+    torch.manual_seed(1)
+    math_t = transformers.LlamaForCausalLM(transformers.LlamaConfig(hidden_size=32, **common))
+    code_t = transformers.LlamaForCausalLM(transformers.LlamaConfig(hidden_size=48, **common))
+    args = trl.DistillationConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2,
+        max_completion_length=4, temperature=0.9, logging_steps=1, report_to="none",
+        use_cpu=True, learning_rate=1e-2, save_strategy="no", activation_checkpointing=False)
+    data = Dataset.from_dict({"prompt": ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10"],
+                              "data_source": ["math", "code", "math", "code"]})
+    trainer = _RecordingRouted(model=student, teacher_model={"math": math_t, "code": code_t},
+                               teacher_column="data_source", args=args, train_dataset=data,
+                               processing_class=_tokenizer(),
+                               loss_options=dict(chunk_size=4))
+    trainer.records = []
+    trainer.train()
+    assert len(trainer.records) == 2
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    for rec, log in zip(trainer.records, logs, strict=True):
+        assert sorted(rec["index"]) == [0, 0, 1, 1]  # two examples per teacher
+        close(rec["loss"], rec["direct"])
+        for j, name in enumerate(("math", "code")):
+            want = rec["stats"]["per_teacher"][j]["kl_fwd"].item()
+            assert log[f"eaopd/{name}/kl_fwd"] == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="need teacher_column"):
+        EAOPDDistillationTrainer(model=student, teacher_model={"math": math_t})
+
+
 def test_bad_loss_options_raise_before_setup():
     student, teacher = _models()
     with pytest.raises(TypeError, match="reduction are set by the trainer"):
