@@ -36,8 +36,8 @@ class HookedGPT(torch.nn.Module):
         self.config = SimpleNamespace(use_mup=False, mup_output_mult=1.0)
 
     def forward(self, input_ids, position_ids, attention_mask, decoder_input=None,
-                labels=None, *, loss_mask=None, padding_mask=None, output_processor=None,
-                output_processor_context=None):
+                labels=None, *, loss_mask=None, packed_seq_params=None, padding_mask=None,
+                output_processor=None, output_processor_context=None):
         self.calls.append((input_ids, position_ids, attention_mask, loss_mask))
         return output_processor(hidden_states=self.hidden, output_layer=self.output_layer,
                                 output_weight=None, labels=labels, loss_mask=loss_mask,
@@ -62,7 +62,7 @@ class OldGPT(torch.nn.Module):
                 loss_mask=None):
         raise AssertionError("the fallback must not call forward")
 
-    def _preprocess(self, input_ids, position_ids):
+    def _preprocess(self, input_ids, position_ids, packed_seq_params=None):
         return self.hidden, None, None, None, None, None
 
 
