@@ -21,7 +21,8 @@ VENV_CURRENT := .venv-current
 PY_CURRENT := $(VENV_CURRENT)/bin/python
 STAMP_CURRENT := $(VENV_CURRENT)/.installed
 CURRENT_TESTS ?= tests/test_megatron.py tests/test_megatron_schedule.py \
-	tests/test_megatron_hook.py tests/test_parallel.py tests/test_compile.py
+	tests/test_megatron_hook.py tests/test_megatron_long_context.py tests/test_parallel.py \
+	tests/test_compile.py
 
 # The GPU machine's interpreter: one with a CUDA build of torch (not $(VENV)).
 GPU_PYTHON ?= python3

@@ -40,6 +40,7 @@ re-exported. Tests import this file with ``sys.path.insert(0, "examples")``.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import warnings
 
@@ -294,6 +295,18 @@ def tiny_gpt_chunks(*args, **kwargs) -> list[GPTModel]:
 def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
     """megatron's ``[1, 1, s, s]`` boolean attention mask (True = not attended)."""
     return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)[None, None]
+
+
+def cp_batch(batch: dict) -> dict:
+    """``megatron.core.utils.get_batch_on_this_cp_rank`` on either stack: megatron-core
+    0.19 added a required ``is_hybrid_cp`` argument (False: the plain zig-zag split) and
+    an explicit ``cp_group`` (its default, None, would mean the whole world)."""
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:
+        return get_batch_on_this_cp_rank(
+            batch, is_hybrid_cp=False, cp_group=parallel_state.get_context_parallel_group())
+    return get_batch_on_this_cp_rank(batch)
 
 
 def positions(tokens: torch.Tensor) -> torch.Tensor:

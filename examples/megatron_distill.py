@@ -49,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from megatron_cpu import (  # noqa: E402
     broadcast_tp,
     causal_mask,
+    cp_batch,
     destroy_parallel,
     init_parallel,
     positions,
@@ -66,7 +67,6 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # n
 from megatron.core.packed_seq_params import PackedSeqParams  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from megatron.core.transformer.module import Float16Module  # noqa: E402
-from megatron.core.utils import get_batch_on_this_cp_rank  # noqa: E402
 
 from eaopd_mp.megatron import (  # noqa: E402
     EaopdOutput,
@@ -187,7 +187,7 @@ def micro_batches(tokens: torch.Tensor, loss_mask: torch.Tensor, n: int, args,
         if args.cp > 1:
             packed_params = batch.pop("packed", None)
             if packed_params is None:
-                batch = get_batch_on_this_cp_rank(batch)
+                batch = cp_batch(batch)
             else:  # megatron's THD split needs Transformer Engine; this is the same cut
                 batch = {k: slice_for_context_parallel(v, 1, packed_seq_params=packed_params)
                          for k, v in batch.items()}

@@ -323,8 +323,6 @@ def _run_and_compare(rank, where, ps, mc, md, *, student, teacher, batches, forw
 
 def _cp_case(rank, ps, mc, md, tp, pp, cp, sp, teacher_kind, per_token):
     """CP=2 with DP, TP(+SP) or PP: one step against the single-process reference."""
-    from megatron.core.utils import get_batch_on_this_cp_rank
-
     where = f"cp={cp} tp={tp} pp={pp} sp={sp} {teacher_kind} per_token={per_token} rank {rank}"
     dp = WORLD // (tp * pp * cp)
     args = md.parse_args(["--tp", str(tp), "--pp", str(pp), "--seq-len", str(SEQ)]
@@ -347,9 +345,9 @@ def _cp_case(rank, ps, mc, md, tp, pp, cp, sp, teacher_kind, per_token):
     mine = range(dp_rank * MICRO_BATCHES, (dp_rank + 1) * MICRO_BATCHES)
     batches = []
     for i in mine:
-        b = get_batch_on_this_cp_rank(dict(tokens=tokens[i].clone(),
-                                           position_ids=mc.positions(tokens[i]).clone(),
-                                           loss_mask=masks[i].clone()))
+        b = mc.cp_batch(dict(tokens=tokens[i].clone(),
+                             position_ids=mc.positions(tokens[i]).clone(),
+                             loss_mask=masks[i].clone()))
         batches.append(dict(b, attention_mask=None))
     assert batches[0]["tokens"].shape == (MICRO_BATCH, SEQ // cp), where
     shapes = dict(num_microbatches=MICRO_BATCHES, seq_length=SEQ, micro_batch_size=MICRO_BATCH)
