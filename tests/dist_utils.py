@@ -61,3 +61,15 @@ class CollectiveCounter:
         for name, fn in self._saved.items():
             setattr(dist, name, fn)
         return False
+
+
+def merge_replicas(dicts):
+    """One dict from every rank's (name -> tensor); replicas of a tensor must agree exactly."""
+    merged = {}
+    for d in dicts:
+        for name, t in d.items():
+            if name in merged:
+                torch.testing.assert_close(t, merged[name], rtol=0, atol=0,
+                                           msg=lambda m, n=name: f"replicas of {n}: {m}")
+            merged[name] = t
+    return merged

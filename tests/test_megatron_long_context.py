@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 pytest.importorskip("megatron.core")
 
-from dist_utils import spawn  # noqa: E402
+from dist_utils import merge_replicas, spawn  # noqa: E402
 from eaopd_mp import entropy_aware_opd_loss  # noqa: E402
 from eaopd_mp.megatron import (  # noqa: E402
     context_parallel_index,
@@ -187,18 +187,6 @@ def _tp_full(chunks, value, parallel_state):
     return out
 
 
-def _merge(dicts):
-    """One dict from every rank's; replicas of a tensor must agree exactly."""
-    merged = {}
-    for d in dicts:
-        for name, t in d.items():
-            if name in merged:
-                torch.testing.assert_close(t, merged[name], rtol=0, atol=0,
-                                           msg=lambda m, n=name: f"replicas of {n}: {m}")
-            merged[name] = t
-    return merged
-
-
 def _topk_forward_step(served, *, sequence_parallel):
     """The student's forward step for a served teacher: :func:`eaopd_loss_func` bound to
     the micro-batch's whole-sequence top-k (the library cuts it per CP rank)."""
@@ -302,8 +290,8 @@ def _run_and_compare(rank, where, ps, mc, md, *, student, teacher, batches, forw
     ps.initialize_model_parallel(1, 1)
     ref = [None]
     if rank == 0:
-        t_state = _merge(t for _, t in states) if teacher is not None else None
-        ref[0] = ref_fn(_merge(s for s, _ in states), t_state)
+        t_state = merge_replicas(t for _, t in states) if teacher is not None else None
+        ref[0] = ref_fn(merge_replicas(s for s, _ in states), t_state)
     dist.broadcast_object_list(ref, src=0)
     ref = ref[0]
     if checks:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 pytest.importorskip("megatron.core")
 
-from dist_utils import spawn  # noqa: E402
+from dist_utils import merge_replicas, spawn  # noqa: E402
 from eaopd_mp import entropy_aware_opd_loss  # noqa: E402
 from eaopd_mp.megatron import (  # noqa: E402
     eaopd_forward_step,
@@ -100,18 +100,6 @@ def _tp_full(model, value, parallel_state):
             t = torch.cat(parts, dim=param.partition_dim)
         out[_global_name(name, offset)] = t.clone()
     return out
-
-
-def _merge(dicts):
-    """One dict from every rank's; replicas of a tensor must agree exactly."""
-    merged = {}
-    for d in dicts:
-        for name, t in d.items():
-            if name in merged:
-                torch.testing.assert_close(t, merged[name], rtol=0, atol=0,
-                                           msg=lambda m, n=name: f"replicas of {n}: {m}")
-            merged[name] = t
-    return merged
 
 
 def _reference(megatron_cpu, student_state, teacher_state, tokens, masks, dp_size):
@@ -238,8 +226,8 @@ def _check_layout(rank, tp, pp, sp, parallel_state, megatron_cpu, megatron_disti
     parallel_state.initialize_model_parallel(1, 1)
     ref = [None]
     if rank == 0:
-        ref[0] = _reference(megatron_cpu, _merge(s for s, _ in states),
-                            _merge(t for _, t in states), tokens, masks, dp_size)
+        ref[0] = _reference(megatron_cpu, merge_replicas(s for s, _ in states),
+                            merge_replicas(t for _, t in states), tokens, masks, dp_size)
     dist.broadcast_object_list(ref, src=0)
     ref = ref[0]
 
