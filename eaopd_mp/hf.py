@@ -246,37 +246,83 @@ def _fused(hidden, t_hidden, student, teacher, labels, vocab, loss_options):
 
 def _routed(student, models, teacher_index, input_ids, attention_mask, completion_mask,
             loss_options):
-    """:func:`eaopd_loss` with several teachers, each run on its own sequences (not
-    under FSDP2 / ZeRO-3 sharding: the heads are read as they are)."""
-    s_head = lm_head(student)
-    t_heads = [lm_head(m) for m in models]
-    vocab = loss_options.pop("vocab_size", None)
-    if vocab is None:
-        vocab = min(s_head.vocab_size, *(t.vocab_size for t in t_heads))
-    labels = next_token_mask(input_ids, attention_mask, completion_mask)
-    hidden = last_hidden_state(student, input_ids, attention_mask)[:, :-1]
-    transforms = {tuple(sorted(t.options("teacher").items())) for t in t_heads}
+    """:func:`eaopd_loss` with several teachers, each run on its own sequences.
+
+    Sharded models (FSDP2, ZeRO-3) run as one teacher does: the loss inside the student's
+    forward and inside every teacher's frozen forward (nested, teacher 0 outermost), where
+    every head is gathered. Every rank enters every sharded teacher, in the same order: a
+    rank with no sequence for teacher ``j`` still runs ``j``'s backbone, on its first
+    sequence, and drops the result (FSDP2's and ZeRO-3's all-gathers are collectives: a rank
+    that skipped them would hang the others). An unsharded teacher with no sequence is not
+    run.
+    """
+    transforms = {_transforms(m) for m in models}
     if len(transforms) > 1:
         raise ValueError(f"the teachers' head transforms differ ({sorted(transforms)}): one "
                          "call takes one teacher_softcap / teacher_logit_scale")
+    vocab = loss_options.pop("vocab_size", None)
+    labels = next_token_mask(input_ids, attention_mask, completion_mask)
     index = teacher_index.to(input_ids.device)
+    rows = [(index == j).nonzero().squeeze(1) for j in range(len(models))]
+    owners = [_owners(m) for m in models]
     t_hidden = []
-    with torch.no_grad():
-        for j, (model, head) in enumerate(zip(models, t_heads, strict=True)):
-            rows = (index == j).nonzero().squeeze(1)
-            if rows.numel() == 0:  # no sequence for this teacher: no forward pass
-                t_hidden.append(head.weight.new_zeros(0, input_ids.shape[1] - 1,
-                                                      head.weight.shape[1]))
-                continue
-            mask = None if attention_mask is None else attention_mask[rows]
-            t_hidden.append(last_hidden_state(model, input_ids[rows], mask)[:, :-1])
-    return fused_linear_eaopd_loss(
-        hidden, s_head.weight, student_bias=s_head.bias,
-        teacher_hidden=[h.to(hidden.device) for h in t_hidden],
-        teacher_weight=[t.weight for t in t_heads], teacher_bias=[t.bias for t in t_heads],
-        teacher_index=index[:, None].expand(labels.shape).to(hidden.device),
-        labels=labels.to(hidden.device), vocab_size=vocab, **s_head.options("student"),
-        **t_heads[0].options("teacher"), **loss_options)
+
+    def teacher_step(j, model):
+        def step():  # inside teacher j's forward (frozen)
+            if rows[j].numel() == 0 and not owners[j]:  # unsharded: not run
+                w = lm_head(model).weight
+                t_hidden.append(w.new_zeros(0, input_ids.shape[1] - 1, w.shape[1]))
+                return
+            take = rows[j] if rows[j].numel() else rows[j].new_zeros(1)  # see the docstring
+            mask = None if attention_mask is None else attention_mask[take]
+            with torch.no_grad():
+                out = last_hidden_state(model, input_ids[take], mask)[:, :-1]
+            t_hidden.append(out if rows[j].numel() else out[:0])
+        return step
+
+    def student_part(ids):  # inside the student's forward: its (sharded) head is gathered
+        hidden = last_hidden_state(student, ids, attention_mask)[:, :-1]
+
+        def loss():  # inside every teacher's forward: every head is gathered
+            return _fused_routed(hidden, t_hidden, student, models, owners, index, labels,
+                                 vocab, loss_options)
+
+        steps = [teacher_step(j, m) for j, m in enumerate(models)]
+        return sharded.run_teachers_frozen(owners, steps, loss)
+
+    return sharded.run_in_forwards(_owners(student), student_part, input_ids)
+
+
+def _transforms(model) -> tuple:
+    """A model's head transform as teacher options (read from its config, so that nothing
+    reads a possibly partitioned head here)."""
+    config = _unwrap(model).config.get_text_config()
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return (("teacher_logit_scale", _logit_scale(config)),
+            ("teacher_softcap", None if softcap is None else float(softcap)))
+
+
+def _fused_routed(hidden, t_hidden, student, models, owners, index, labels, vocab,
+                  loss_options):
+    """:func:`_fused` with several teachers: every head read (and, under ZeRO-3,
+    gathered) here, inside every model's forward."""
+    heads = [_unwrap(m).get_output_embeddings() for m in (student, *models)]
+    params = [getattr(h, n, None) for h in heads if h is not None for n in ("weight", "bias")]
+    with sharded.gathered(*params):
+        s_head, t_heads = lm_head(student), [lm_head(m) for m in models]
+        if vocab is None:
+            vocab = min(s_head.vocab_size, *(t.vocab_size for t in t_heads))
+        reduction = loss_options.get("reduction")
+        keep = [functools.partial(sharded.kept_for_backward, engine_owned=bool(o),
+                                  reduction=reduction) for o in owners]
+        return fused_linear_eaopd_loss(
+            hidden, s_head.weight, student_bias=s_head.bias,
+            teacher_hidden=[h.to(hidden.device) for h in t_hidden],
+            teacher_weight=[k(t.weight) for k, t in zip(keep, t_heads, strict=True)],
+            teacher_bias=[k(t.bias) for k, t in zip(keep, t_heads, strict=True)],
+            teacher_index=index[:, None].expand(labels.shape).to(hidden.device),
+            labels=labels.to(hidden.device), vocab_size=vocab, **s_head.options("student"),
+            **t_heads[0].options("teacher"), **loss_options)
 
 
 def _teacher_models(teacher, teachers, teacher_index, input_ids) -> list:
@@ -297,4 +343,8 @@ def _teacher_models(teacher, teachers, teacher_index, input_ids) -> list:
         raise ValueError(f"teacher_index must be an integer tensor of shape "
                          f"({input_ids.shape[0]},) (one teacher per sequence), got "
                          f"{getattr(teacher_index, 'shape', teacher_index)}")
+    bad = (teacher_index < 0) | (teacher_index >= len(teachers))
+    if bool(bad.any()):  # here, before any model runs (a sharded model's collectives)
+        raise ValueError(f"teacher_index values must be in [0, {len(teachers)}) (one entry "
+                         f"per teacher), got {teacher_index[bad][:3].tolist()}")
     return list(teachers)

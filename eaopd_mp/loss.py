@@ -85,9 +85,10 @@ def logits_loss(student_logits, teacher_logits, labels, options: LossOptions,
                 topk_logprobs=None, topk_indices=None, entropy=None, teacher_index=None):
     """:func:`entropy_aware_opd_loss` with its options already built."""
     if sharded.any_dtensor(student_logits, teacher_logits, labels, topk_logprobs,
-                           topk_indices, entropy):  # vocabulary-sharded DTensor logits
+                           topk_indices, entropy, teacher_index):  # vocab-sharded DTensors
         return sharded.dtensor_logits_loss(student_logits, teacher_logits, labels, options,
-                                           topk_logprobs, topk_indices, entropy)
+                                           topk_logprobs, topk_indices, entropy,
+                                           teacher_index)
     _checks.tensor("student_logits", student_logits, min_dim=1)
     _checks.nonempty_vocab("student_logits", student_logits)
     token_shape = tuple(student_logits.shape[:-1])
@@ -159,14 +160,11 @@ def linear_loss(student_hidden, student_weight, student_bias, teacher_hidden, te
     """:func:`fused_linear_eaopd_loss` with its options already built."""
     if sharded.any_dtensor(student_hidden, student_weight, student_bias, teacher_hidden,
                            teacher_weight, teacher_bias, teacher_logits, labels,
-                           topk_logprobs, topk_indices, entropy):  # DTensor TP
-        if teacher_index is not None:
-            raise ValueError("several teachers (teacher_index) with DTensor inputs are not "
-                             "supported: pass local shards to the vocab-parallel functions")
+                           topk_logprobs, topk_indices, entropy, teacher_index):  # DTensor TP
         return sharded.dtensor_linear_loss(student_hidden, student_weight, student_bias,
                                            teacher_hidden, teacher_weight, teacher_bias,
                                            teacher_logits, labels, options, topk_logprobs,
-                                           topk_indices, entropy)
+                                           topk_indices, entropy, teacher_index)
     _checks.linear("student", student_hidden, student_weight, student_bias)
     token_shape = tuple(student_hidden.shape[:-1])
     vocab = student_weight.shape[0]

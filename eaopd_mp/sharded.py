@@ -45,9 +45,11 @@ def dtensor_type():
 
 
 def any_dtensor(*xs) -> bool:
-    """Whether any of ``xs`` is a DTensor (cheap: no import)."""
+    """Whether any of ``xs`` is a DTensor, or a list of teachers' tensors holding one
+    (cheap: no import)."""
     cls = dtensor_type()
-    return cls is not None and any(isinstance(x, cls) for x in xs)
+    return cls is not None and any(
+        isinstance(x, cls) or (isinstance(x, (list, tuple)) and any_dtensor(*x)) for x in xs)
 
 
 def is_fsdp2(module) -> bool:
@@ -169,6 +171,33 @@ def run_in_forwards(modules, fn, *args, frozen: bool = False):
         return fn(*args)
     first, rest = modules[0], modules[1:]
     return runner(first, lambda *a: run_in_forwards(rest, fn, *a, frozen=frozen), *args)
+
+
+def run_teachers_frozen(owner_lists, steps, last):
+    """``last()`` inside the frozen forwards of several teachers (teacher 0 outermost), with
+    ``steps[j]()`` run inside teacher ``j``'s forwards first (its backbone, say).
+
+    Every teacher's owners are entered, on every rank, in the same order, whether or not this
+    rank has tokens for that teacher: FSDP2's all-gathers (and ZeRO-3's) are collectives, so
+    a rank that skipped a teacher its peers run would hang them. A module that an earlier
+    teacher entered already (one model given twice) is not entered again. Inside ``last``
+    every teacher's head is gathered at once, so one fused call reads them all.
+    """
+    entered: set = set()
+
+    def level(j):
+        if j == len(owner_lists):
+            return last()
+        mods = [m for m in owner_lists[j] if id(m) not in entered]
+        entered.update(id(m) for m in mods)
+
+        def body():
+            steps[j]()
+            return level(j + 1)
+
+        return run_in_forwards(mods, body, frozen=True)
+
+    return level(0)
 
 
 def kept_for_backward(x, reduction: str, engine_owned: bool):
@@ -362,10 +391,43 @@ def _local(name: str, x, mesh, dim: int, ok_dims=(), what: str = ""):
     return x.to_local(), sharded
 
 
+def _each(name: str, x, fn):
+    """``fn(name, x)`` on one tensor, or on each entry of a teacher list (named
+    ``name[j]``); None (and a list's None entries) stay None."""
+    if isinstance(x, (list, tuple)):
+        return [None if v is None else fn(f"{name}[{j}]", v) for j, v in enumerate(x)]
+    return None if x is None else fn(name, x)
+
+
+def _entries(name: str, x) -> list:
+    """``[(name, tensor), ...]``: one tensor, or a teacher list's given entries."""
+    if isinstance(x, (list, tuple)):
+        return [(f"{name}[{j}]", v) for j, v in enumerate(x) if v is not None]
+    return [] if x is None else [(name, x)]
+
+
+def _check_teacher_weight(name: str, tw, student_weight, dim: int, mesh) -> None:
+    """A teacher head beside a DTensor student head: a DTensor ``Shard(0)`` on the same
+    mesh dim with the student's row count (so that every rank's shard has the student's
+    width: checked here, on every rank, rather than on the one rank whose shard differs)."""
+    if not any_dtensor(tw):
+        raise TypeError(f"{name} is a plain tensor but student_weight a DTensor: give every "
+                        "head as a DTensor Shard(0) over the vocabulary")
+    t_dim = tp_dim(tw, name)
+    if t_dim != dim or tw.device_mesh != mesh:
+        raise ValueError(f"{name} is a {_layout(tw)}, student_weight a "
+                         f"{_layout(student_weight)}: shard both on the same mesh dim")
+    if tw.shape[0] != student_weight.shape[0]:
+        raise ValueError(
+            f"{name} has {tw.shape[0]} rows and student_weight {student_weight.shape[0]}: "
+            f"sharded over {mesh.size(dim)} ranks their shards differ in width; pad the "
+            "heads to one row count (vocab_size= gives the real vocabulary)")
+
+
 def dtensor_linear_loss(student_hidden, student_weight, student_bias, teacher_hidden,
                         teacher_weight, teacher_bias, teacher_logits, labels,
                         options: LossOptions, topk_logprobs=None, topk_indices=None,
-                        entropy=None):
+                        entropy=None, teacher_index=None):
     """:func:`eaopd_mp.fused_linear_eaopd_loss` on DTensor inputs: the vocab-parallel fused
     loss over the process group of the mesh dim the student weight is ``Shard(0)`` on.
 
@@ -376,6 +438,11 @@ def dtensor_linear_loss(student_hidden, student_weight, student_bias, teacher_hi
     ``Shard(-1)``; the mask, entropy and top-k tensors replicated. Returns a plain tensor, the
     same on every rank (the replicated loss's local value); gradients reach the DTensors with
     their placements (the weight's ``Shard(0)``, the hidden state's, summed over the mesh).
+
+    Several teachers (``teacher_index``, replicated): each teacher argument is a list (see
+    :mod:`eaopd_mp.teachers`) whose entries take the layouts above; every dense teacher's
+    head is sharded on the student's mesh dim with the student's row count, and every
+    hidden state is sharded alike.
     """
     from .parallel import linear_parallel
 
@@ -390,46 +457,49 @@ def dtensor_linear_loss(student_hidden, student_weight, student_bias, teacher_hi
     size = mesh.size(dim)
     vocab = student_weight.shape[0]
     stride = _stride(vocab, size)
-    if teacher_weight is not None and any_dtensor(teacher_weight):
-        t_dim = tp_dim(teacher_weight, "teacher_weight")
-        if t_dim != dim or teacher_weight.device_mesh != mesh:
-            raise ValueError(f"teacher_weight is a {_layout(teacher_weight)}, student_weight "
-                             f"a {_layout(student_weight)}: shard both on the same mesh dim")
-        if _stride(teacher_weight.shape[0], size) != stride:
-            raise ValueError(
-                f"teacher_weight rows {teacher_weight.shape[0]} and student_weight rows "
-                f"{vocab} shard into different widths over {size} ranks; pad both heads to "
-                "one row count")
-    elif teacher_weight is not None:
-        raise TypeError("teacher_weight is a plain tensor but student_weight a DTensor: give "
-                        "both heads as DTensors Shard(0) over the vocabulary")
+    for name, tw in _entries("teacher_weight", teacher_weight):
+        _check_teacher_weight(name, tw, student_weight, dim, mesh)
     seq = "Shard(d) on a token dim d (sequence parallelism)"
     tokens = range(student_hidden.dim() - 1)
     vocab_rows = "Shard(0) over the vocabulary"
+
+    def local(ok, what=""):
+        return lambda n, x: _local(n, x, mesh, dim, ok(x), what)[0]
+
+    def hidden_dim(n, x):  # the token dim a hidden state is sharded on (or None)
+        return _local(n, x, mesh, dim, range(x.dim() - 1), seq)[1]
+
     h, h_dim = _local("student_hidden", student_hidden, mesh, dim, tokens, seq)
     w, _ = _local("student_weight", student_weight, mesh, dim, (0,), vocab_rows)
     b, _ = _local("student_bias", student_bias, mesh, dim, (0,), vocab_rows)
-    th, th_dim = _local("teacher_hidden", teacher_hidden, mesh, dim, tokens, seq)
-    tw, _ = _local("teacher_weight", teacher_weight, mesh, dim, (0,), vocab_rows)
-    tb, _ = _local("teacher_bias", teacher_bias, mesh, dim, (0,), vocab_rows)
-    tl, _ = _local("teacher_logits", teacher_logits, mesh, dim,
-                   (teacher_logits.dim() - 1,) if teacher_logits is not None else (),
-                   "Shard(-1) over the vocabulary")
-    rest = [_local(n, x, mesh, dim)[0] for n, x in (
+    th = _each("teacher_hidden", teacher_hidden, local(lambda x: range(x.dim() - 1), seq))
+    tw = _each("teacher_weight", teacher_weight, local(lambda x: (0,), vocab_rows))
+    tb = _each("teacher_bias", teacher_bias, local(lambda x: (0,), vocab_rows))
+    tl = _each("teacher_logits", teacher_logits, local(lambda x: (x.dim() - 1,),
+                                                       "Shard(-1) over the vocabulary"))
+    rest = [_each(n, x, local(lambda x: ())) for n, x in (
         ("labels", labels), ("teacher_topk_logprobs", topk_logprobs),
         ("teacher_topk_indices", topk_indices), ("teacher_entropy", entropy))]
-    for name, x in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
-        if x is not None and not any_dtensor(x):
+    index = _each("teacher_index", teacher_index, local(lambda x: ()))
+    for name, x in (("student_hidden", student_hidden),
+                    *_entries("teacher_hidden", teacher_hidden)):
+        if not any_dtensor(x):
             _check_replicated(name, x, group)
-    if teacher_hidden is not None and th_dim != h_dim:
-        raise ValueError(f"student_hidden ({_describe(student_hidden)}) and teacher_hidden "
-                         f"({_describe(teacher_hidden)}) must be sharded alike")
+    for name, x in _entries("teacher_hidden", teacher_hidden):
+        x_dim = hidden_dim(name, x)
+        if x_dim != h_dim:
+            raise ValueError(f"student_hidden ({_describe(student_hidden)}) and {name} "
+                             f"({_describe(x)}) must be sharded alike")
+        if x_dim is not None and x.shape[x_dim] % size:
+            raise ValueError(f"{name} is a {_layout(x)}: its token dim {x_dim} of size "
+                             f"{x.shape[x_dim]} does not split evenly over {size} ranks; "
+                             "sequence parallelism needs equal shards")
     options = _with_vocab(options, vocab)
     if h_dim is None:
         return linear_parallel(h, w, b, th, tw, tb, tl, rest[0], options, group, False,
-                               *rest[1:], stride=stride)
+                               *rest[1:], stride=stride, teacher_index=index)
     return _sequence_parallel(student_hidden, h_dim, size, h, w, b, th, tw, tb, tl, rest,
-                              options, group, stride)
+                              options, group, stride, index)
 
 
 def _check_replicated(name: str, x: torch.Tensor, group) -> None:
@@ -464,10 +534,12 @@ def _with_vocab(options: LossOptions, vocab: int) -> LossOptions:
 
 
 def _sequence_parallel(student_hidden, d, size, h, w, b, th, tw, tb, tl, rest, options,
-                       group, stride):
+                       group, stride, index=None):
     """Hidden states sharded along token dim ``d``: the vocab-parallel path gathers and
-    reduce-scatters along the first dim, so ``d`` is moved first (and every full-token
-    tensor with it); ``batchmean`` keeps dividing by the caller's first token dim."""
+    reduce-scatters along the first dim, so ``d`` is moved first (and every token-shaped
+    tensor with it: a routed teacher's own tokens too, which keeps them in token order when
+    the routing is along another dim); ``batchmean`` keeps dividing by the caller's first
+    token dim."""
     from .parallel import linear_parallel
 
     full = student_hidden.shape[d]
@@ -478,14 +550,30 @@ def _sequence_parallel(student_hidden, d, size, h, w, b, th, tw, tb, tl, rest, o
             "shards (pad the sequence)")
     token_shape = tuple(student_hidden.shape[:-1])
     if d:
-        h, th = h.movedim(d, 0), None if th is None else th.movedim(d, 0)
-        tl = None if tl is None else tl.movedim(d, 0)
-        rest = [None if x is None else x.movedim(d, 0) for x in rest]
+        n_tok = len(token_shape)
+
+        def first(n, x, extra=1):
+            if x.dim() != n_tok + extra:  # a routed teacher's flat rows cannot be moved
+                raise ValueError(
+                    f"{n} has shape {tuple(x.shape)}: under sequence parallelism (token dim "
+                    f"{d} sharded) give it {n_tok + extra} dims, its own tokens laid out like "
+                    f"the student's {token_shape} (one teacher per sequence: its sequences)")
+            return x.movedim(d, 0)
+
+        def token(n, x):  # token-shaped (no feature dim)
+            return first(n, x, 0)
+
+        h, th, tl = h.movedim(d, 0), _each("teacher_hidden", th, first), \
+            _each("teacher_logits", tl, first)
+        rest = [_each(n, x, token if n in ("labels", "teacher_entropy") else first)
+                for n, x in zip(("labels", "teacher_topk_logprobs", "teacher_topk_indices",
+                                 "teacher_entropy"), rest, strict=True)]
+        index = _each("teacher_index", index, token)
     reduction = options.reduction
     if d and reduction == "batchmean":
         options = LossOptions.build(dict(options.given(), reduction="sum"))
     out = linear_parallel(h, w, b, th, tw, tb, tl, rest[0], options, group, True, *rest[1:],
-                          stride=stride)
+                          stride=stride, teacher_index=index)
     loss, stats = out if options.return_stats else (out, None)
     if d and reduction == "batchmean":
         loss = loss / max(token_shape[0], 1)
@@ -495,12 +583,14 @@ def _sequence_parallel(student_hidden, d, size, h, w, b, th, tw, tb, tl, rest, o
 
 
 def dtensor_logits_loss(student_logits, teacher_logits, labels, options: LossOptions,
-                        topk_logprobs=None, topk_indices=None, entropy=None):
+                        topk_logprobs=None, topk_indices=None, entropy=None,
+                        teacher_index=None):
     """:func:`eaopd_mp.entropy_aware_opd_loss` on vocabulary-sharded DTensor logits
     (``Shard(-1)`` on one mesh dim, uneven last shards as ``torch.chunk`` lays them out):
     the vocab-parallel loss over that dim's process group. Token dims must not be sharded;
-    the mask, entropy and top-k tensors are replicated. Returns a plain tensor, the same
-    on every rank."""
+    the mask, entropy and top-k tensors (and ``teacher_index``) are replicated. Several
+    teachers: lists as :mod:`eaopd_mp.teachers` says, each dense teacher's logits sharded
+    like the student's. Returns a plain tensor, the same on every rank."""
     from .parallel import logits_parallel
 
     Partial, Replicate, Shard = _placements()
@@ -519,18 +609,22 @@ def dtensor_logits_loss(student_logits, teacher_logits, labels, options: LossOpt
     vocab = student_logits.shape[-1]
     vocab_cols = "Shard(-1) over the vocabulary"
     z, _ = _local("student_logits", student_logits, mesh, dim, (last,), vocab_cols)
-    y, _ = _local("teacher_logits", teacher_logits, mesh, dim, (last,), vocab_cols)
-    if teacher_logits is not None and not any_dtensor(teacher_logits):
-        raise TypeError("teacher_logits is a plain tensor but student_logits a DTensor: give "
-                        "both as DTensors Shard(-1) over the vocabulary")
-    if teacher_logits is not None and teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"student_logits shape {tuple(student_logits.shape)} != "
-                         f"teacher_logits shape {tuple(teacher_logits.shape)}")
-    rest = [_local(n, x, mesh, dim)[0] for n, x in (
+    for name, y in _entries("teacher_logits", teacher_logits):
+        if not any_dtensor(y):
+            raise TypeError(f"{name} is a plain tensor but student_logits a DTensor: give "
+                            "both as DTensors Shard(-1) over the vocabulary")
+        routed = isinstance(teacher_logits, (list, tuple))
+        if (y.shape[-1] != vocab) if routed else (y.shape != student_logits.shape):
+            raise ValueError(f"student_logits shape {tuple(student_logits.shape)} != "
+                             f"{name} shape {tuple(y.shape)}")
+    y = _each("teacher_logits", teacher_logits,
+              lambda n, x: _local(n, x, mesh, dim, (x.dim() - 1,), vocab_cols)[0])
+    rest = [_each(n, x, lambda n, x: _local(n, x, mesh, dim)[0]) for n, x in (
         ("labels", labels), ("teacher_topk_logprobs", topk_logprobs),
-        ("teacher_topk_indices", topk_indices), ("teacher_entropy", entropy))]
+        ("teacher_topk_indices", topk_indices), ("teacher_entropy", entropy),
+        ("teacher_index", teacher_index))]
     return logits_parallel(z, y, rest[0], _with_vocab(options, vocab), mesh.get_group(dim),
-                           *rest[1:], stride=_stride(vocab, size))
+                           *rest[1:4], stride=_stride(vocab, size), teacher_index=rest[4])
 
 
 __all__ = [

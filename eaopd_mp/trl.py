@@ -146,7 +146,7 @@ class EAOPDDistillationTrainer(DistillationTrainer):
         hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, keep,
                                              **extra)
         index = inputs.get("teacher_index")
-        if index is not None:  # several teachers (not under FSDP2 / ZeRO-3 sharding)
+        if index is not None:  # several teachers
             loss, stats = self._routed_loss(unwrapped_student, hidden, input_ids,
                                             attention_mask, keep, loss_mask, index, extra)
         else:
@@ -181,25 +181,44 @@ class EAOPDDistillationTrainer(DistillationTrainer):
     def _routed_loss(self, unwrapped_student, hidden, input_ids, attention_mask, keep,
                      loss_mask, index, extra):
         """Several teachers: each runs on its own examples (``index`` ``(B,)``), then one
-        fused call over every completion token."""
+        fused call over every completion token, inside every teacher wrapper's forward
+        (nested, teacher 0 outermost: FSDP2 / ZeRO-3 gather every head there). Every rank
+        enters every teacher in the same order; a rank with no example for a sharded teacher
+        runs it on its first example and drops the result, so that the engine's collectives
+        match across ranks (see :func:`eaopd_mp.sharded.run_teachers_frozen`)."""
         if extra:
             raise ValueError("several teachers with multimodal inputs are not supported")
-        t_hidden, t_heads = [], []
-        for j, teacher in enumerate(self.teacher_models):
-            teacher.eval()
-            unwrapped_teacher = self.accelerator.unwrap_model(teacher)
-            t_heads.append(lm_head(unwrapped_teacher))
+        unwrapped = [self.accelerator.unwrap_model(t) for t in self.teacher_models]
+        t_hidden = []
+
+        def step(j):
+            teacher = self.teacher_models[j]
             rows = (index == j).nonzero().squeeze(1)
-            if rows.numel() == 0:  # no example for this teacher: not run
-                w = t_heads[-1].weight
-                t_hidden.append(w.new_zeros(0, keep, w.shape[1]))
-                continue
-            with torch.no_grad():
-                t_hidden.append(self._forward_redirection(
-                    teacher, unwrapped_teacher, self._get_last_hidden_state,
-                    unwrapped_teacher, input_ids[rows], attention_mask[rows], keep))
-        return self._fused_loss(hidden, t_hidden, lm_head(unwrapped_student), t_heads,
-                                loss_mask, index)
+            engine = sharded.is_fsdp2(teacher) or sharded._is_engine(teacher)
+
+            def run():  # inside teacher j's wrapper forward (frozen)
+                if rows.numel() == 0 and not engine:  # unsharded: not run
+                    w = lm_head(unwrapped[j]).weight
+                    t_hidden.append(w.new_zeros(0, keep, w.shape[1]))
+                    return
+                take = rows if rows.numel() else rows.new_zeros(1)
+                with torch.no_grad():
+                    out = self._get_last_hidden_state(unwrapped[j], input_ids[take],
+                                                      attention_mask[take], keep)
+                t_hidden.append(out if rows.numel() else out[:0])
+            return run
+
+        def loss():  # every head gathered
+            heads = [m.get_output_embeddings() for m in (unwrapped_student, *unwrapped)]
+            with sharded.gathered(*(getattr(h, n, None) for h in heads
+                                    for n in ("weight", "bias"))):
+                return self._fused_loss(hidden, t_hidden, lm_head(unwrapped_student),
+                                        [lm_head(m) for m in unwrapped], loss_mask, index)
+
+        for teacher in self.teacher_models:
+            teacher.eval()
+        return sharded.run_teachers_frozen([[t] for t in self.teacher_models],
+                                           [step(j) for j in range(len(unwrapped))], loss)
 
     def _fused_loss(self, hidden, t_hidden, s_head, t_heads, loss_mask, index=None):
         """Summed loss and statistics of the ``(B, C)`` masked completion positions; with

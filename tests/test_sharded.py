@@ -29,11 +29,11 @@ ARCHS = {"llama": ("LlamaForCausalLM", "LlamaConfig", dict(vocab_size=61)),
                         dict(vocab_size=64, tie_word_embeddings=True))}
 
 
-def make_model(name: str, seed: int):
+def make_model(name: str, seed: int, **over):
     import transformers  # here: the 4-rank spawn does not need it
 
     cls, cfg_cls, kw = ARCHS[name]
-    config = getattr(transformers, cfg_cls)(**COMMON, **kw)
+    config = getattr(transformers, cfg_cls)(**{**COMMON, **kw, **over})
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     return getattr(transformers, cls)(config).float()
@@ -137,6 +137,60 @@ def fsdp_none_case(rank, world, mesh, ref):
         close(student.get_parameter(name).grad.full_tensor(), w / world, msg=f"grad {name}: ")
 
 
+# Two teachers of different sizes (hidden 32 and 24, untied and tied heads); the global
+# batch's 4 sequences are split 2 + 2 over the ranks, so ROUTINGS route them differently on
+# each rank: [0, 0 | 1, 1] leaves each rank without a sequence for one teacher, and
+# [1, 0 | 1, 1] gives rank 0 both teachers and rank 1 none for teacher 0.
+ROUTINGS = ((0, 0, 1, 1), (1, 0, 1, 1))
+
+
+def _teachers():
+    return [make_model("llama", 1), make_model("qwen2_tied", 2, hidden_size=24)]
+
+
+def _hf_routed_reference(routing, opts):
+    """One process, the global batch, unsharded models: loss and student gradients."""
+    student = make_model("llama", 0)
+    ids, attn, comp = _batch()
+    loss = hf.eaopd_loss(student, None, ids, attn, comp, teachers=_teachers(),
+                         teacher_index=torch.tensor(routing), **opts)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters()}
+
+
+def fsdp_teachers_case(rank, world, mesh, routing, reshard, mp, ref):
+    """hf.eaopd_loss(student, teachers=[...], teacher_index=...) on fully_shard'ed models,
+    this rank's rows (a rank may have no sequence for a teacher: it must still take part
+    in that teacher's all-gathers, else the other rank hangs)."""
+    student = _shard(make_model("llama", 0), mesh, reshard, mp)
+    teachers = [_shard(t.requires_grad_(False), mesh, reshard, mp) for t in _teachers()]
+    ids, attn, comp = _batch()
+    n = len(ids) // world
+    rows = slice(rank * n, (rank + 1) * n)
+    index = torch.tensor(routing)[rows]
+    loss, stats = hf.eaopd_loss(student, None, ids[rows], attn[rows], comp[rows],
+                                teachers=teachers, teacher_index=index, reduction="sum",
+                                chunk_size=4, return_stats=True)
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    want_loss, want = ref
+    grads = {n: p.grad.full_tensor() for n, p in student.named_parameters()}
+    assert grads.keys() == want.keys()
+    if not mp:
+        close(total, want_loss)
+        for name, g in want.items():  # FSDP2 averages over the ranks
+            close(grads[name], g / world, msg=f"grad {name}: ")
+    else:  # the bf16 policy against the float32 reference (as fsdp_hf_case)
+        torch.testing.assert_close(total, want_loss, rtol=3e-2, atol=3e-2)
+        for name, g in want.items():
+            assert (grads[name] - g / world).norm() <= 0.05 * (g / world).norm(), name
+    for j, mine in enumerate(stats["per_teacher"]):  # a teacher without sequences: 0 tokens
+        mask = hf.next_token_mask(ids[rows], attn[rows], comp[rows])[index == j]
+        assert float(mine["tokens"]) == float(mask.sum())
+    assert all(p.grad is None for t in teachers for p in t.parameters())
+
+
 class _Tiny(torch.nn.Module):
     """A plain-PyTorch LM: ``head(body(x))``."""
 
@@ -186,7 +240,7 @@ def helper_case(rank, world, mesh, head_unit):
               msg=f"grad {name}: ")
 
 
-def _trl_hook(student, teacher, rows):
+def _trl_hook(student, teacher, rows, routing=None):
     """TRL's compute_loss path for EAOPDDistillationTrainer's hook: the hook routed through
     the student wrapper's forward by TRL's own _ForwardRedirection. The trainer object is
     made without __init__ (accelerate cannot run FSDP on CPU: its state sets
@@ -199,7 +253,9 @@ def _trl_hook(student, teacher, rows):
     from eaopd_mp.trl import EAOPDDistillationTrainer
 
     trainer = EAOPDDistillationTrainer.__new__(EAOPDDistillationTrainer)
-    trainer.teacher_model = teacher
+    teachers = teacher if isinstance(teacher, list) else [teacher]
+    trainer.teacher_model, trainer.teacher_models = teachers[0], teachers
+    trainer.teacher_names = [f"t{j}" for j in range(len(teachers))]
     trainer.model_kwarg_keys = ("input_ids", "attention_mask", "logits_to_keep")
     trainer._is_vlm = False
     trainer.accelerator = SimpleNamespace(unwrap_model=lambda m: m, is_main_process=True)
@@ -210,22 +266,32 @@ def _trl_hook(student, teacher, rows):
     ids, attn, comp = _batch()
     inputs = dict(prompt_ids=ids[rows, :4], prompt_mask=attn[rows, :4],
                   completion_ids=ids[rows, 4:], completion_mask=(comp * attn)[rows, 4:])
+    if routing is not None:
+        inputs["teacher_index"] = torch.tensor(routing)[rows]
     num_items = (comp * attn)[:, 4:].sum()  # the global count, as TRL passes it
     loss, _, _ = _ForwardRedirection()(student, student, trainer._compute_loss, student, inputs,
                                        num_items)
     return loss
 
 
-def trl_case(rank, world, mesh):
-    """EAOPDDistillationTrainer's loss hook on FSDP2-wrapped student and teacher, against
-    the same hook on one process and the global batch."""
+def trl_case(rank, world, mesh, routing=None):
+    """EAOPDDistillationTrainer's loss hook on FSDP2-wrapped student and teacher (or two
+    teachers routed per example, ``routing``), against the same hook on one process and the
+    global batch."""
+    def teachers():
+        return _teachers() if routing else make_model("qwen2_tied", 1)
+
     ref_s = make_model("llama", 0)
-    ref = _trl_hook(ref_s, make_model("qwen2_tied", 1), slice(None))
+    ref = _trl_hook(ref_s, teachers(), slice(None), routing)
     ref.backward()
     student = _shard(make_model("llama", 0), mesh, True, False)
-    teacher = _shard(make_model("qwen2_tied", 1).requires_grad_(False), mesh, True, False)
+    teacher = teachers()
+    if routing:
+        teacher = [_shard(t.requires_grad_(False), mesh, True, False) for t in teacher]
+    else:
+        teacher = _shard(teacher.requires_grad_(False), mesh, True, False)
     n = 4 // world
-    loss = _trl_hook(student, teacher, slice(rank * n, (rank + 1) * n))
+    loss = _trl_hook(student, teacher, slice(rank * n, (rank + 1) * n), routing)
     loss.backward()
     total = loss.detach().clone()
     dist.all_reduce(total)
@@ -314,6 +380,68 @@ def tp_logits_case(mesh, reduction, topk):
     close(zd.grad.full_tensor(), zr.grad, msg="grad z: ")
 
 
+def tp_teachers_case(mesh, placement, reduction):
+    """fused_linear_eaopd_loss on DTensors with two teachers: a dense one (its own hidden
+    width, head Shard(0) with the student's uneven 31 + 30 rows) and a served top-k one.
+    Replicate(): routed per token; Shard(1) (sequence parallelism): per sequence, the dense
+    teacher's hidden states (its one sequence) sharded along the sequence like the
+    student's."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    h, th, w, tw, b, labels = _tp_data(2)
+    if isinstance(placement, Shard):
+        index = torch.tensor([[1], [0]]).expand(2, 4)
+    else:
+        index = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 0]])
+    dense, topk = index == 0, index == 1
+    lp, ids = torch.log_softmax(th[topk] @ tw.T * 0.7, -1).topk(5, -1)
+    t_h = th[dense]
+    if isinstance(placement, Shard):  # each teacher's own (sequences, T, ...) shape
+        t_h, lp, ids = (x.view(1, 4, -1) for x in (t_h, lp, ids))
+    opts = dict(labels=labels, reduction=reduction, chunk_size=3, teacher_index=index,
+                teacher_topk_logprobs=[None, lp], teacher_topk_indices=[None, ids])
+    hr, wr, br = (x.clone().requires_grad_() for x in (h, w, b))
+    ref = fused_linear_eaopd_loss(hr, wr, student_bias=br, teacher_hidden=[t_h, None],
+                                  teacher_weight=[tw, None], **opts)
+    ref.backward(_grad_out(ref))
+    hd = distribute_tensor(h, mesh, [placement]).requires_grad_()
+    wd = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_()
+    bd = distribute_tensor(b, mesh, [Shard(0)]).requires_grad_()
+    loss = fused_linear_eaopd_loss(
+        hd, wd, student_bias=bd, teacher_hidden=[distribute_tensor(t_h, mesh, [placement]),
+                                                 None],
+        teacher_weight=[distribute_tensor(tw, mesh, [Shard(0)]), None], **opts)
+    assert type(loss) is torch.Tensor
+    loss.backward(_grad_out(loss))
+    close(loss, ref.detach())
+    assert wd.grad.placements == (Shard(0),) and hd.grad.placements == (placement,)
+    close(wd.grad.full_tensor(), wr.grad, msg="grad W: ")
+    close(hd.grad.full_tensor(), hr.grad, msg="grad h: ")
+    close(bd.grad.full_tensor(), br.grad, msg="grad b: ")
+
+
+def tp_logits_teachers_case(mesh, reduction):
+    """entropy_aware_opd_loss on vocabulary-sharded DTensor logits with two teachers routed
+    per token: dense logits (Shard(-1), uneven) and a served top-k teacher."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    h, th, w, tw, _, labels = _tp_data(3)
+    z, y = (h @ w.T), (th @ tw.T)
+    index = torch.tensor([[1, 1, 0, 1], [0, 0, 1, 0]])
+    lp, ids = torch.log_softmax(y[index == 1], -1).topk(4, -1)
+    opts = dict(labels=labels, reduction=reduction, chunk_size=3, teacher_index=index,
+                teacher_topk_logprobs=[None, lp], teacher_topk_indices=[None, ids])
+    zr = z.clone().requires_grad_()
+    ref = entropy_aware_opd_loss(zr, [y[index == 0], None], **opts)
+    ref.backward(_grad_out(ref))
+    zd = distribute_tensor(z, mesh, [Shard(2)]).requires_grad_()
+    loss = entropy_aware_opd_loss(
+        zd, [distribute_tensor(y[index == 0], mesh, [Shard(1)]), None], **opts)
+    loss.backward(_grad_out(loss))
+    close(loss, ref.detach())
+    close(zd.grad.full_tensor(), zr.grad, msg="grad z: ")
+
+
 def tp_refused_case(mesh):
     """Layouts the TP path cannot compute exactly raise TypeError/ValueError naming them."""
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -348,6 +476,21 @@ def tp_refused_case(mesh):
     with pytest.raises(TypeError, match="teacher_weight is a plain tensor"):
         fused_linear_eaopd_loss(distribute_tensor(h, mesh, [Replicate()]), wd,
                                 teacher_hidden=th, teacher_weight=tw)
+    # Several teachers: a head with other rows (62 = 31 + 31 beside 31 + 30: only one rank's
+    # shard differs) raises on every rank, naming the teacher.
+    index = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 0]])
+    tw62 = torch.cat([tw, tw[:1]])
+    two = [th[index == j] for j in range(2)]
+    with pytest.raises(ValueError, match=r"teacher_weight\[1\] has 62 rows and "
+                       r"student_weight 61"):
+        fused_linear_eaopd_loss(distribute_tensor(h, mesh, [Replicate()]), wd,
+                                teacher_hidden=two, teacher_index=index,
+                                teacher_weight=[distribute_tensor(x, mesh, [Shard(0)])
+                                                for x in (tw, tw62)])
+    with pytest.raises(TypeError, match=r"teacher_weight\[0\] is a plain tensor"):
+        fused_linear_eaopd_loss(distribute_tensor(h, mesh, [Replicate()]), wd,
+                                teacher_hidden=two, teacher_index=index,
+                                teacher_weight=[tw, distribute_tensor(tw, mesh, [Shard(0)])])
 
 
 def _two_ranks(rank, world):
@@ -371,6 +514,12 @@ def _two_ranks(rank, world):
         cases.run(f"head_eaopd_loss head_unit={head_unit}", helper_case, rank, world, mesh,
                   head_unit)
     cases.run("trl hook under fsdp2", trl_case, rank, world, mesh)
+    # Several teachers: each routing once, fp32 (reshard) and the bf16 policy (no reshard).
+    for routing, (reshard, mp) in zip(ROUTINGS, ((True, False), (False, True)), strict=True):
+        ref = _hf_routed_reference(routing, dict(reduction="sum", chunk_size=4))
+        cases.run(f"fsdp2 teachers={routing} reshard={reshard} bf16={mp}",
+                  fsdp_teachers_case, rank, world, mesh, routing, reshard, mp, ref)
+    cases.run("trl hook under fsdp2, two teachers", trl_case, rank, world, mesh, ROUTINGS[1])
     _tp_cases(cases, mesh)
     cases.check()
 
@@ -390,6 +539,10 @@ def _tp_cases(cases, mesh):
         for topk in (False, True):
             cases.run(f"tp logits {reduction} topk={topk}", tp_logits_case, mesh, reduction,
                       topk)
+    for placement, reduction in ((Replicate(), "sum"), (Shard(1), "none")):
+        cases.run(f"tp fused two teachers hidden={placement} {reduction}", tp_teachers_case,
+                  mesh, placement, reduction)
+    cases.run("tp logits two teachers", tp_logits_teachers_case, mesh, "mean")
     cases.run("tp refused layouts", tp_refused_case, mesh)
 
 
