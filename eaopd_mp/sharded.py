@@ -267,7 +267,7 @@ def gathered(*params):
 
 
 def head_eaopd_loss(student_head, student_hidden: torch.Tensor, *, model=None,
-                    teacher_head=None, teacher_hidden: torch.Tensor | None = None,
+                    teacher_head=None, teacher_hidden: torch.Tensor | list | None = None,
                     teacher_model=None, **kwargs):
     """:func:`eaopd_mp.fused_linear_eaopd_loss` on the output *modules* of sharded models.
 
@@ -280,7 +280,12 @@ def head_eaopd_loss(student_head, student_hidden: torch.Tensor, *, model=None,
             unit or not sharded.
         teacher_head, teacher_hidden, teacher_model: the same for a teacher given by its
             head (frozen: no gradient, no backward all-gather); or give ``teacher_logits``
-            / the top-k form in ``kwargs``.
+            / the top-k form in ``kwargs``. Several teachers (``teacher_index`` in
+            ``kwargs``): lists with one entry per teacher (``teacher_head`` and
+            ``teacher_hidden`` None where a teacher takes another form in ``kwargs``;
+            ``teacher_model`` a list, or None). Every teacher's owners are entered on every
+            rank (see :func:`run_teachers_frozen`): run each teacher's backbone on every
+            rank too, on zero rows if this rank routes it none.
         **kwargs: the other arguments and options of
             :func:`eaopd_mp.fused_linear_eaopd_loss`.
     Returns:
@@ -290,30 +295,44 @@ def head_eaopd_loss(student_head, student_hidden: torch.Tensor, *, model=None,
     """
     from .loss import fused_linear_eaopd_loss
 
+    several = isinstance(teacher_head, (list, tuple))
+    heads = list(teacher_head) if several else [teacher_head]
+    t_hidden = list(teacher_hidden) if several and isinstance(teacher_hidden, (list, tuple)) \
+        else [teacher_hidden]
+    models = list(teacher_model) if isinstance(teacher_model, (list, tuple)) \
+        else [teacher_model] * len(heads)
+    if several and not (len(t_hidden) == len(models) == len(heads)):
+        raise ValueError(f"teacher_head has {len(heads)} entries, teacher_hidden "
+                         f"{len(t_hidden) if isinstance(teacher_hidden, (list, tuple)) else 1}"
+                         f" and teacher_model {len(models)}: one entry per teacher")
     s_owners = owners(model, student_head)
-    t_owners = owners(teacher_model, teacher_head) if teacher_head is not None else []
+    t_owners = [owners(m, h) if h is not None else [] for m, h in zip(models, heads,
+                                                                        strict=True)]
+    reduction = kwargs.get("reduction")
 
     def loss_fn():
         s_w, s_b = student_head.weight, getattr(student_head, "bias", None)
-        t_kw = {}
-        if teacher_head is not None:
-            t_w, t_b = teacher_head.weight, getattr(teacher_head, "bias", None)
-        with gathered(s_w, s_b, *((t_w, t_b) if teacher_head is not None else ())):
-            if teacher_head is not None:
-                keep = functools.partial(kept_for_backward, reduction=kwargs.get("reduction"),
-                                         engine_owned=bool(t_owners))
-                t_kw = dict(teacher_hidden=_as_dtype(teacher_hidden, t_w),
-                            teacher_weight=keep(t_w), teacher_bias=keep(t_b))
+        t_params = [(h.weight, getattr(h, "bias", None)) if h is not None else (None, None)
+                    for h in heads]
+        with gathered(s_w, s_b, *(p for wb in t_params for p in wb)):
+            t_kw = {}
+            if any(h is not None for h in heads):
+                keep = [functools.partial(kept_for_backward, reduction=reduction,
+                                          engine_owned=bool(o)) for o in t_owners]
+                t_kw = dict(
+                    teacher_hidden=[_as_dtype(x, w) for x, (w, _) in zip(t_hidden, t_params,
+                                                                         strict=True)],
+                    teacher_weight=[k(w) for k, (w, _) in zip(keep, t_params, strict=True)],
+                    teacher_bias=[k(b) for k, (_, b) in zip(keep, t_params, strict=True)])
+                if not several:
+                    t_kw = {k: v[0] for k, v in t_kw.items()}
             return fused_linear_eaopd_loss(_as_dtype(student_hidden, s_w), s_w,
                                            student_bias=s_b, **t_kw, **kwargs)
 
-    if t_owners:
-        inner = loss_fn
+    def in_teachers():
+        return run_teachers_frozen(t_owners, [lambda: None] * len(t_owners), loss_fn)
 
-        def loss_fn():
-            return run_in_forwards(t_owners, inner, frozen=True)
-
-    return run_in_forwards(s_owners, loss_fn)
+    return run_in_forwards(s_owners, in_teachers)
 
 
 def _as_dtype(hidden, weight):

@@ -605,8 +605,46 @@ def _fsdp_tp(rank, world):
             close(student.get_parameter(name).grad.full_tensor(), p.grad / div,
                   msg=f"grad {name}: ")
 
+    def teachers_case():
+        """Two teachers (hidden 6 and 4) routed per token; dp rank 0 routes none to
+        teacher 1 and still enters its forward (head_eaopd_loss enters every teacher)."""
+        index = torch.tensor([[0, 0, 0], [0, 0, 0], [1, 0, 1], [1, 1, 0]])
+        ref_s, ref_ts = _Tiny(37, 8, 0), [_Tiny(37, 6, 1), _Tiny(37, 4, 2)]
+        kw = dict(reduction="sum", chunk_size=2)
+        ref = fused_linear_eaopd_loss(
+            ref_s(x), ref_s.head.weight, student_bias=ref_s.head.bias,
+            teacher_hidden=[t(x)[index == j].detach() for j, t in enumerate(ref_ts)],
+            teacher_weight=[t.head.weight.detach() for t in ref_ts],
+            teacher_bias=[t.head.bias.detach() for t in ref_ts], teacher_index=index,
+            labels=labels, **kw)
+        ref.backward()
+        models = []
+        for m in (_Tiny(37, 8, 0), _Tiny(37, 6, 1).requires_grad_(False),
+                  _Tiny(37, 4, 2).requires_grad_(False)):
+            parallelize_module(m, mesh["tp"], {"head": ColwiseParallel()})
+            fully_shard(m.body, mesh=mesh["dp"])
+            fully_shard(m, mesh=mesh["dp"])
+            models.append(m)
+        student, teachers = models[0], models[1:]
+        dp = mesh["dp"].get_local_rank()
+        rows = slice(dp * 2, dp * 2 + 2)
+        mine = index[rows]
+        loss = sharded.head_eaopd_loss(
+            student.head, student(x[rows]), model=student,
+            teacher_head=[t.head for t in teachers],
+            teacher_hidden=[t(x[rows])[mine == j] for j, t in enumerate(teachers)],
+            teacher_model=teachers, teacher_index=mine, labels=labels[rows], **kw)
+        loss.backward()
+        total = loss.detach().clone()
+        dist.all_reduce(total, group=mesh["dp"].get_group())
+        close(total, ref.detach())
+        for name, p in ref_s.named_parameters():  # FSDP2 averages over dp (2 ranks)
+            close(student.get_parameter(name).grad.full_tensor(), p.grad / 2,
+                  msg=f"grad {name}: ")
+
     for reduction in ("sum", "none"):  # batchmean: the 2-rank TP grid
         cases.run(f"fsdp2 x tp {reduction}", case, reduction)
+    cases.run("fsdp2 x tp two teachers", teachers_case)
     cases.check()
 
 
