@@ -61,6 +61,28 @@ def _zero3(rank, world, device):
         for name, p in student.named_parameters():
             close(safe_get_full_grad(p), ref_s.get_parameter(name).grad,
                   msg=f"{reduction}: grad {name}: ")
+    # Several teachers (two sizes, two engines): every teacher engine's forward entered,
+    # nested, and every teacher head gathered for the one call.
+    index = torch.tensor([1, 1, 0, 1], device=device)
+    ref_s = T.make_model("llama", 0).to(device)
+    teachers = [T.make_model("llama", 1), T.make_model("qwen2_tied", 2, hidden_size=24)]
+    opts = dict(reduction="sum", chunk_size=4, teacher_index=index)
+    ref = hf.eaopd_loss(ref_s, None, ids, attn, comp, **opts,
+                        teachers=[t.to(device) for t in teachers])
+    ref.backward()
+    student = T.make_model("llama", 0).to(device)
+    engine, *_ = deepspeed.initialize(model=student, config=config,
+                                      model_parameters=student.parameters())
+    engines = [deepspeed.initialize(model=t.requires_grad_(False), config={
+        "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})[0]
+        for t in (T.make_model("llama", 1).to(device),
+                  T.make_model("qwen2_tied", 2, hidden_size=24).to(device))]
+    loss = hf.eaopd_loss(engine, None, ids, attn, comp, teachers=engines, **opts)
+    engine.backward(loss)
+    close(loss.detach(), ref.detach())
+    for name, p in student.named_parameters():
+        close(safe_get_full_grad(p), ref_s.get_parameter(name).grad,
+              msg=f"teachers: grad {name}: ")
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
