@@ -140,6 +140,7 @@ class LinearHead:
         self.grad_h = self.grad_w = self.grad_b = None
         self.buf: torch.Tensor | None = None
         self.scratch: torch.Tensor | None = None  # _accumulate_mm's product (CPU, 16-bit)
+        self.fresh_w = False  # grad_w allocated, not yet written by a chunk
 
     def _hidden(self, rows) -> torch.Tensor:
         return _cast(self.h[rows], self.round_to, self.mm)
@@ -158,7 +159,12 @@ class LinearHead:
         need_h, need_w, need_b = self.need
         acc = dict(dtype=core.compute_dtype(self.w.dtype), device=self.device)
         self.grad_h = torch.zeros_like(self.h) if need_h else None
-        self.grad_w = torch.zeros(self.w.shape, **acc) if need_w else None
+        # The weight gradient's real rows are written (not added) by the first chunk: no
+        # zero-fill and no read of a (V, H) accumulator that holds only zeros.
+        self.grad_w = torch.empty(self.w.shape, **acc) if need_w else None
+        if self.grad_w is not None:
+            self.grad_w[self.cols:].zero_()  # padding rows get no gradient
+        self.fresh_w = need_w
         self.grad_b = torch.zeros(self.w.shape[0], **acc) if need_b and self.b is not None \
             else None
 
@@ -172,18 +178,24 @@ class LinearHead:
                 self.grad_h[rows] = (g @ self.wm).to(self.grad_h.dtype)
         if self.grad_w is not None:
             self.scratch = _accumulate_mm(self.grad_w[: self.cols], g.t(), self._hidden(rows),
-                                          self.scratch)
+                                          self.scratch, first=self.fresh_w)
+            self.fresh_w = False
         if self.grad_b is not None:
             self.grad_b[: self.cols].add_(g.sum(0, dtype=self.grad_b.dtype))
 
     def grads(self) -> tuple:
+        if self.fresh_w:  # no chunk at all (every token masked)
+            self.grad_w.zero_()
+            self.fresh_w = False
         return (self.grad_h, self.grad_w, self.grad_b)
 
 
 def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                   scratch: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``acc += a @ b`` with ``acc`` in float32/64 and ``a``, ``b`` possibly 16-bit, without
-    a ``(V, H)`` temporary per chunk; returns the scratch buffer to pass to the next call.
+                   scratch: torch.Tensor | None = None, first: bool = False
+                   ) -> torch.Tensor | None:
+    """``acc += a @ b`` (``acc = a @ b`` when ``first``: ``acc`` may hold garbage) with
+    ``acc`` in float32/64 and ``a``, ``b`` possibly 16-bit, without a ``(V, H)`` temporary
+    per chunk; returns the scratch buffer to pass to the next call.
 
     CUDA: one 16-bit GEMM with a float32 output. CPU (only reached with 16-bit GEMM
     instructions, :func:`gemm_dtypes`): torch has no 16-bit CPU GEMM with a float32
@@ -198,8 +210,13 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     GEMM's time at that shape.
     """
     if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+        if first:
+            torch.mm(a, b, out=acc)
+        else:
+            acc.addmm_(a, b)
     elif acc.is_cuda:
+        if first:
+            acc.zero_()
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)  # float32 accumulation
     else:
         step = max(1, _ACC_BLOCK // max(1, b.shape[1]))
@@ -209,7 +226,11 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
         for lo in range(0, a.shape[0], step):
             hi = min(lo + step, a.shape[0])
             out = scratch[: (hi - lo) * b.shape[1]].view(hi - lo, b.shape[1])
-            acc[lo:hi].add_(torch.mm(a[lo:hi], b, out=out))
+            torch.mm(a[lo:hi], b, out=out)
+            if first:
+                acc[lo:hi].copy_(out)
+            else:
+                acc[lo:hi].add_(out)
     return scratch
 
 
