@@ -40,6 +40,9 @@ GPU_CHUNK_SWEEP = "gpu-chunk1024"
 GPU_TOPK_SWEEP = "gpu-topk"
 # The dense fused loss and the four-GEMM floor of the same points are in GPU_SWEEP.
 GPU_TOPK_IMPLS = ("eaopd_fused_topk32", "eaopd_fused_topk256", "floor_topk")
+GPU_TEACHERS_SWEEP = "gpu-teachers"
+# The one-teacher loss and its floor of the same point are in GPU_SWEEP.
+GPU_TEACHERS_IMPLS = ("eaopd_fused_teachers2", "eaopd_fused_teachers4")
 LIGER_DEFAULT_CHUNK = 1024  # LigerFusedLinearJSDLoss's own default chunk_size
 
 
@@ -124,8 +127,10 @@ def gpu_suite() -> list[Case]:
     default is 1024, so a second sweep measures the fused loss and both Liger losses at
     chunk 1024 and N = 8k: the "faster than liger_jsd" goal is judged against Liger's
     faster chunk, not a handicapped one. A third sweep (``gpu-topk``) measures the served
-    top-k teacher (k = 32, 256) and its three-GEMM floor at the same points (issue 21).
-    Estimated at under 5 min on one H100/H200, most of it compiling (not yet measured).
+    top-k teacher (k = 32, 256) and its three-GEMM floor at the same points, and a fourth
+    (``gpu-teachers``) the tokens routed to 2 and 4 teachers at N = 8k (issue 21), next
+    to the one-teacher loss of the first sweep. Estimated at under 6 min on one
+    H100/H200, most of it compiling (not yet measured).
     """
     return (
         _sweep(GPU_SWEEP, "tokens", "cuda", "bf16", GPU_TOKENS, hidden=GPU_HIDDEN, vocab=V128K,
@@ -135,6 +140,8 @@ def gpu_suite() -> list[Case]:
                  impls=("eaopd_fused", "liger_jsd", "liger_eaopd"))
         + _sweep(GPU_TOPK_SWEEP, "tokens", "cuda", "bf16", GPU_TOKENS, hidden=GPU_HIDDEN,
                  vocab=V128K, impls=GPU_TOPK_IMPLS)
+        + _sweep(GPU_TEACHERS_SWEEP, "tokens", "cuda", "bf16", (8192,), hidden=GPU_HIDDEN,
+                 vocab=V128K, impls=GPU_TEACHERS_IMPLS)
     )
 
 

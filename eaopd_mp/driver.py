@@ -139,6 +139,8 @@ class LinearHead:
         self.bm = None if bias is None else _cast(bias[: self.cols], self.round_to, self.mm)
         self.grad_h = self.grad_w = self.grad_b = None
         self.buf: torch.Tensor | None = None
+        self.scratch: torch.Tensor | None = None  # _accumulate_mm's product (CPU, 16-bit)
+        self.fresh_w = False  # grad_w allocated, not yet written by a chunk
 
     def _hidden(self, rows) -> torch.Tensor:
         return _cast(self.h[rows], self.round_to, self.mm)
@@ -151,13 +153,18 @@ class LinearHead:
         return torch.addmm(self.bm, h, self.wm.t(), out=out)
 
     def release(self) -> None:
-        self.buf = None
+        self.buf = self.scratch = None
 
     def start_grad(self) -> None:
         need_h, need_w, need_b = self.need
         acc = dict(dtype=core.compute_dtype(self.w.dtype), device=self.device)
         self.grad_h = torch.zeros_like(self.h) if need_h else None
-        self.grad_w = torch.zeros(self.w.shape, **acc) if need_w else None
+        # The weight gradient's real rows are written (not added) by the first chunk: no
+        # zero-fill and no read of a (V, H) accumulator that holds only zeros.
+        self.grad_w = torch.empty(self.w.shape, **acc) if need_w else None
+        if self.grad_w is not None:
+            self.grad_w[self.cols:].zero_()  # padding rows get no gradient
+        self.fresh_w = need_w
         self.grad_b = torch.zeros(self.w.shape[0], **acc) if need_b and self.b is not None \
             else None
 
@@ -170,35 +177,61 @@ class LinearHead:
             else:
                 self.grad_h[rows] = (g @ self.wm).to(self.grad_h.dtype)
         if self.grad_w is not None:
-            _accumulate_mm(self.grad_w[: self.cols], g.t(), self._hidden(rows))
+            self.scratch = _accumulate_mm(self.grad_w[: self.cols], g.t(), self._hidden(rows),
+                                          self.scratch, first=self.fresh_w)
+            self.fresh_w = False
         if self.grad_b is not None:
             self.grad_b[: self.cols].add_(g.sum(0, dtype=self.grad_b.dtype))
 
     def grads(self) -> tuple:
+        if self.fresh_w:  # no chunk at all (every token masked)
+            self.grad_w.zero_()
+            self.fresh_w = False
         return (self.grad_h, self.grad_w, self.grad_b)
 
 
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` in float32/64 and ``a``, ``b`` possibly 16-bit, without
-    a ``(V, H)`` temporary per chunk.
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   scratch: torch.Tensor | None = None, first: bool = False
+                   ) -> torch.Tensor | None:
+    """``acc += a @ b`` (``acc = a @ b`` when ``first``: ``acc`` may hold garbage) with
+    ``acc`` in float32/64 and ``a``, ``b`` possibly 16-bit, without a ``(V, H)`` temporary
+    per chunk; returns the scratch buffer to pass to the next call.
 
     CUDA: one 16-bit GEMM with a float32 output. CPU (only reached with 16-bit GEMM
     instructions, :func:`gemm_dtypes`): torch has no 16-bit CPU GEMM with a float32
-    output, so the product is a 16-bit GEMM (float32 accumulation inside, one rounding
-    of its output, as ``nn.Linear``'s 16-bit weight gradient) added to ``acc`` in blocks
-    of at most :data:`_ACC_BLOCK` elements; the running sum stays in ``acc``'s dtype.
-    Casting ``a`` and ``b`` to float32 instead runs this GEMM at float32 speed and casts
-    a ``(chunk, V)`` operand per chunk: 3.8x the 16-bit GEMM's time at ``(32000, 512) @
-    (512, 256)`` (measured on a loaded 2-core AVX512-BF16 CPU, issue 21).
+    output (``out_dtype`` is CUDA-only in torch 2.13), so the product is a 16-bit GEMM
+    (float32 accumulation inside, one rounding of its output, as ``nn.Linear``'s 16-bit
+    weight gradient) into ``scratch`` (kept across chunks: a fresh 16 MiB product is
+    page-faulted anew, 36 vs 27 ms for GEMM + add at ``(32000, 512) @ (512, 256)`` on a
+    2-core AMX CPU), added to ``acc`` in blocks of at most :data:`_ACC_BLOCK` elements;
+    the running sum stays in ``acc``'s dtype. Smaller blocks are slower (60 ms with 2048
+    rows: the GEMM is then inefficient). Casting ``a`` and ``b`` to float32 instead runs
+    this GEMM at float32 speed: 3.8x (AMD, AVX512-BF16) to 9x (Intel, AMX) the 16-bit
+    GEMM's time at that shape.
     """
     if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+        if first:
+            torch.mm(a, b, out=acc)
+        else:
+            acc.addmm_(a, b)
     elif acc.is_cuda:
+        if first:
+            acc.zero_()
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)  # float32 accumulation
     else:
         step = max(1, _ACC_BLOCK // max(1, b.shape[1]))
+        rows = min(step, a.shape[0])
+        if scratch is None or scratch.numel() < rows * b.shape[1] or scratch.dtype != a.dtype:
+            scratch = torch.empty(rows * b.shape[1], dtype=a.dtype, device=a.device)
         for lo in range(0, a.shape[0], step):
-            acc[lo:lo + step].add_(torch.mm(a[lo:lo + step], b))
+            hi = min(lo + step, a.shape[0])
+            out = scratch[: (hi - lo) * b.shape[1]].view(hi - lo, b.shape[1])
+            torch.mm(a[lo:hi], b, out=out)
+            if first:
+                acc[lo:hi].copy_(out)
+            else:
+                acc[lo:hi].add_(out)
+    return scratch
 
 
 _ACC_BLOCK = 2**23  # elements of one 16-bit product block in _accumulate_mm (16 MiB)
@@ -208,11 +241,35 @@ def _buffer(head, n: int, dtype: torch.dtype) -> torch.Tensor:
     """The head's reusable ``(n, cols)`` logits buffer (allocated once per call).
 
     Fresh ``(chunk, V)`` tensors per chunk cost more than the maths on CPU: buffers this
-    large are mmapped and page-faulted anew on every allocation.
+    large are mmapped and page-faulted anew on every allocation. Teacher heads share one
+    :class:`Pool` (a plan holds one teacher's chunk at a time), so several teachers cost
+    one buffer, allocated once.
     """
-    if head.buf is None or head.buf.shape[0] < n:
+    pool = getattr(head, "pool", None)
+    if pool is not None:
+        head.buf = pool.take(n, head.cols, dtype, head.device)
+    elif head.buf is None or head.buf.shape[0] < n:
         head.buf = torch.empty((n, head.cols), dtype=dtype, device=head.device)
     return head.buf[:n]
+
+
+class Pool:
+    """One flat buffer that the teacher heads of a plan take their ``(n, cols)`` logits
+    from in turn (each teacher's width and dtype; only one teacher's chunk is live)."""
+
+    def __init__(self):
+        self.flat: torch.Tensor | None = None
+
+    def take(self, n: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """A contiguous ``(n, cols)`` view of the pool, grown (never shrunk) as needed."""
+        need = n * cols * torch.empty((), dtype=dtype).element_size()
+        flat = self.flat
+        if flat is None or flat.numel() < need or flat.device != torch.device(device):
+            self.flat = flat = torch.empty(need, dtype=torch.uint8, device=device)
+        return flat[:need].view(dtype).view(n, cols)
+
+    def release(self) -> None:
+        self.flat = None
 
 
 @dataclass
@@ -271,6 +328,9 @@ class Plan:
         # Head transforms select the *_x kernels, which take (head, flags) after the rest.
         self.transformed = head is not None
         self.extra = (head, flags) if self.transformed else ()
+        self.pool = Pool()
+        for part in self.parts:  # the teachers take turns with one logits buffer
+            part.head.pool = self.pool
 
     def kept_weight(self) -> torch.Tensor | None:
         if self.weight is None:
@@ -289,6 +349,7 @@ class Plan:
                 t_rows = rows if self.t_rows is None else self.t_rows[lo:hi]
                 yield lo, hi, rows, t_rows, part
             part.head.release()
+        self.pool.release()
 
     def scatter(self, kept: torch.Tensor) -> torch.Tensor:
         """Per-kept-token rows -> all ``N`` tokens (zeros for the skipped ones)."""

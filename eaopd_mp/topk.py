@@ -57,6 +57,7 @@ all-gather of them gives every rank everything (teacher numbers are replicated).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -75,8 +76,9 @@ def ids_problem(ids: torch.Tensor, vocab_size: int) -> str | None:
     None: an id outside ``[0, vocab_size)``, or an id repeated within a token."""
     if ids.numel() == 0:
         return None
-    bad = (ids < 0) | (ids >= vocab_size)
-    if bool(bad.any()):
+    low, high = torch.aminmax(ids)  # one pass; the mask only to name the bad ids
+    if int(low) < 0 or int(high) >= vocab_size:
+        bad = (ids < 0) | (ids >= vocab_size)
         return (f"teacher_topk_indices must be vocabulary ids in [0, {vocab_size}), got "
                 f"{ids[bad][:3].tolist()}")
     if ids.shape[1] > 1:
@@ -110,7 +112,7 @@ def logprobs_problem(lp: torch.Tensor, rows: torch.Tensor | None = None) -> str 
     """What is wrong with ``(n, k)`` served log-probabilities, or None (run inside the op
     before any chunk, on the kept tokens; ``rows``: their token indices, for the message).
 
-    A token is refused when ``log sum_k exp(l_k) > logprob_tolerance`` (float64): a
+    A token is refused when ``log sum_k exp(l_k) > logprob_tolerance``: a
     log-prob above 0, or probabilities summing clearly above 1 (logits or unnormalised
     scores passed by mistake). Tokens holding NaN or ``+inf`` are not refused: their loss
     is NaN. ``-inf`` is a probability of 0.
@@ -118,7 +120,9 @@ def logprobs_problem(lp: torch.Tensor, rows: torch.Tensor | None = None) -> str 
     if lp.numel() == 0:
         return None
     tol = logprob_tolerance(lp.dtype, lp.shape[1])
-    x = lp.to(torch.float64)
+    # float32 is exact for 16-bit inputs, and its logsumexp is off by ~1e-7 x log k, far
+    # below tol (>= 1e-4); float64 inputs stay float64.
+    x = lp.to(core.compute_dtype(lp.dtype))
     lse = torch.logsumexp(x, dim=-1)
     bad = (lse > tol) & ~_broken(x)
     if not bool(bad.any()):
@@ -145,13 +149,15 @@ def _held(ids: torch.Tensor, lo: int, cols: int) -> tuple[torch.Tensor, torch.Te
     return held, torch.where(held, local, torch.zeros_like(local))
 
 
-def take_ids_(z: torch.Tensor, ids: torch.Tensor, lo: int
+def take_ids_(z: torch.Tensor, ids: torch.Tensor, lo: int, whole: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Take the teacher's ids out of a chunk of student logits, in place (eager, O(k)).
 
     Args:
         z: ``(n, c)`` student logits of the columns ``[lo, lo + c)`` (a buffer of ours).
         ids: ``(n, k)`` int64 global teacher ids (distinct within a token).
+        whole: ``z`` holds every id (one device: the ids were checked to lie in
+            ``[0, vocab_size)`` and ``c`` is the real vocabulary), so no id needs a mask.
     Returns:
         ``(at, held, col)``: ``(n, k)`` the logits at the held ids in ``z``'s dtype (any
         value where not held), whether this shard holds each id, and its local column
@@ -160,6 +166,10 @@ def take_ids_(z: torch.Tensor, ids: torch.Tensor, lo: int
         (``scatter_add_`` rather than ``scatter_``: the ids a shard does not hold point
         at column 0 and add 0 there.)
     """
+    if whole:  # every id is a column here: no masks, one gather and one scatter
+        at = z.gather(1, ids)
+        z.scatter_(1, ids, float("-inf"))
+        return at, torch.ones_like(ids, dtype=torch.bool), ids
     held, col = _held(ids, lo, z.shape[1])
     at = z.gather(1, col)
     minus_inf = torch.full((), float("-inf"), dtype=z.dtype, device=z.device)
@@ -194,16 +204,34 @@ def partial_stats(z: torch.Tensor, at: torch.Tensor, held: torch.Tensor,
     return torch.where(broken[:, None], torch.full_like(out, float("nan")), out)
 
 
-def _teacher(lp: torch.Tensor, has_tail: bool):
-    """Teacher buckets from the ``(n, k)`` served log-probs, formed in float64 (``1 -
-    sum_k Q_k`` cancels) and returned in ``lp``'s dtype: ``Q_tail`` clamped at 0 (a
-    weight), ``log Q_tail`` floored at :data:`TAIL_FLOOR` (inside the reverse KL)."""
-    lse = torch.logsumexp(lp.to(torch.float64), dim=-1)
+class Served(NamedTuple):
+    """The served teacher's per-token numbers of a chunk, each formed once, in float64
+    (``1 - sum_k Q_k`` cancels; the KLs sum terms of both signs).
+
+    Attributes:
+        lp, q: ``(n, k)`` the log-probs and ``Q_k = exp(l_k)``.
+        lse: ``(n,)`` ``log sum_k Q_k``.
+        q_tail: ``(n,)`` ``Q_tail = 1 - sum_k Q_k`` clamped at 0 (a weight; 0 without a
+            tail).
+        log_q_rev: ``(n,)`` ``log Q_tail`` floored at :data:`TAIL_FLOOR` (inside the
+            reverse KL).
+    """
+
+    lp: torch.Tensor
+    q: torch.Tensor
+    lse: torch.Tensor
+    q_tail: torch.Tensor
+    log_q_rev: torch.Tensor
+
+
+def served(lp: torch.Tensor, has_tail: bool) -> Served:
+    """:class:`Served` from ``(n, k)`` served log-probs in any float dtype."""
+    lp = lp.to(torch.float64)
+    lse = torch.logsumexp(lp, dim=-1)
     q_tail = (-torch.expm1(lse)).clamp_min(0.0)
     if not has_tail:
         q_tail = torch.zeros_like(q_tail)
-    log_q_tail = q_tail.clamp_min(TAIL_FLOOR).log()
-    return q_tail.to(lp.dtype), log_q_tail.to(lp.dtype)
+    return Served(lp, lp.exp(), lse, q_tail, q_tail.clamp_min(TAIL_FLOOR).log())
 
 
 def _xlogy(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -211,46 +239,43 @@ def _xlogy(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(w > 0, w * x, torch.zeros_like(w))
 
 
-def bucket_entropy(lp: torch.Tensor, has_tail: bool) -> torch.Tensor:
-    """``-sum_b Q_b log Q_b`` of the bucketed teacher, ``(n, k)`` -> ``(n,)``, in float64."""
-    lp = lp.to(torch.float64)
-    q_tail, _ = _teacher(lp, has_tail)
-    return -_xlogy(lp.exp(), lp).sum(-1) - _xlogy(q_tail, q_tail.log())
+def bucket_entropy(sv: Served) -> torch.Tensor:
+    """``-sum_b Q_b log Q_b`` of the bucketed teacher, ``(n,)`` in float64."""
+    return -_xlogy(sv.q, sv.lp).sum(-1) - _xlogy(sv.q_tail, sv.q_tail.log())
 
 
-def _kls(lp: torch.Tensor, log_pk: torch.Tensor, log_pt: torch.Tensor, mode: str,
-         has_tail: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(KL_fwd, KL_rev, LSE_T column)`` of each token from ``(n, k)`` float64 served
-    log-probs ``lp``, student log-probs at the ids ``log_pk`` and ``(n,)`` ``log P_tail``."""
+def _kls(sv: Served, log_pk: torch.Tensor, log_pt: torch.Tensor, mode: str
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(KL_fwd, KL_rev, LSE_T column)`` of each token from the served numbers, the
+    float64 ``(n, k)`` student log-probs at the ids ``log_pk`` and ``(n,)`` ``log P_tail``."""
+    lp = sv.lp
     if mode == "bucket":
-        q_tail, log_q_rev = _teacher(lp, has_tail)
         pk, pt = log_pk.exp(), log_pt.exp()
-        fwd = _xlogy(lp.exp(), lp - log_pk).sum(-1) + _xlogy(q_tail, q_tail.log() - log_pt)
-        rev = _xlogy(pk, log_pk - lp).sum(-1) + _xlogy(pt, log_pt - log_q_rev)
+        fwd = _xlogy(sv.q, lp - log_pk).sum(-1) + _xlogy(sv.q_tail, sv.q_tail.log() - log_pt)
+        rev = _xlogy(pk, log_pk - lp).sum(-1) + _xlogy(pt, log_pt - sv.log_q_rev)
         return fwd, rev, log_pt
     norm = torch.logsumexp(log_pk, dim=-1)
     if mode == "truncate":
-        fwd = _xlogy(lp.exp(), lp - log_pk).sum(-1)
+        fwd = _xlogy(sv.q, lp - log_pk).sum(-1)
         rev = _xlogy(log_pk.exp(), log_pk - lp).sum(-1)
         return fwd, rev, norm
-    lq = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
+    lq = lp - sv.lse[:, None]
     lpk = log_pk - norm[:, None]
     fwd = _xlogy(lq.exp(), lq - lpk).sum(-1)
     rev = _xlogy(lpk.exp(), lpk - lq).sum(-1)
     return fwd, rev, norm
 
 
-def combine_stats(parts: torch.Tensor, lp: torch.Tensor, entropy: torch.Tensor, given: bool,
-                  params: torch.Tensor, kind: str, mode: str, has_tail: bool) -> torch.Tensor:
+def combine_stats(parts: torch.Tensor, sv: Served, entropy: torch.Tensor, given: bool,
+                  params: torch.Tensor, kind: str, mode: str) -> torch.Tensor:
     """Merge ``(r, n, k + 2)`` partials of ``r`` column sets; KLs, entropy and gate.
 
     Args:
         parts: :func:`partial_stats` of each column set (``r = 1`` on one device).
-        lp: ``(n, k)`` served teacher log-probabilities; entropy: ``(n,)``, the gate's
+        sv: the served teacher's numbers (:func:`served`); entropy: ``(n,)``, the gate's
             entropy when ``given`` (else ignored: the bucketed teacher's is used).
         params, kind: as :func:`eaopd_mp.core.combine_stats`; mode: ``"bucket"``,
-            ``"renormalize"`` or ``"truncate"``; has_tail: ``k`` is below the real
-            vocabulary.
+            ``"renormalize"`` or ``"truncate"``.
     Returns:
         ``(n, 7)`` ``[lse_s, log P_tail | log sum P_k, KL_fwd, KL_rev, H, a, b]`` in the
         compute dtype; the per-token sums over the ``k`` ids are formed in float64.
@@ -259,19 +284,18 @@ def combine_stats(parts: torch.Tensor, lp: torch.Tensor, entropy: torch.Tensor, 
     total = core._lse_shards(parts[..., _LOCAL_LSE])
     log_pk = parts[..., 2:].amax(0) - total[:, None]  # one rank holds each id
     log_pt = core._lse_shards(parts[..., _TAIL_LSE]) - total
-    lp = lp.to(f64)
-    ent = entropy.to(f64) if given else bucket_entropy(lp, has_tail)
-    fwd, rev, norm = _kls(lp, log_pk.to(f64), log_pt.to(f64), mode, has_tail)
-    nan = torch.isnan(ent) | torch.isnan(total) | _broken(lp)
+    ent = entropy.to(f64) if given else bucket_entropy(sv)
+    fwd, rev, norm = _kls(sv, log_pk.to(f64), log_pt.to(f64), mode)
+    nan = torch.isnan(ent) | torch.isnan(total) | _broken(sv.lp)
     fwd = torch.where(nan, torch.full_like(fwd, float("nan")), fwd)
     fwd, rev, ent = (x.to(params.dtype) for x in (fwd, rev, ent))
     a, b = gate_weights(ent, kind, params[1], params[2])
     return torch.stack([total, norm.to(params.dtype), fwd, rev, ent, a, b], dim=-1)
 
 
-def grad_logits(z: torch.Tensor, at: torch.Tensor, held: torch.Tensor, lp: torch.Tensor,
-                stats: torch.Tensor, scale: torch.Tensor, params: torch.Tensor, mode: str,
-                has_tail: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def grad_logits(z: torch.Tensor, at: torch.Tensor, held: torch.Tensor, sv: Served,
+                stats: torch.Tensor, scale: torch.Tensor, params: torch.Tensor, mode: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form gradient of ``scale * L`` with respect to the local student logits.
 
     For column ``j`` in bucket ``b(j)``: ``(p_j / tau) [a (1 - Q_b/P_b) + b (log P_b -
@@ -289,7 +313,7 @@ def grad_logits(z: torch.Tensor, at: torch.Tensor, held: torch.Tensor, lp: torch
 
     Args:
         z: ``(n, c)`` student logits with the held ids at ``-inf`` (:func:`take_ids_`);
-        at, held: ``(n, k)`` (:func:`take_ids_`); lp: ``(n, k)`` served log-probs;
+        at, held: ``(n, k)`` (:func:`take_ids_`); sv: the served numbers (:func:`served`);
         stats: ``(n, 7)`` from :func:`combine_stats`; scale: ``(n,)``.
     Returns:
         ``(n, c)`` the gradient off the ids (0 at the held ids' columns), and ``(n, k)``
@@ -298,15 +322,15 @@ def grad_logits(z: torch.Tensor, at: torch.Tensor, held: torch.Tensor, lp: torch
     torch._check(z.shape[0] == stats.shape[0])
     torch._check(z.shape[0] == scale.shape[0])
     inv_tau = params[0]
-    base, c = _tail_coefficient(lp, stats, scale, params, mode, has_tail)
+    base, c = _tail_coefficient(sv, stats, scale, params, mode)
     x = z.to(params.dtype) * inv_tau
     r = (x - base[:, None]).exp()
     off = torch.where(torch.isnan(c), c, torch.zeros_like(c))[:, None]  # NaN stays NaN
     row = torch.where(r > 0, r * c[:, None], off)
-    return row, _id_gradient(at, held, lp, stats, scale, params, mode, has_tail)
+    return row, _id_gradient(at, held, sv, stats, scale, params, mode)
 
 
-def _tail_coefficient(lp, stats, scale, params, mode, has_tail):
+def _tail_coefficient(sv, stats, scale, params, mode):
     """``(base, c)``, each ``(n,)`` in the compute dtype: the gradient at a column ``j``
     off the ids is ``exp(z_j/tau - base) c`` (see :func:`grad_logits`)."""
     f64 = torch.float64
@@ -317,38 +341,36 @@ def _tail_coefficient(lp, stats, scale, params, mode, has_tail):
     if mode == "bucket":
         live = norm > float("-inf")  # a tail with mass (else every tail column is -inf)
         base = torch.where(live, lse + norm, torch.zeros_like(lse))
-        q_tail, log_q_rev = _teacher(lp.to(f64), has_tail)
         log_pt = norm.to(f64)
         p_tail = log_pt.exp()
-        d_tail = torch.where(live, log_pt - log_q_rev - kl_rev, torch.zeros_like(kl_rev))
-        c = ca * (p_tail - q_tail) + weighted(cb, _xlogy(p_tail, d_tail))
+        d_tail = torch.where(live, log_pt - sv.log_q_rev - kl_rev, torch.zeros_like(kl_rev))
+        c = ca * (p_tail - sv.q_tail) + weighted(cb, _xlogy(p_tail, d_tail))
     elif mode == "truncate":
         base = lse
-        served = torch.logsumexp(lp.to(f64), dim=-1).exp()
-        c = ca * served - weighted(cb, kl_rev + norm.to(f64).exp())
+        c = ca * sv.lse.exp() - weighted(cb, kl_rev + norm.to(f64).exp())
     else:
         base, c = lse, torch.zeros_like(ca)
     return base, c.to(params.dtype)
 
 
-def _id_gradient(at, held, lp, stats, scale, params, mode, has_tail):
+def _id_gradient(at, held, sv, stats, scale, params, mode):
     """``(n, k)`` gradient at the teacher's ids held here (0 elsewhere), compute dtype."""
     x = at.to(params.dtype) * params[0]
-    lp = lp.to(params.dtype)
+    lp, q = sv.lp.to(params.dtype), sv.q.to(params.dtype)
     lse, norm, kl_rev = stats[:, LSE_S, None], stats[:, LSE_T, None], stats[:, KL_REV, None]
     ca = (scale * stats[:, core.A] * params[0])[:, None]
     cb = (scale * stats[:, core.B] * params[0])[:, None]
     log_pk = x - lse
     pk = log_pk.exp()
     if mode == "bucket":
-        out = ca * (pk - lp.exp()) + weighted(cb, _xlogy(pk, log_pk - lp - kl_rev))
+        out = ca * (pk - q) + weighted(cb, _xlogy(pk, log_pk - lp - kl_rev))
     elif mode == "truncate":
-        served = torch.logsumexp(lp.to(torch.float64), dim=-1).exp().to(x.dtype)[:, None]
-        out = (ca * (served * pk - lp.exp())
+        served_mass = sv.lse.exp().to(x.dtype)[:, None]
+        out = (ca * (served_mass * pk - q)
                + weighted(cb, _xlogy(pk, log_pk - lp + 1.0 - kl_rev - norm.exp())))
     else:
         lpk = log_pk - norm
-        lq = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
+        lq = (sv.lp - sv.lse[:, None]).to(params.dtype)
         pk = lpk.exp()
         out = ca * (pk - lq.exp()) + weighted(cb, _xlogy(pk, lpk - lq - kl_rev))
     return torch.where(held, out, torch.zeros_like(out))
@@ -365,34 +387,42 @@ def _id_gradient(at, held, lp, stats, scale, params, mode, has_tail):
 def single_stats(z, at, held, lp, ent, given, params, kind, mode, has_tail):
     """One device, no gradient: ``(n, 7)`` statistics of a chunk."""
     parts = partial_stats(z, at, held, params).unsqueeze(0)
-    return combine_stats(parts, lp, ent, given, params, kind, mode, has_tail)
+    return combine_stats(parts, served(lp, has_tail), ent, given, params, kind, mode)
 
 
-def grad_logits_(z, at, held, lp, stats, scale, params, mode, has_tail):
+def _grad_logits_(z, at, held, sv, stats, scale, params, mode):
     """:func:`grad_logits`, the part off the ids written over ``z`` (a buffer of ours);
     returns ``(n, 7 + k)``: ``stats`` then the gradient at the ids."""
-    row, at_grad = grad_logits(z, at, held, lp, stats, scale, params, mode, has_tail)
+    row, at_grad = grad_logits(z, at, held, sv, stats, scale, params, mode)
     z.copy_(row)
     return torch.cat([stats, at_grad], dim=1)
 
 
+def grad_logits_(z, at, held, lp, stats, scale, params, mode, has_tail):
+    """The recomputing backward: :func:`_grad_logits_` from saved statistics."""
+    return _grad_logits_(z, at, held, served(lp, has_tail), stats, scale, params, mode)
+
+
 def single_grad_(z, at, held, lp, ent, scale, given, params, kind, mode, has_tail):
-    """One device: :func:`grad_logits_` after the chunk's statistics."""
-    stats = single_stats(z, at, held, lp, ent, given, params, kind, mode, has_tail)
-    return grad_logits_(z, at, held, lp, stats, scale, params, mode, has_tail)
+    """One device: :func:`_grad_logits_` after the chunk's statistics."""
+    sv = served(lp, has_tail)
+    parts = partial_stats(z, at, held, params).unsqueeze(0)
+    stats = combine_stats(parts, sv, ent, given, params, kind, mode)
+    return _grad_logits_(z, at, held, sv, stats, scale, params, mode)
 
 
 def shard_stats(lp, ent, parts, given, params, kind, mode, has_tail):
     """Column shards, no gradient: combine the gathered ``(r, n, k + 2)`` partials."""
     torch._check(parts.shape[1] == lp.shape[0])
-    return combine_stats(parts, lp, ent, given, params, kind, mode, has_tail)
+    return combine_stats(parts, served(lp, has_tail), ent, given, params, kind, mode)
 
 
 def shard_grad_(z, at, held, lp, ent, parts, scale, given, params, kind, mode, has_tail):
-    """Column shards: :func:`grad_logits_` after combining the gathered partials."""
+    """Column shards: :func:`_grad_logits_` after combining the gathered partials."""
     torch._check(parts.shape[1] == z.shape[0])
-    stats = combine_stats(parts, lp, ent, given, params, kind, mode, has_tail)
-    return grad_logits_(z, at, held, lp, stats, scale, params, mode, has_tail)
+    sv = served(lp, has_tail)
+    stats = combine_stats(parts, sv, ent, given, params, kind, mode)
+    return _grad_logits_(z, at, held, sv, stats, scale, params, mode)
 
 
 def put_ids_(z: torch.Tensor, col: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
@@ -453,7 +483,7 @@ def chunk(plan, spec, z, teacher, scale):
     has_tail = ids.shape[1] < spec.vocab_size
     lo = offset(plan)
     if z.shape[1] > 0:
-        at, held, col = take_ids_(z, ids, lo)
+        at, held, col = take_ids_(z, ids, lo, whole=plan.combiner is None)
     if plan.combiner is None:
         if scale is None:
             return stats_kernel(z, at, held, lp, ent, given, params, kind, mode,
@@ -478,7 +508,7 @@ def backward_chunk(plan, z, teacher, stats, scale) -> None:
     """The recomputing backward of one chunk: the gradient overwrites ``z``."""
     ids, lp, _ = teacher
     has_tail = ids.shape[1] < plan.spec.vocab_size
-    at, held, col = take_ids_(z, ids, offset(plan))
+    at, held, col = take_ids_(z, ids, offset(plan), whole=plan.combiner is None)
     put_ids_(z, col, grad_kernel_(z, at, held, lp, stats, scale, plan.params,
                                   plan.spec.topk_tail, has_tail))
 

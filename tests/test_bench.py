@@ -55,6 +55,9 @@ def test_gpu_suite_dry_run_plans_every_point(capsys):
     assert {(int(n), impl) for n, impl, _ in topk} == {
         (n, i) for n in (4096, 8192, 16384)
         for i in ("eaopd_fused_topk32", "eaopd_fused_topk256", "floor_topk")}, topk
+    teachers = re.findall(r"^gpu-teachers\s+8192\s+4096\s+128256\s+\d+\s+(\w+)\s+[\d.]+\s+run$",
+                          out, flags=re.M)
+    assert sorted(teachers) == ["eaopd_fused_teachers2", "eaopd_fused_teachers4"], teachers
 
 
 def test_startup_and_cpu_bf16_dry_runs(capsys):

@@ -7,6 +7,7 @@ parallel_state (with sequence parallelism), TP=2 x DP=2.
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -720,28 +721,32 @@ def _megatron_worker(rank, world, tp, use_sp, compile_check):
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         dp_rank = parallel_state.get_data_parallel_rank()
         group = None  # megatron-core's tensor-parallel group
+        # The general cases run eagerly: compiled kernels are the same functions (the
+        # single-device tests compare them with eager), and each compiled graph costs
+        # seconds per rank. The compile check then compiles one case per shard kernel.
+        os.environ["EAOPD_COMPILE"] = "0"
         for i, reduction in enumerate(["batchmean", "none", "sum"]):
             check_fused_case(tp_rank, tp, group, reduction=reduction, tau=0.9, mask=True,
                              vocab_size=13 if i == 1 else None, bias=i == 2, gate=GATES[i],
                              teacher="linear", seed=10 + dp_rank, sp=use_sp)
-        if compile_check:  # the compiled shard kernels with head transforms (partial_x,
-            # shard_grad_x; "none"'s backward kernel is the one-device grad_x, compiled in
-            # test_head_transforms): one case, as each graph costs seconds per rank
-            check_fused_case(tp_rank, tp, group, reduction="batchmean", tau=0.9, mask=True,
-                             vocab_size=13, bias=True, gate={}, teacher="linear",
-                             seed=10 + dp_rank, sp=use_sp, xf=(0.7, 2.5, 1.3, 5.0))
-        check_topk_case(tp_rank, tp, group, reduction="sum", tau=1.5, vocab_size=13,
-                        tail="bucket", seed=10 + dp_rank, sp=use_sp)
         _check_topk_loss_func(tp_rank, tp, use_sp, 10 + dp_rank)
         check_routed_case(tp_rank, tp, group, reduction="sum", vocab_size=13, sp=use_sp,
                           seed=10 + dp_rank, loss_func=True)
-        # A -inf teacher under a zero reverse-KL weight (the compiled graphs of the
-        # linear gate; tp_group=None is megatron's group).
+        # A -inf teacher under a zero reverse-KL weight (tp_group=None is megatron's group).
         _check_minus_inf_teacher(tp_rank, tp, group, gates=FORWARD_ONLY[1:])
         check_topk_case(tp_rank, tp, group, reduction="sum", tau=1.0, vocab_size=13,
                         tail="bucket", seed=10 + dp_rank, sp=use_sp, gate=FORWARD_ONLY[1],
                         minus_inf=True)
-        if compile_check:
+        os.environ["EAOPD_COMPILE"] = "1" if compile_check else "0"
+        # The top-k shard kernels (partial, shard_grad; compiled under the compile check).
+        check_topk_case(tp_rank, tp, group, reduction="sum", tau=1.5, vocab_size=13,
+                        tail="bucket", seed=10 + dp_rank, sp=use_sp)
+        if compile_check:  # the compiled dense shard kernels with head transforms
+            # (partial_x, shard_grad_x; "none"'s backward kernel is the one-device grad_x,
+            # compiled in test_head_transforms), the logits-in path, a user's compiled step
+            check_fused_case(tp_rank, tp, group, reduction="batchmean", tau=0.9, mask=True,
+                             vocab_size=13, bias=True, gate={}, teacher="linear",
+                             seed=10 + dp_rank, sp=use_sp, xf=(0.7, 2.5, 1.3, 5.0))
             check_logits_case(tp_rank, tp, group, reduction="mean", tau=1.0, mask=True,
                               vocab_size=None, gate={}, seed=dp_rank)
             _check_compiled(tp_rank, tp, None)
