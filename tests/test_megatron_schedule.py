@@ -354,8 +354,8 @@ def _check_teachers(rank, parallel_state, megatron_cpu, megatron_distill):
     states = [None] * WORLD
     dist.all_gather_object(states, (
         _tp_full(student.module, lambda p: p, parallel_state),
-        [_tp_full(t, lambda p: p, parallel_state, n) for t, (_, n) in zip(teachers[:2],
-                                                                          TEACHERS)]))
+        [_tp_full(t, lambda p: p, parallel_state, n)
+         for t, (_, n) in zip(teachers[:2], TEACHERS[:2], strict=True)]))
     main_grads = {name: p.main_grad.clone() for name, p in student.module.named_parameters()}
     partition = {name: (getattr(p, "tensor_model_parallel", False),
                         getattr(p, "partition_dim", None))
