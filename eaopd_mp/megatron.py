@@ -52,6 +52,14 @@ Long context (docs/guides/megatron-long-context.md):
   last token (:func:`packed_loss_mask`);
 * interleaved pipelines: ``teacher`` may be a list of virtual-stage chunks and the data
   iterators one per chunk, as megatron's interleaved schedule takes them.
+
+Several teachers (docs/guides/megatron.md, "Several teachers"): ``teacher`` is a list of
+per-teacher chunk lists (``[[math_teacher], [code_teacher]]``, each its own frozen GPTModel
+of any hidden size and depth) and ``get_batch`` returns a mapping with ``teacher_index``
+(:class:`Batch`): each teacher runs its own ``forward_only`` schedule over the
+micro-batches routed to it only (:func:`teacher_hidden_states`), and the student's last
+stage scores every token with its own teacher in one fused call
+(:func:`eaopd_forward_step`).
 """
 
 from __future__ import annotations
