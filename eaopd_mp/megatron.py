@@ -392,10 +392,12 @@ def _slice_served_teacher(loss_options: dict, num_tokens: int, packed_seq_params
     """``loss_options`` with the served teacher's whole-sequence ``teacher_topk_logprobs``
     / ``teacher_topk_indices`` ``[s, b, k]`` and ``teacher_entropy`` ``[s, b]`` cut to this
     context-parallel rank's ``num_tokens`` positions (:func:`slice_for_context_parallel`).
-    A sequence length other than ``num_tokens * cp`` raises ``ValueError``."""
+    A sequence length other than ``num_tokens * cp`` raises ``ValueError``. Several
+    teachers' lists (their routed rows) are this rank's already and pass through."""
     cp_size, _ = context_parallel_layout(cp_group)
     names = ("teacher_topk_logprobs", "teacher_topk_indices", "teacher_entropy")
-    given = {n: loss_options[n] for n in names if loss_options.get(n) is not None}
+    given = {n: loss_options[n] for n in names
+             if isinstance(loss_options.get(n), torch.Tensor)}
     if cp_size == 1 or not given:
         return loss_options
     for name, t in given.items():

@@ -272,3 +272,15 @@ def test_routed_rows_in_token_order():
     with pytest.raises(RuntimeError, match="teacher 1 has no hidden states for micro-batch 4 "
                        "but get_batch routes 4 tokens to it"):
         em._routed_teacher_hidden([h0, None, None], index, [[x] for x in t], False, None, 4)
+
+
+def test_several_served_teachers_are_not_cut_again(monkeypatch):
+    """Under context parallelism a served teacher's whole-sequence tensor is cut to this
+    rank's chunks; several teachers' lists (their routed rows of this rank) pass as given."""
+    monkeypatch.setattr(em, "context_parallel_layout", lambda group=None: (2, 1))
+    lp = torch.arange(8.0).view(8, 1, 1)
+    rows = [torch.zeros(3, 2), None]
+    out = em._slice_served_teacher(dict(teacher_topk_logprobs=lp, teacher_entropy=rows,
+                                        temperature=2.0), 4, None, None)
+    assert out["teacher_topk_logprobs"].view(-1).tolist() == [2.0, 3.0, 4.0, 5.0]
+    assert out["teacher_entropy"] is rows and out["temperature"] == 2.0
