@@ -52,14 +52,22 @@ Long context (docs/guides/megatron-long-context.md):
   last token (:func:`packed_loss_mask`);
 * interleaved pipelines: ``teacher`` may be a list of virtual-stage chunks and the data
   iterators one per chunk, as megatron's interleaved schedule takes them.
+
+Several teachers (docs/guides/megatron.md, "Several teachers"): ``teacher`` is a list of
+per-teacher chunk lists (``[[math_teacher], [code_teacher]]``, each its own frozen GPTModel
+of any hidden size and depth) and ``get_batch`` returns a mapping with ``teacher_index``
+(:class:`Batch`): each teacher runs its own ``forward_only`` schedule over the
+micro-batches routed to it only (:func:`teacher_hidden_states`), and the student's last
+stage scores every token with its own teacher in one fused call
+(:func:`eaopd_forward_step`).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -384,10 +392,12 @@ def _slice_served_teacher(loss_options: dict, num_tokens: int, packed_seq_params
     """``loss_options`` with the served teacher's whole-sequence ``teacher_topk_logprobs``
     / ``teacher_topk_indices`` ``[s, b, k]`` and ``teacher_entropy`` ``[s, b]`` cut to this
     context-parallel rank's ``num_tokens`` positions (:func:`slice_for_context_parallel`).
-    A sequence length other than ``num_tokens * cp`` raises ``ValueError``."""
+    A sequence length other than ``num_tokens * cp`` raises ``ValueError``. Several
+    teachers' lists (their routed rows) are this rank's already and pass through."""
     cp_size, _ = context_parallel_layout(cp_group)
     names = ("teacher_topk_logprobs", "teacher_topk_indices", "teacher_entropy")
-    given = {n: loss_options[n] for n in names if loss_options.get(n) is not None}
+    given = {n: loss_options[n] for n in names
+             if isinstance(loss_options.get(n), torch.Tensor)}
     if cp_size == 1 or not given:
         return loss_options
     for name, t in given.items():
@@ -522,14 +532,23 @@ class EaopdOutput:
 
     Args:
         teacher_hidden, teacher_weight, sequence_parallel, vocab_size, tp_group,
-            loss_options: as for :func:`eaopd_loss_func` (checked here, before the forward).
+            loss_options: as for :func:`eaopd_loss_func` (checked here, before the forward);
+            with several teachers lists and ``teacher_index`` in ``loss_options``.
+        gather_sequence: the student's hidden states are this rank's sequence slice but
+            the loss runs on the whole sequence (``sequence_parallel`` False): the
+            processor all-gathers them over ``tp_group`` first (the gradient of the slice
+            is its part of the all-reduced one). :func:`eaopd_forward_step` sets it when
+            several teachers are routed so that the tensor-parallel ranks' sequence
+            slices hold different numbers of a teacher's tokens.
     """
 
-    def __init__(self, teacher_hidden: torch.Tensor | None,
-                 teacher_weight: torch.Tensor | None, *, sequence_parallel: bool = False,
-                 vocab_size: int | None = None, tp_group=None, **loss_options):
+    def __init__(self, teacher_hidden: torch.Tensor | list | None,
+                 teacher_weight: torch.Tensor | list | None, *, sequence_parallel: bool = False,
+                 vocab_size: int | None = None, tp_group=None, gather_sequence: bool = False,
+                 **loss_options):
         _check_loss_options(loss_options)
         self.teacher_hidden, self.teacher_weight = teacher_hidden, teacher_weight
+        self.gather_sequence = gather_sequence
         self.options = dict(sequence_parallel=sequence_parallel, vocab_size=vocab_size,
                             tp_group=tp_group, **loss_options)
         self.num_tokens: torch.Tensor | None = None
@@ -559,28 +578,158 @@ def eaopd_output_processor(*, hidden_states: torch.Tensor, output_layer,
     if loss_mask is None:
         raise ValueError("eaopd_output_processor needs the forward's loss_mask ([b, s] 0/1)")
     weight = output_weight if output_weight is not None else output_layer.weight
+    if context.gather_sequence:
+        hidden_states = _GatherSequence.apply(hidden_states, context.options["tp_group"])
     loss_sum, context.num_tokens, context.logged = eaopd_loss_func(
         hidden_states, weight, context.teacher_hidden, context.teacher_weight, loss_mask,
         **context.options)
     return loss_sum
 
 
-# get_batch(data_iterator) -> (tokens [b, s], position_ids [b, s], attention_mask, loss_mask
-# [b, s][, packed_seq_params]) of one micro-batch (this context-parallel rank's part).
-GetBatch = Callable[[Iterator], tuple]
+class _GatherSequence(torch.autograd.Function):
+    """All-gather ``[s / tp, ...]`` sequence slices over the tensor-parallel group into
+    ``[s, ...]``; backward keeps this rank's slice of the (already all-reduced) gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group):
+        ctx.group = _tp_group(group)
+        return _all_gather_sequence(x, ctx.group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as dist
+        size, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        return grad.chunk(size, dim=0)[rank].contiguous(), None
+
+
+def _tp_group(group):
+    if group is not None:
+        return group
+    from .tp import default_group
+    return default_group()
+
+
+def _all_gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """The ranks' ``x`` concatenated along dim 0, in rank order (no gradient)."""
+    import torch.distributed as dist
+    group = _tp_group(group)
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.detach().contiguous(), group=group)
+    return torch.cat(parts, dim=0)
+
+
+# ------------------------------------------------------------------------- micro-batches
+
+
+# get_batch(data_iterator) -> one micro-batch (this context-parallel rank's part): the tuple
+# (tokens [b, s], position_ids [b, s], attention_mask, loss_mask [b, s][, packed_seq_params])
+# or a mapping with those keys and, for several teachers, "teacher_index" (see Batch).
+GetBatch = Callable[[Iterator], Any]
+
+
+class Batch(NamedTuple):
+    """One micro-batch as :func:`read_batch` reads it from ``get_batch``.
+
+    ``teacher_index`` (several teachers; only from a mapping) routes the micro-batch's
+    tokens: ``[b]`` (one teacher per sequence), ``[n]`` with packed sequences (one teacher
+    per packed sequence, ``n = len(cu_seqlens_q_padded) - 1``), ``[b, s]`` (per token,
+    this context-parallel rank's positions like ``loss_mask``) or ``[b, s * cp]`` (per
+    token for the whole sequence; cut into this rank's zig-zag chunks here, per packed
+    sequence with ``packed_seq_params``); int64 values in ``[0, n_teachers)``.
+    """
+
+    tokens: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: Any
+    loss_mask: Any
+    packed_seq_params: Any = None
+    teacher_index: Any = None
+
+
+_REQUIRED_KEYS = ("tokens", "position_ids", "loss_mask")
+
+
+def read_batch(get_batch: GetBatch, data_iterator) -> Batch:
+    """The next micro-batch: ``get_batch(data_iterator)`` returns ``(tokens, position_ids,
+    attention_mask, loss_mask)``, those four and megatron's ``PackedSeqParams`` (packed
+    sequences, THD), or a mapping with keys ``tokens``, ``position_ids``,
+    ``attention_mask``, ``loss_mask`` and optionally ``packed_seq_params`` and
+    ``teacher_index`` (other keys, e.g. ``labels``, are ignored)."""
+    batch = get_batch(data_iterator)
+    if isinstance(batch, Mapping):
+        missing = [k for k in _REQUIRED_KEYS if k not in batch]
+        if missing:
+            raise ValueError(f"get_batch returned a mapping without {', '.join(missing)} "
+                             f"(keys: {', '.join(Batch._fields)}), got keys {sorted(batch)}")
+        return Batch(*(batch.get(k) for k in Batch._fields))
+    batch = tuple(batch)
+    if len(batch) not in (4, 5):
+        raise ValueError("get_batch must return (tokens, position_ids, attention_mask, "
+                         f"loss_mask[, packed_seq_params]) or a mapping, got {len(batch)} "
+                         "values")
+    return Batch(*batch)
 
 
 def _batch(get_batch: GetBatch, data_iterator) -> tuple:
     """``(tokens, position_ids, attention_mask, loss_mask, packed_seq_params)`` of the next
-    micro-batch: ``get_batch`` returns those four, or five with megatron's
-    ``PackedSeqParams`` for packed sequences (THD)."""
-    batch = tuple(get_batch(data_iterator))
-    if len(batch) == 4:
-        return (*batch, None)
-    if len(batch) != 5:
-        raise ValueError("get_batch must return (tokens, position_ids, attention_mask, "
-                         f"loss_mask[, packed_seq_params]), got {len(batch)} values")
-    return batch
+    micro-batch (:func:`read_batch`, one teacher: a ``teacher_index`` must be all 0)."""
+    batch = read_batch(get_batch, data_iterator)
+    if batch.teacher_index is not None and bool((batch.teacher_index != 0).any()):
+        raise ValueError("get_batch's teacher_index routes tokens to teachers other than 0, "
+                         "but one teacher model was given (several teachers: a list of "
+                         "per-teacher chunk lists, [[teacher_0], [teacher_1], ...])")
+    return tuple(batch[:5])
+
+
+def teacher_routing(batch: Batch, n_teachers: int, *, cp_group=None) -> torch.Tensor:
+    """The micro-batch's routing as ``[b, s]`` int64 over this context-parallel rank's
+    positions (``batch.tokens``' shape), from any of :class:`Batch`'s ``teacher_index``
+    layouts; checked (type, shape, values in ``[0, n_teachers)``) with ``ValueError`` /
+    ``TypeError`` naming ``teacher_index`` and the sizes."""
+    raw = batch.teacher_index
+    if raw is None:
+        raise ValueError(f"several teachers ({n_teachers}): get_batch must return a mapping "
+                         "with teacher_index ([b], [b, s] or [b, s * cp]) for every "
+                         "micro-batch")
+    if not isinstance(raw, torch.Tensor):
+        raise TypeError(f"teacher_index must be a torch.Tensor, got {type(raw).__name__}")
+    if raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool:
+        raise TypeError(f"teacher_index must hold integer teacher numbers (int64), got dtype "
+                        f"{raw.dtype}")
+    b, s = batch.tokens.shape[0], batch.tokens.shape[-1]
+    cp_size, cp_rank = context_parallel_layout(cp_group)
+    full = s * cp_size
+    packed = batch.packed_seq_params
+    bounds = None if packed is None else _cu_seqlens(packed, padded=True).cpu()
+    cut = False
+    if raw.dim() == 1 and bounds is not None and raw.numel() == bounds.numel() - 1:
+        index = raw.to("cpu", torch.int64).repeat_interleave(bounds.diff()).view(1, -1)
+        cut = True
+    elif raw.dim() == 1 and raw.numel() == b:
+        index = raw.view(b, 1).expand(b, s)
+    elif raw.dim() == 2 and raw.shape[0] == b and raw.shape[1] in (s, full):
+        index, cut = raw, raw.shape[1] != s
+    else:
+        per_packed = ("" if bounds is None else
+                      f", [{bounds.numel() - 1}] (one per packed sequence)")
+        whole = f" or [{b}, {full}] (the whole sequence, {cp_size} context-parallel ranks)" \
+            if cp_size > 1 else ""
+        raise ValueError(f"teacher_index shape {tuple(raw.shape)} fits none of [{b}] (one "
+                         f"teacher per sequence){per_packed}, [{b}, {s}] (per token, this "
+                         f"rank's positions like loss_mask){whole}")
+    if cut and index.shape[1] != full:
+        raise ValueError(f"teacher_index covers {index.shape[1]} positions but the packed "
+                         f"row has {full} ({cp_size} ranks x {s})")
+    if cut and cp_size > 1:
+        keep = context_parallel_index(full, cp_size, cp_rank, cu_seqlens_padded=bounds,
+                                      device=index.device)
+        index = index.index_select(1, keep)
+    index = index.to(batch.tokens.device, torch.int64)
+    bad = (index < 0) | (index >= n_teachers)
+    if bool(bad.any()):
+        raise ValueError(f"teacher_index values must be in [0, {n_teachers}) ({n_teachers} "
+                         f"teachers), got {index[bad].unique()[:5].tolist()}")
+    return index
 
 
 def last_model_chunk(model):
@@ -599,6 +748,27 @@ def _is_last_stage(model) -> bool:
     return bool(_unwrap(last_model_chunk(model)).post_process)
 
 
+def teacher_list(teacher) -> list[list] | None:
+    """Several teachers, each as its list of model chunks; None for one teacher.
+
+    One teacher is a model or the list of its virtual-stage chunks (megatron's
+    ``get_model`` returns such a list even without virtual stages). Several teachers are a
+    list of teachers of which at least one is itself a list: ``[[t0], [t1]]``,
+    ``[t0_chunks, t1_chunks]`` (a bare model entry counts as a one-chunk teacher).
+    """
+    if not isinstance(teacher, (list, tuple)) or \
+            not any(isinstance(t, (list, tuple)) for t in teacher):
+        return None
+    out = [list(t) if isinstance(t, (list, tuple)) else [t] for t in teacher]
+    for j, chunks in enumerate(out):
+        if not chunks:
+            raise ValueError(f"teacher {j}: an empty list of model chunks")
+    if len({len(c) for c in out}) > 1:
+        raise ValueError(f"teachers differ in model chunks: {[len(c) for c in out]} (every "
+                         "teacher has the student's virtual pipeline stages)")
+    return out
+
+
 def teacher_forward_step(get_batch: GetBatch) -> Callable:
     """A ``forward_step_func`` for a frozen teacher's ``forward_only`` schedule.
 
@@ -615,10 +785,17 @@ def teacher_forward_step(get_batch: GetBatch) -> Callable:
     return forward_step
 
 
-def teacher_hidden_states(forward_backward_func: Callable, teacher, data_iterator: Iterator,
+def _stored_forward_step(data_iterator, model):
+    """:func:`teacher_forward_step` over :class:`Batch` es already read."""
+    batch = next(data_iterator)
+    return gpt_hidden_states(model, batch.tokens, batch.position_ids, batch.attention_mask,
+                             batch.packed_seq_params), None
+
+
+def teacher_hidden_states(forward_backward_func: Callable, teacher, data_iterator,
                           get_batch: GetBatch, *, num_microbatches: int, seq_length: int,
-                          micro_batch_size: int) -> list[torch.Tensor]:
-    """Run the frozen teacher over one step's micro-batches with megatron's schedule.
+                          micro_batch_size: int) -> list:
+    """Run the frozen teacher(s) over one step's micro-batches with megatron's schedule.
 
     Design: the teacher has the student's pipeline layout and runs its own
     ``forward_only=True`` schedule (under ``torch.no_grad``) before the student's step; the
@@ -630,23 +807,52 @@ def teacher_hidden_states(forward_backward_func: Callable, teacher, data_iterato
     two models in one schedule; putting the whole teacher on the last stage would cost
     that stage all the teacher's weights.
 
+    Several teachers (``teacher`` a list of per-teacher chunk lists, :func:`teacher_list`;
+    each its own GPTModel with its own hidden size and layers, the student's pipeline
+    layout): the step's micro-batches are read once here (``get_batch`` on this stage;
+    a mapping with ``teacher_index``, see :class:`Batch`), and each teacher runs its own
+    ``forward_only`` schedule over the micro-batches that route at least one token to it,
+    in order: a teacher no micro-batch routes to costs nothing. Which micro-batches those
+    are is agreed over the pipeline, tensor- and context-parallel groups (one small
+    all-reduce of a ``[n_teachers, num_microbatches]`` table: stages whose ``get_batch``
+    has no ``teacher_index``, e.g. the middle ones, learn it there, and the context-parallel
+    ranks, which see different positions, run the same micro-batches). Under the
+    interleaved schedule a teacher's count is rounded up to one megatron accepts (a
+    multiple of ``microbatch_group_size_per_vp_stage``, or a remainder of at least the
+    pipeline size) with the earliest micro-batches it skipped, whose outputs are dropped.
+
     Args:
         forward_backward_func: ``megatron.core.pipeline_parallel.get_forward_backward_func()``.
         teacher: the teacher GPTModel (unwrapped or wrapped); its config holds the pipeline
             settings (``pipeline_dtype``, ``hidden_size``). With virtual pipeline stages
-            (interleaved schedule), the list of its model chunks.
+            (interleaved schedule), the list of its model chunks. Several teachers: a list
+            of per-teacher chunk lists (``[[t0], [t1]]``).
         data_iterator: yields the step's micro-batches, the same ones, in the same order, as
             the student's iterator (with virtual pipeline stages: one such iterator per
-            model chunk, as megatron's interleaved schedule takes them).
+            model chunk, as megatron's interleaved schedule takes them). Several teachers
+            share it: it is read ``num_microbatches`` times (per chunk) here.
         get_batch: see :func:`eaopd_forward_step`.
         num_microbatches, seq_length, micro_batch_size: as for the student's schedule.
     Returns:
-        On the last pipeline stage, ``num_microbatches`` tensors ``[s, b, h_t]`` (``[s / tp,
-        b, h_t]`` under sequence parallelism; ``s`` this context-parallel rank's tokens) in
-        the teacher's dtype, in micro-batch order (with virtual stages: the outputs of the
-        last model chunk, which the interleaved schedule runs in micro-batch order);
-        ``[]`` elsewhere.
+        One teacher: on the last pipeline stage, ``num_microbatches`` tensors ``[s, b,
+        h_t]`` (``[s / tp, b, h_t]`` under sequence parallelism; ``s`` this
+        context-parallel rank's tokens) in the teacher's dtype, in micro-batch order (with
+        virtual stages: the outputs of the last model chunk, which the interleaved schedule
+        runs in micro-batch order); ``[]`` elsewhere. Several teachers: one such list per
+        teacher, with None for the micro-batches that route no token to it (``[]`` per
+        teacher elsewhere).
     """
+    several = teacher_list(teacher)
+    if several is not None:
+        return _several_hidden_states(forward_backward_func, several, data_iterator,
+                                      get_batch, num_microbatches, seq_length,
+                                      micro_batch_size)
+    if isinstance(teacher, (list, tuple)) and len(teacher) > 1 and \
+            not isinstance(data_iterator, (list, tuple)):
+        raise ValueError(f"teacher is a list of {len(teacher)} model chunks (virtual pipeline "
+                         "stages) but data_iterator is one iterator (one per chunk); for "
+                         "several teachers give a list of per-teacher chunk lists, "
+                         "[[teacher_0], [teacher_1], ...]")
     with torch.no_grad():
         hidden = forward_backward_func(
             forward_step_func=teacher_forward_step(get_batch),
@@ -663,7 +869,172 @@ def teacher_hidden_states(forward_backward_func: Callable, teacher, data_iterato
     return list(hidden)
 
 
-def eaopd_forward_step(get_batch: GetBatch, teacher, teacher_hidden: Sequence[torch.Tensor],
+def _model_parallel_groups() -> list:
+    """megatron's pipeline, tensor- and context-parallel groups with more than one rank
+    (none when its parallel state is not initialised)."""
+    try:
+        from megatron.core import parallel_state as ps
+    except ImportError:
+        return []
+    if not ps.model_parallel_is_initialized():
+        return []
+    import torch.distributed as dist
+    groups = []
+    for get in (ps.get_pipeline_model_parallel_group, ps.get_tensor_model_parallel_group,
+                ps.get_context_parallel_group):
+        g = get()
+        for one in (g if isinstance(g, (list, tuple)) else [g]):
+            if one is not None and dist.get_world_size(one) > 1:
+                groups.append(one)
+    return groups
+
+
+def _agree_max(table: torch.Tensor) -> torch.Tensor:
+    """``table``'s element-wise max over the model-parallel ranks (see
+    :func:`_model_parallel_groups`; the max over a product of groups, group by group)."""
+    groups = _model_parallel_groups()
+    if not groups:
+        return table
+    import torch.distributed as dist
+    device = "cpu"
+    if torch.cuda.is_available() and dist.get_backend(groups[0]) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    out = table.to(device)
+    for g in groups:
+        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=g)
+    return out.cpu()
+
+
+def _interleaved_run(chosen: list[int], total: int, chunk) -> list[int]:
+    """``chosen`` micro-batches plus the earliest others until megatron's interleaved
+    schedule accepts the count (its ``microbatch_group_size_per_vp_stage`` rule)."""
+    config = _unwrap(chunk).config
+    pp = config.pipeline_model_parallel_size
+    group = getattr(config, "microbatch_group_size_per_vp_stage", None) or pp
+
+    def accepted(m):
+        return m >= group and (m % group == 0 or m % group >= pp)
+
+    run, others = set(chosen), [i for i in range(total) if i not in chosen]
+    while not accepted(len(run)) and others:
+        run.add(others.pop(0))
+    return sorted(run)
+
+
+def _several_hidden_states(forward_backward_func, teachers, data_iterator, get_batch,
+                           num_microbatches, seq_length, micro_batch_size) -> list:
+    """:func:`teacher_hidden_states` for several teachers (``teachers``: chunk lists)."""
+    n, m = len(teachers), num_microbatches
+    iterators = list(data_iterator) if isinstance(data_iterator, (list, tuple)) \
+        else [data_iterator]
+    if len(teachers[0]) != len(iterators):
+        raise ValueError(f"each teacher has {len(teachers[0])} model chunks but data_iterator "
+                         f"is {len(iterators)} iterator(s) (one per virtual pipeline stage)")
+    batches = [[read_batch(get_batch, it) for _ in range(m)] for it in iterators]
+    # Rows 0..n-1: micro-batch i routes a token to teacher j; row n: the routing is known
+    # here; row n + 1: this rank found a bad teacher_index (every rank raises).
+    table = torch.zeros(n + 2, m, dtype=torch.int64)
+    problem = None
+    for i in range(m):
+        for chunk_batches in batches:
+            batch = chunk_batches[i]
+            if batch.teacher_index is None:
+                continue
+            try:
+                index = teacher_routing(batch, n)
+            except (TypeError, ValueError) as exc:
+                problem = problem or exc
+                table[n + 1, i] = 1
+                continue
+            table[:n, i] |= (torch.bincount(index.reshape(-1).cpu(), minlength=n) > 0).long()
+            table[n, i] = 1
+    table = _agree_max(table)
+    if problem is not None:
+        raise problem
+    if bool(table[n + 1].any()):
+        raise ValueError("another model-parallel rank's get_batch returned a bad "
+                         "teacher_index (see its error)")
+    unknown = (table[n] == 0).nonzero().view(-1).tolist()
+    if unknown:
+        raise ValueError(f"several teachers ({n}): no pipeline stage's get_batch returned a "
+                         f"teacher_index for micro-batches {unknown} of {m}")
+    out = []
+    for j, chunks in enumerate(teachers):
+        chosen = table[j].nonzero().view(-1).tolist()
+        last = _is_last_stage(chunks)
+        hidden = [None] * m if last else []
+        if chosen:
+            run = _interleaved_run(chosen, m, chunks[-1]) if len(chunks) > 1 else chosen
+            data = [iter([b[i] for i in run]) for b in batches]
+            with torch.no_grad():
+                result = forward_backward_func(
+                    forward_step_func=_stored_forward_step,
+                    data_iterator=data if len(chunks) > 1 else data[0],
+                    model=chunks if len(chunks) > 1 else chunks[0],
+                    num_microbatches=len(run),
+                    seq_length=seq_length,
+                    micro_batch_size=micro_batch_size,
+                    forward_only=True,
+                )
+            if last:
+                if len(result) != len(run):
+                    raise RuntimeError(f"teacher {j}'s schedule returned {len(result)} "
+                                       f"outputs for {len(run)} micro-batches")
+                for i, h in zip(run, result, strict=True):
+                    if i in chosen:
+                        hidden[i] = h
+        out.append(hidden)
+    return out
+
+
+def _routed_teacher_hidden(hidden: list, index: torch.Tensor, teachers: list,
+                           sequence_parallel: bool, tp_group, micro: int):
+    """The teacher lists of one micro-batch: each teacher's hidden-state rows of its
+    routed tokens, in token order, and whether the student's must be gathered.
+
+    ``hidden[j]``: teacher j's ``[s(/tp), b, h_j]`` or None; ``index``: ``[s, b]`` (the
+    whole sequence of this context-parallel rank). Under sequence parallelism the op
+    gathers each teacher's rows over the tensor-parallel ranks in rank order, which is
+    token order (rank r holds positions ``[r s / tp, (r + 1) s / tp)``) when every rank's
+    slice holds as many of teacher j's tokens as the others (per-sequence routing does);
+    otherwise the slices are gathered here and the loss runs on the whole sequence.
+    """
+    n = len(hidden)
+    s, b = index.shape
+    counts = torch.bincount(index.reshape(-1), minlength=n).tolist()
+    for j, h in enumerate(hidden):
+        if counts[j] and h is None:
+            raise RuntimeError(f"teacher {j} has no hidden states for micro-batch {micro} but "
+                               f"get_batch routes {counts[j]} tokens to it (teacher_hidden_"
+                               "states saw another routing)")
+    local, gather = index, False
+    if sequence_parallel:
+        import torch.distributed as dist
+        group = _tp_group(tp_group)
+        tp_size, tp_rank = dist.get_world_size(group), dist.get_rank(group)
+        if tp_size > 1:
+            parts = index.reshape(tp_size, s // tp_size, b)
+            per_rank = torch.stack([torch.bincount(p.reshape(-1), minlength=n) for p in parts])
+            gather = not bool((per_rank == per_rank[0]).all())
+            local = index if gather else parts[tp_rank]
+    out = []
+    for j, h in enumerate(hidden):
+        weight = output_layer_weight(last_model_chunk(teachers[j]))
+        if h is None:
+            out.append(weight.new_empty(0, weight.shape[-1]))
+            continue
+        if gather:
+            h = _all_gather_sequence(h, tp_group)
+        if tuple(h.shape[:2]) != tuple(local.shape):
+            raise ValueError(f"teacher {j}'s hidden states for micro-batch {micro} have shape "
+                             f"{tuple(h.shape)}, expected [{local.shape[0]}, {local.shape[1]}, "
+                             "h] (the student's tokens)")
+        out.append(h if counts[j] == index.numel()
+                   else h.reshape(-1, h.shape[-1])[local.reshape(-1) == j])
+    return out, gather
+
+
+def eaopd_forward_step(get_batch: GetBatch, teacher, teacher_hidden: Sequence,
                        *, sequence_parallel: bool = False, vocab_size: int | None = None,
                        **loss_options) -> Callable:
     """The student's ``forward_step_func`` for megatron-core's schedules.
@@ -677,6 +1048,17 @@ def eaopd_forward_step(get_batch: GetBatch, teacher, teacher_hidden: Sequence[to
     None)`` (:func:`gpt_hidden_states`; the schedule sends ``hidden`` on and never calls a
     loss there).
 
+    Several teachers (``teacher`` a list of per-teacher chunk lists): each micro-batch's
+    ``teacher_index`` from ``get_batch`` (:class:`Batch`) is cut to this context-parallel
+    rank's positions (:func:`teacher_routing`), and the loss gets, per teacher, the rows
+    of its hidden states that route to it (an empty ``[0, h_j]`` for a teacher without
+    tokens) and its output-layer shard, with ``teacher_index`` ``[s, b]``: each token is
+    scored by its own teacher in the one fused call, and ``logged`` adds
+    ``"teacher j <name>"`` pairs. Under sequence parallelism the routed rows stay this
+    rank's slice when every rank's slice holds as many of each teacher's tokens
+    (per-sequence routing); otherwise the student's and teachers' slices are gathered
+    over the tensor-parallel group first (``EaopdOutput(gather_sequence=True)``).
+
     Args:
         get_batch: ``get_batch(data_iterator) -> (tokens, position_ids, attention_mask,
             loss_mask[, packed_seq_params])`` for one micro-batch: ``[b, s]`` int64 tokens
@@ -685,19 +1067,29 @@ def eaopd_forward_step(get_batch: GetBatch, teacher, teacher_hidden: Sequence[to
             (``megatron.core.utils.get_batch_on_this_cp_rank`` /
             ``get_thd_batch_on_this_cp_rank``); optionally megatron's ``PackedSeqParams``
             for packed sequences (THD, ``b = 1``), passed to the student, the teacher and
-            :func:`eaopd_loss_func`. Called once per micro-batch on every stage.
+            :func:`eaopd_loss_func`. Or a mapping with those keys and, for several
+            teachers, ``teacher_index`` (:class:`Batch`). Called once per micro-batch on
+            every stage.
         teacher: the teacher GPTModel, or the list of its virtual-stage chunks (for its
-            output-layer shard on the last stage).
+            output-layer shard on the last stage); several teachers: a list of per-teacher
+            chunk lists (under tensor parallelism each teacher's output layer has the
+            student's shard width).
         teacher_hidden: :func:`teacher_hidden_states` of the same micro-batches (used on
-            the last stage only, in order; may be empty elsewhere).
-        sequence_parallel, vocab_size, loss_options: as for :func:`eaopd_loss_func`.
+            the last stage only, in order; may be empty elsewhere); several teachers: its
+            list of per-teacher lists.
+        sequence_parallel, vocab_size, loss_options: as for :func:`eaopd_loss_func`
+            (with several teachers, no teacher tensors or ``teacher_index`` there).
     Returns:
         ``forward_step(data_iterator, model) -> (output_tensor, loss_func | None)``. It
         raises ``RuntimeError`` if the last stage runs more micro-batches than there are
         teacher hidden states.
     """
-    remaining = iter(teacher_hidden)
     _check_loss_options(loss_options)
+    several = teacher_list(teacher)
+    if several is not None:
+        return _several_forward_step(get_batch, several, teacher_hidden, sequence_parallel,
+                                     vocab_size, loss_options)
+    remaining = iter(teacher_hidden)
 
     def forward_step(data_iterator, model):
         tokens, position_ids, attention_mask, loss_mask, packed = _batch(get_batch,
@@ -713,6 +1105,53 @@ def eaopd_forward_step(get_batch: GetBatch, teacher, teacher_hidden: Sequence[to
                           packed_seq_params=packed, **loss_options)
         loss_sum = gpt_forward(model, tokens, position_ids, attention_mask,
                                eaopd_output_processor, context=out, loss_mask=loss_mask,
+                               packed_seq_params=packed)
+        return loss_sum, out.loss_func
+    return forward_step
+
+
+_TEACHER_ARGS = ("teacher_hidden", "teacher_weight", "teacher_bias", "teacher_logits",
+                 "teacher_topk_logprobs", "teacher_topk_indices", "teacher_entropy",
+                 "teacher_index")
+
+
+def _several_forward_step(get_batch, teachers, teacher_hidden, sequence_parallel, vocab_size,
+                          loss_options) -> Callable:
+    """:func:`eaopd_forward_step` for several teachers (``teachers``: chunk lists)."""
+    n = len(teachers)
+    given = sorted(set(loss_options) & set(_TEACHER_ARGS))
+    if given:
+        raise TypeError(f"with several teacher models the teachers' tensors and the routing "
+                        f"come from the models and get_batch, not {', '.join(given)}")
+    if not isinstance(teacher_hidden, (list, tuple)) or len(teacher_hidden) != n or \
+            not all(isinstance(h, (list, tuple)) for h in teacher_hidden):
+        got = (f"{len(teacher_hidden)} entries" if isinstance(teacher_hidden, (list, tuple))
+               else type(teacher_hidden).__name__)
+        raise ValueError(f"teacher_hidden must hold one list per teacher ({n} teachers, as "
+                         f"teacher_hidden_states returns them), got {got}")
+    micro = iter(range(1 << 62))
+    cp_group, tp_group = loss_options.get("cp_group"), loss_options.get("tp_group")
+
+    def forward_step(data_iterator, model):
+        batch = read_batch(get_batch, data_iterator)
+        packed = batch.packed_seq_params
+        if not _is_last_stage(model):
+            return gpt_hidden_states(model, batch.tokens, batch.position_ids,
+                                     batch.attention_mask, packed), None
+        i = next(micro)
+        index = teacher_routing(batch, n, cp_group=cp_group).transpose(0, 1)  # [s, b]
+        short = [j for j in range(n) if i >= len(teacher_hidden[j])]
+        if short:
+            raise RuntimeError(f"more micro-batches than teacher hidden states (teachers "
+                               f"{short} have {[len(teacher_hidden[j]) for j in short]})")
+        t_hidden, gather = _routed_teacher_hidden(
+            [h[i] for h in teacher_hidden], index, teachers, sequence_parallel, tp_group, i)
+        out = EaopdOutput(t_hidden, [output_layer_weight(last_model_chunk(t)) for t in teachers],
+                          sequence_parallel=sequence_parallel and not gather,
+                          vocab_size=vocab_size, gather_sequence=gather,
+                          packed_seq_params=packed, teacher_index=index, **loss_options)
+        loss_sum = gpt_forward(model, batch.tokens, batch.position_ids, batch.attention_mask,
+                               eaopd_output_processor, context=out, loss_mask=batch.loss_mask,
                                packed_seq_params=packed)
         return loss_sum, out.loss_func
     return forward_step

@@ -11,12 +11,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import eaopd_mp.megatron as em
 from eaopd_mp.megatron import (
+    Batch,
     EaopdOutput,
+    eaopd_forward_step,
     eaopd_output_processor,
     gpt_forward,
     gpt_hidden_states,
     hidden_states_processor,
+    read_batch,
+    teacher_hidden_states,
+    teacher_list,
+    teacher_routing,
     uses_output_processor,
 )
 
@@ -156,3 +163,124 @@ def test_eaopd_output_checks_before_the_forward():
     with pytest.raises(ValueError, match="loss_mask"):
         eaopd_output_processor(hidden_states=torch.randn(S, B, H), output_layer=None,
                                loss_mask=None, context=out)
+
+
+# ------------------------------------------------------------------- several teachers
+
+
+def _same(batch):
+    return batch
+
+
+def _never(**kwargs):
+    raise AssertionError("no schedule may run on bad input")
+
+
+def _mapping(index, b=B, s=S, packed=None):
+    tokens = torch.zeros(b, s, dtype=torch.long)
+    return dict(tokens=tokens, position_ids=tokens.clone(), attention_mask=None,
+                loss_mask=torch.ones(b, s), packed_seq_params=packed, teacher_index=index)
+
+
+def test_teacher_routing_layouts(monkeypatch):
+    """Every teacher_index layout becomes this context-parallel rank's ``[b, s]``: per
+    sequence, per token of this rank, per token of the whole sequence (megatron's
+    zig-zag chunks: rank 1 of 2 holds positions 2..5 of 8), per packed sequence."""
+    monkeypatch.setattr(em, "context_parallel_layout", lambda group=None: (2, 1))
+    b, s = 2, 4
+    route = lambda index, packed=None: teacher_routing(  # noqa: E731
+        read_batch(_same, _mapping(index, b, s, packed)), 3)
+    assert route(torch.tensor([2, 0])).tolist() == [[2] * 4, [0] * 4]
+    mine = torch.tensor([[0, 1, 2, 0], [1, 1, 0, 0]])
+    assert route(mine).tolist() == mine.tolist()
+    whole = torch.arange(8).remainder(3).expand(2, 8)
+    assert route(whole).tolist() == [[2, 0, 1, 2]] * 2
+    packed = SimpleNamespace(cu_seqlens_q=torch.tensor([0, 3, 7]),
+                             cu_seqlens_q_padded=torch.tensor([0, 4, 8]))
+    # sequences [0, 4) and [4, 8) cut in 4 chunks each: rank 1 holds 1, 2, 5, 6
+    assert teacher_routing(read_batch(_same, _mapping(torch.tensor([2, 1]), 1, 4, packed)),
+                           3).tolist() == [[2, 2, 1, 1]]
+
+
+def test_teacher_routing_refuses_bad_input(monkeypatch):
+    monkeypatch.setattr(em, "context_parallel_layout", lambda group=None: (2, 0))
+    batch = lambda index: read_batch(_same, _mapping(index))  # noqa: E731
+    with pytest.raises(ValueError, match=r"teacher_index values must be in \[0, 2\) \(2 "
+                       r"teachers\), got \[2, 5\]"):
+        teacher_routing(batch(torch.tensor([[0, 2, 5], [0, 0, 1]])), 2)
+    with pytest.raises(ValueError, match=r"teacher_index shape \(2, 4\) fits none of \[2\] "
+                       r"\(one teacher per sequence\), \[2, 3\] .* or \[2, 6\]"):
+        teacher_routing(batch(torch.zeros(2, 4, dtype=torch.long)), 2)
+    with pytest.raises(TypeError, match="teacher_index must hold integer .* torch.float32"):
+        teacher_routing(batch(torch.zeros(2)), 2)
+    with pytest.raises(ValueError, match=r"several teachers \(2\): get_batch must return a "
+                       "mapping with teacher_index"):
+        teacher_routing(batch(None), 2)
+
+
+def test_batches_and_teacher_lists_are_checked_before_any_work(monkeypatch):
+    monkeypatch.setattr(em, "_model_parallel_groups", lambda: [])  # no megatron import
+    monkeypatch.setattr(em, "context_parallel_layout", lambda group=None: (1, 0))
+    with pytest.raises(ValueError, match=r"mapping without position_ids, loss_mask"):
+        read_batch(_same, dict(tokens=torch.zeros(1, 2)))
+    with pytest.raises(ValueError, match="got 6 values"):
+        read_batch(_same, (None,) * 6)
+    assert read_batch(_same, (1, 2, 3, 4)) == Batch(1, 2, 3, 4, None, None)
+    a, b, c = (HookedGPT(torch.randn(S, B, H)) for _ in range(3))
+    assert teacher_list(a) is None and teacher_list([a, b]) is None  # one teacher's chunks
+    assert teacher_list([[a], b]) == [[a], [b]]
+    with pytest.raises(ValueError, match=r"teachers differ in model chunks: \[1, 2\]"):
+        teacher_list([[a], [b, c]])
+    with pytest.raises(ValueError, match="teacher 1: an empty list of model chunks"):
+        teacher_list([[a], []])
+    shapes = dict(num_microbatches=1, seq_length=S, micro_batch_size=B)
+    with pytest.raises(ValueError, match="a list of 2 model chunks .* one iterator .* "
+                       r"\[\[teacher_0\], \[teacher_1\], \.\.\.\]"):
+        teacher_hidden_states(_never, [a, b], iter([]), next, **shapes)
+    with pytest.raises(ValueError, match=r"each teacher has 2 model chunks but data_iterator "
+                       r"is 1 iterator"):
+        teacher_hidden_states(_never, [[a, b], [c, a]], iter([]), next, **shapes)
+    with pytest.raises(ValueError, match=r"teacher_index values must be in \[0, 2\)"):
+        teacher_hidden_states(_never, [[a], [b]], iter([_mapping(torch.tensor([0, 2]))]),
+                              next, **shapes)
+    # one teacher: a routing to another one is an error, all-zero is fine
+    step = eaopd_forward_step(next, a, [torch.randn(S, B, H)])
+    with pytest.raises(ValueError, match="one teacher model was given"):
+        step(iter([_mapping(torch.tensor([0, 1]))]), a)
+    with pytest.raises(ValueError, match=r"teacher_hidden must hold one list per teacher "
+                       r"\(2 teachers, .*\), got 1 entries"):
+        eaopd_forward_step(next, [[a], [b]], [[]])
+    with pytest.raises(TypeError, match="not teacher_index"):
+        eaopd_forward_step(next, [[a], [b]], [[], []], teacher_index=torch.zeros(2))
+
+
+def test_routed_rows_in_token_order():
+    """Each teacher gets its routed tokens' rows in ``[s, b]`` token order; a teacher
+    without hidden states (no token) an empty ``[0, h_j]``; one without tokens in a
+    micro-batch it has hidden states for an empty selection."""
+    s, b = 3, 2
+    index = torch.tensor([[0, 1], [1, 1], [0, 1]])  # [s, b]
+    t = [HookedGPT(None) for _ in range(3)]
+    h0, h1 = torch.randn(s, b, 5), torch.randn(s, b, 7)
+    rows, gather = em._routed_teacher_hidden([h0, h1, None], index, [[x] for x in t],
+                                             False, None, 0)
+    assert not gather
+    torch.testing.assert_close(rows[0], torch.stack([h0[0, 0], h0[2, 0]]))
+    torch.testing.assert_close(rows[1], torch.stack([h1[0, 1], h1[1, 0], h1[1, 1],
+                                                     h1[2, 1]]))
+    assert rows[2].shape == (0, H)
+    with pytest.raises(RuntimeError, match="teacher 1 has no hidden states for micro-batch 4 "
+                       "but get_batch routes 4 tokens to it"):
+        em._routed_teacher_hidden([h0, None, None], index, [[x] for x in t], False, None, 4)
+
+
+def test_several_served_teachers_are_not_cut_again(monkeypatch):
+    """Under context parallelism a served teacher's whole-sequence tensor is cut to this
+    rank's chunks; several teachers' lists (their routed rows of this rank) pass as given."""
+    monkeypatch.setattr(em, "context_parallel_layout", lambda group=None: (2, 1))
+    lp = torch.arange(8.0).view(8, 1, 1)
+    rows = [torch.zeros(3, 2), None]
+    out = em._slice_served_teacher(dict(teacher_topk_logprobs=lp, teacher_entropy=rows,
+                                        temperature=2.0), 4, None, None)
+    assert out["teacher_topk_logprobs"].view(-1).tolist() == [2.0, 3.0, 4.0, 5.0]
+    assert out["teacher_entropy"] is rows and out["temperature"] == 2.0

@@ -273,9 +273,12 @@ def _run_and_compare(rank, where, ps, mc, md, *, student, teacher, batches, forw
     logged = md.reduce_logged(losses)
     inner = [d.module for d in student]
     states = [None] * WORLD
+    several = isinstance(teacher, list) and isinstance(teacher[0], list)
     t_chunks = [] if teacher is None else (teacher if isinstance(teacher, list) else [teacher])
-    dist.all_gather_object(states, (_tp_full(inner, lambda p: p, ps),
-                                    _tp_full(t_chunks, lambda p: p, ps)))
+    dist.all_gather_object(states, (
+        _tp_full(inner, lambda p: p, ps),
+        [_tp_full(c, lambda p: p, ps) for c in teacher] if several
+        else _tp_full(t_chunks, lambda p: p, ps)))
     main_grads = {}
     for chunk in inner:
         names = _global_names(chunk)
@@ -290,7 +293,10 @@ def _run_and_compare(rank, where, ps, mc, md, *, student, teacher, batches, forw
     ps.initialize_model_parallel(1, 1)
     ref = [None]
     if rank == 0:
-        t_state = merge_replicas(t for _, t in states) if teacher is not None else None
+        if several:
+            t_state = [merge_replicas(t[j] for _, t in states) for j in range(len(teacher))]
+        else:
+            t_state = merge_replicas(t for _, t in states) if teacher is not None else None
         ref[0] = ref_fn(merge_replicas(s for s, _ in states), t_state)
     dist.broadcast_object_list(ref, src=0)
     ref = ref[0]
@@ -298,8 +304,10 @@ def _run_and_compare(rank, where, ps, mc, md, *, student, teacher, batches, forw
         checks(ref)
     if last:
         _close(torch.tensor(logged["eaopd loss"]), ref["token_mean"], msg=f"{where} loss")
-        assert set(logged) == {"eaopd loss", "teacher entropy", "fkl weight", "kl fwd",
-                               "kl rev"}, where
+        names = {"teacher entropy", "fkl weight", "kl fwd", "kl rev"}
+        per_teacher = {f"teacher {j} {k}" for j in range(len(teacher) if several else 0)
+                       for k in names}
+        assert set(logged) == {"eaopd loss"} | names | per_teacher, where
     else:
         assert logged == {}, where
     for name, (grad, split, dim) in main_grads.items():
@@ -487,6 +495,148 @@ def _interleaved_case(rank, ps, mc, md):
                      shapes=shapes, ref_fn=ref_fn)
 
 
+# -------------------------------------------------------------------- several teachers
+
+TEACHERS = ((T_HIDDEN, 1), (32, 2))  # (hidden size, layers per pipeline stage and chunk)
+
+
+def _teacher_models(mc, ps, *, attention, chunked=False):
+    """Two frozen teachers of different sizes (their chunk lists), output layers scaled."""
+    out = []
+    for hidden, per_stage in TEACHERS:
+        layers = per_stage * ps.get_pipeline_model_parallel_world_size() * (
+            ps.get_virtual_pipeline_model_parallel_world_size() or 1)
+        build = mc.tiny_gpt_chunks if chunked else (lambda *a, **k: [mc.tiny_gpt(*a, **k)])
+        chunks = [c.requires_grad_(False)
+                  for c in build(PADDED_VOCAB, hidden, layers, 2, 32, attention=attention)]
+        if output_layer_is_here(chunks[-1]):
+            with torch.no_grad():
+                output_layer_weight(chunks[-1]).mul_(25.0)
+        out.append(chunks)
+    return out
+
+
+def _teachers_reference(mc, state, t_states, inputs, norm, *, attention, layers):
+    """Rank 0, TP=PP=CP=1: ``inputs`` rows ``(tokens [b, s], positions, mask, routing
+    [b, s])``; each token's teacher logits selected by its routing, then the
+    single-teacher loss; the summed per-token losses over ``norm``, and gradients."""
+    student = mc.tiny_gpt(PADDED_VOCAB, S_HIDDEN, layers, 2, 32, attention=attention)
+    student.load_state_dict(state, strict=True)
+    teachers = []
+    for (hidden, _), t_state in zip(TEACHERS, t_states, strict=True):
+        n = len({k.split(".")[2] for k in t_state if k.startswith("decoder.layers.")})
+        t = mc.tiny_gpt(PADDED_VOCAB, hidden, n, 2, 32, attention=attention)
+        t.load_state_dict(t_state, strict=True)
+        teachers.append(t)
+    total, tokens = 0.0, 0.0
+    for t, pos, m, route in inputs:
+        attn = mc.causal_mask(t.shape[1], t.device) if attention else None
+        z = student(t, pos, attn)[..., :REAL_VOCAB]
+        with torch.no_grad():
+            ys = torch.stack([teacher(t, pos, attn)[..., :REAL_VOCAB] for teacher in teachers])
+        y = ys.gather(0, route[None, ..., None].expand(1, *z.shape))[0]
+        total = total + entropy_aware_opd_loss(z, y, labels=m, reduction="sum")
+        tokens += m.sum().item()
+    (total / norm).backward()
+    return dict(loss=(total / norm).detach(), token_mean=total.detach() / tokens,
+                grads={name: p.grad.clone() for name, p in student.named_parameters()})
+
+
+def _teachers_case(rank, ps, mc, md, kind):
+    """Two teachers of different sizes routed by ``get_batch``'s ``teacher_index``:
+    ``cp`` (CP=2 x PP=2, per-token routing given for the whole sequence, and cut by
+    megatron's ``get_batch_on_this_cp_rank``, one teacher with tokens on one CP rank
+    only), ``packed`` (CP=2 x DP=2, one teacher per packed sequence, a teacher with no
+    token in a micro-batch), ``interleaved`` (PP=2 x 2 virtual stages, one teacher per
+    sequence, teacher counts the interleaved schedule does not accept)."""
+    where = f"teachers {kind} rank {rank}"
+    attention = kind == "interleaved"
+    pp = 1 if kind == "packed" else 2
+    seq = PACKED_STARTS[-1] if kind == "packed" else SEQ
+    args = md.parse_args(["--pp", str(pp), "--seq-len", str(seq)])
+    torch.manual_seed(0)
+    vp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
+    layers = LAYERS * vp
+    student = mc.tiny_gpt_chunks(PADDED_VOCAB, S_HIDDEN, layers, 2, 32, attention=attention)
+    if output_layer_is_here(student[-1]):
+        with torch.no_grad():
+            output_layer_weight(student[-1]).mul_(10.0)
+    teachers = _teacher_models(mc, ps, attention=attention, chunked=True)
+    student = _setup(mc, md, args, student, True)
+    cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    n_micro = VP_MICRO_BATCHES if kind == "interleaved" else MICRO_BATCHES
+    mine = range(dp_rank * n_micro, (dp_rank + 1) * n_micro)
+    inputs, batches = [], []
+    if kind == "packed":
+        rows = _packed_batch(dp * n_micro)
+        routes = [torch.tensor([0, 1, 0]) if i % 2 == 0 else torch.tensor([1, 1, 1])
+                  for i in range(len(rows))]
+        width = max(max(r["lengths"]) for r in rows)
+        for row, route in zip(rows, routes, strict=True):
+            for start, n, j in zip(PACKED_STARTS[:-1], row["lengths"], route.tolist(),
+                                   strict=True):
+                t = torch.zeros(1, width, dtype=torch.long)
+                m = torch.zeros(1, width)
+                t[0, :n] = row["tokens"][0, start:start + n]
+                m[0, :n - 1] = row["mask"][0, start:start + n - 1]
+                inputs.append((t, mc.positions(t), m, torch.full_like(t, j)))
+        for i in mine:
+            row = rows[i]
+            cut = lambda x: _zigzag(x, 1, cp, cp_rank, PACKED_STARTS)  # noqa: E731
+            batches.append(dict(tokens=cut(row["tokens"]), position_ids=cut(row["positions"]),
+                                attention_mask=None, loss_mask=cut(row["mask"]),
+                                packed_seq_params=_packed_params(row),
+                                teacher_index=routes[i]))
+        norm = sum(m.sum() for _, _, m, _ in inputs)
+    else:
+        tokens, masks, _ = _dense_batch(dp * n_micro)
+        routes = []
+        for i in range(tokens.shape[0]):
+            r = torch.zeros(MICRO_BATCH, SEQ, dtype=torch.long)
+            if kind == "cp" and i % 2 == 0:
+                r[0, ::3], r[1] = 1, 1  # per token, both CP ranks
+            elif kind == "cp":
+                r[0, 2:6] = 1  # teacher 1 on CP rank 1's positions only
+            elif i % n_micro == 2:
+                r[:] = 1  # interleaved: teacher 1 in one micro-batch, teacher 0 in three
+            routes.append(r)
+            inputs.append((tokens[i], mc.positions(tokens[i]), masks[i], r))
+        for i in mine:
+            b = dict(tokens=tokens[i].clone(), position_ids=mc.positions(tokens[i]).clone(),
+                     loss_mask=masks[i].clone())
+            if kind == "cp" and i % 2 == 0:  # the whole sequence's routing: cut here
+                b = dict(mc.cp_batch(b), teacher_index=routes[i])
+            elif kind == "cp":  # this rank's part, cut by megatron with the tokens
+                b = mc.cp_batch(dict(b, teacher_index=routes[i].clone()))
+                assert b["teacher_index"].shape == (MICRO_BATCH, SEQ // cp)
+            else:  # one teacher per sequence
+                b = dict(b, teacher_index=routes[i][:, 0].clone())
+            b["attention_mask"] = mc.causal_mask(SEQ, tokens.device) if attention else None
+            batches.append(b)
+        norm = masks.sum()
+    shapes = dict(num_microbatches=n_micro, seq_length=seq,
+                  micro_batch_size=1 if kind == "packed" else MICRO_BATCH)
+    iterators = (lambda: [iter(batches) for _ in student]) if vp > 1 else \
+        (lambda: iter(batches))
+    hidden = teacher_hidden_states(md.get_forward_backward_func(), teachers, iterators(),
+                                   next, **shapes)
+    if output_layer_is_here(teachers[0][-1]):
+        ran = [[h is not None for h in per] for per in hidden]
+        expected = {"cp": [[True, True], [True, True]],
+                    "packed": [[True, False], [True, True]],
+                    "interleaved": [[True, True, False, True], [False, False, True, False]]}
+        assert ran == expected[kind], (where, ran)
+    step = eaopd_forward_step(next, teachers, hidden, vocab_size=REAL_VOCAB)
+
+    def ref_fn(state, t_states):
+        return _teachers_reference(mc, state, t_states, inputs, norm, attention=attention,
+                                   layers=layers)
+
+    _run_and_compare(rank, where, ps, mc, md, student=student, teacher=teachers,
+                     batches=iterators(), forward_step=step, shapes=shapes, ref_fn=ref_fn)
+
+
 def _worker(rank, world, cases):
     sys.path.insert(0, EXAMPLES)
     import megatron_distill as md
@@ -504,6 +654,11 @@ def _worker(rank, world, cases):
             cp, teacher_kind = params
             mc.init_parallel(1, seed=0, cp_size=cp)
             run = partial(_packed_case, rank, ps, mc, md, cp, teacher_kind)
+        elif kind == "teachers":
+            sizes = dict(cp=dict(pp_size=2, cp_size=2), packed=dict(cp_size=2),
+                         interleaved=dict(pp_size=2, vp_size=2))[params[0]]
+            mc.init_parallel(1, seed=0, **sizes)
+            run = partial(_teachers_case, rank, ps, mc, md, params[0])
         else:
             mc.init_parallel(1, seed=0, pp_size=2, vp_size=2)
             run = partial(_interleaved_case, rank, ps, mc, md)
@@ -519,6 +674,7 @@ CASES = (
     + [("cp", 1, 1, 2, False, "dense", False)]
     + [("packed", 1, "dense"), ("packed", 2, "dense"), ("packed", 2, "topk")]
     + [("interleaved",)]
+    + [("teachers", kind) for kind in ("cp", "packed", "interleaved")]
 )
 
 

@@ -85,12 +85,12 @@ def _global_name(name, layer_offset):
                   lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", name)
 
 
-def _tp_full(model, value, parallel_state):
+def _tp_full(model, value, parallel_state, layers=LAYERS):
     """``{global name: value(param) gathered over the tensor-parallel group}`` for this
     pipeline stage (layer numbers offset to the whole model's)."""
     group = parallel_state.get_tensor_model_parallel_group()
     offset = parallel_state.get_pipeline_model_parallel_rank() * (
-        LAYERS // parallel_state.get_pipeline_model_parallel_world_size())
+        layers // parallel_state.get_pipeline_model_parallel_world_size())
     out = {}
     for name, param in model.named_parameters():
         t = value(param).detach().contiguous()
@@ -142,6 +142,11 @@ def _step_worker(rank, world):
             _check_layout(rank, tp, pp, sp, parallel_state, megatron_cpu, megatron_distill)
         finally:
             megatron_cpu.destroy_parallel()
+    megatron_cpu.init_parallel(2, seed=0, pp_size=2)
+    try:
+        _check_teachers(rank, parallel_state, megatron_cpu, megatron_distill)
+    finally:
+        megatron_cpu.destroy_parallel()
 
 
 def _check_layout(rank, tp, pp, sp, parallel_state, megatron_cpu, megatron_distill):
@@ -249,6 +254,132 @@ def _check_layout(rank, tp, pp, sp, parallel_state, megatron_cpu, megatron_disti
         expected = full.chunk(tp, dim=dim)[tp_rank] if split else full
         _close(grad, expected, msg=f"{where} main_grad {name}")
         assert full.abs().max() > 0, f"{where} {name}: zero reference gradient"
+
+
+# Several teachers: (hidden size, layers) each; teacher 2 gets no token of the step.
+TEACHERS = ((24, LAYERS), (32, 2 * LAYERS), (20, LAYERS))
+
+
+def _routing():
+    """Per micro-batch: one teacher per sequence ([b]); every token to teacher 0 (teacher 1
+    skips the micro-batch); per token ([b, s]: the first 3 positions to teacher 1, so the
+    two sequence-parallel halves hold different numbers of each teacher's tokens)."""
+    per_token = torch.zeros(MICRO_BATCH, SEQ, dtype=torch.long)
+    per_token[:, :3] = 1
+    return [torch.tensor([0, 1]), torch.tensor([0, 0]), per_token]
+
+
+def _teachers_reference(megatron_cpu, student_state, teacher_states, tokens, masks, routing):
+    """Single process: each token scored by its own teacher's full logits (selected per
+    token, cut to the real vocabulary), the single-teacher loss summed, per-token mean."""
+    student = megatron_cpu.tiny_gpt(PADDED_VOCAB, 16, LAYERS, 2, SEQ)
+    student.load_state_dict(student_state, strict=True)
+    teachers = []
+    for (hidden, layers), state in zip(TEACHERS[:2], teacher_states, strict=True):
+        t = megatron_cpu.tiny_gpt(PADDED_VOCAB, hidden, layers, 2, SEQ)
+        t.load_state_dict(state, strict=True)
+        teachers.append(t)
+    attn = megatron_cpu.causal_mask(SEQ, torch.device("cpu"))
+    total = 0.0
+    for t, m, r in zip(tokens, masks, routing, strict=True):
+        pos = megatron_cpu.positions(t)
+        z = student(t, pos, attn)[..., :REAL_VOCAB]
+        with torch.no_grad():
+            ys = [teacher(t, pos, attn)[..., :REAL_VOCAB] for teacher in teachers]
+        route = (r.view(-1, 1) if r.dim() == 1 else r).expand(MICRO_BATCH, SEQ)
+        y = torch.where((route == 0).unsqueeze(-1), ys[0], ys[1])
+        total = total + entropy_aware_opd_loss(z, y, labels=m, reduction="sum")
+    loss = total / masks.sum()
+    loss.backward()
+    return dict(loss=loss.detach(),
+                grads={name: p.grad.clone() for name, p in student.named_parameters()})
+
+
+def _check_teachers(rank, parallel_state, megatron_cpu, megatron_distill):
+    """TP=2 x PP=2 + sequence parallelism, three teachers of different sizes routed per
+    sequence and per token (teacher 2 never): the loss and ``main_grad`` equal the
+    single-process reference; a teacher no micro-batch routes to never runs."""
+    where = f"teachers rank {rank}"
+    args = megatron_distill.parse_args(["--tp", "2", "--pp", "2", "--seq-len", str(SEQ),
+                                        "--micro-batches", str(MICRO_BATCHES),
+                                        "--sequence-parallel"])
+    last_stage = parallel_state.is_pipeline_last_stage()
+    torch.manual_seed(0)
+    student = megatron_distill.build_model(args, PADDED_VOCAB, 16, LAYERS, 2)
+    teachers = [megatron_cpu.tiny_gpt(PADDED_VOCAB, h, n, 2, SEQ, True).requires_grad_(False)
+                for h, n in TEACHERS]
+    if last_stage:
+        with torch.no_grad():
+            output_layer_weight(student).mul_(10.0)
+            for t in teachers:
+                output_layer_weight(t).mul_(25.0)
+    unused_calls = []
+    teachers[2].decoder.register_forward_pre_hook(lambda *a: unused_calls.append(1))
+    student, optimizer = megatron_distill.setup_training(student, args, lr=1e-3)
+    tokens, masks = _global_batch(1)
+    routing = _routing()
+    batches = [dict(tokens=t, position_ids=megatron_cpu.positions(t),
+                    attention_mask=megatron_cpu.causal_mask(SEQ, t.device), loss_mask=m,
+                    teacher_index=r, labels=None)
+               for t, m, r in zip(tokens, masks, routing, strict=True)]
+    shapes = dict(num_microbatches=MICRO_BATCHES, seq_length=SEQ,
+                  micro_batch_size=MICRO_BATCH)
+    get_batch = next  # get_batch may return a mapping (with teacher_index)
+    forward_backward = megatron_distill.get_forward_backward_func()
+    nested = [[t] for t in teachers]
+    hidden = teacher_hidden_states(forward_backward, nested, iter(batches), get_batch,
+                                   **shapes)
+    assert unused_calls == [], where
+    if last_stage:
+        kinds = [[None if h is None else tuple(h.shape) for h in per] for per in hidden]
+        assert kinds == [[(SEQ // 2, MICRO_BATCH, 24)] * 3,
+                         [(SEQ // 2, MICRO_BATCH, 32), None, (SEQ // 2, MICRO_BATCH, 32)],
+                         [None] * 3], (where, kinds)
+    else:
+        assert hidden == [[], [], []], where
+
+    student.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = megatron_distill.forward_backward(
+        eaopd_forward_step(get_batch, nested, hidden, sequence_parallel=True,
+                           vocab_size=REAL_VOCAB),
+        batches, student, args)
+    if last_stage:
+        per_teacher = {j: torch.stack([x[f"teacher {j} kl fwd"] for x in losses]).sum(0)
+                       for j in range(3)}
+        assert per_teacher[2].tolist() == [0.0, 0.0], where  # no token: a [0, 0] pair
+        assert per_teacher[0][1] + per_teacher[1][1] == masks.sum(), where
+    logged = megatron_distill.reduce_logged(losses)
+
+    states = [None] * WORLD
+    dist.all_gather_object(states, (
+        _tp_full(student.module, lambda p: p, parallel_state),
+        [_tp_full(t, lambda p: p, parallel_state, n)
+         for t, (_, n) in zip(teachers[:2], TEACHERS[:2], strict=True)]))
+    main_grads = {name: p.main_grad.clone() for name, p in student.module.named_parameters()}
+    partition = {name: (getattr(p, "tensor_model_parallel", False),
+                        getattr(p, "partition_dim", None))
+                 for name, p in student.module.named_parameters()}
+    offset = parallel_state.get_pipeline_model_parallel_rank() * (LAYERS // 2)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(1, 1)
+    ref = [None]
+    if rank == 0:
+        ref[0] = _teachers_reference(
+            megatron_cpu, merge_replicas(s for s, _ in states),
+            [merge_replicas(t[j] for _, t in states) for j in range(2)],
+            tokens, masks, routing)
+    dist.broadcast_object_list(ref, src=0)
+    ref = ref[0]
+    if last_stage:
+        _close(torch.tensor(logged["eaopd loss"]), ref["loss"], msg=f"{where} loss")
+    for name, grad in main_grads.items():
+        full = ref["grads"][_global_name(name, offset)]
+        split, dim = partition[name]
+        expected = full.chunk(2, dim=dim)[tp_rank] if split else full
+        _close(grad, expected, msg=f"{where} main_grad {name}")
 
 
 def test_schedule_matches_single_process_tp_pp_sp_dp():
