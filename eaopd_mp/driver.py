@@ -339,8 +339,8 @@ class Plan:
 
     def chunks(self):
         """Yield ``(lo, hi, rows, t_rows, part)``: positions in the kept tokens, the
-        student's and the teacher's row selectors, and the chunk's teacher. A teacher's
-        buffers are released once its last chunk is done (one teacher's chunk is live)."""
+        student's and the teacher's row selectors, and the chunk's teacher. The teachers'
+        logits buffer (:class:`Pool`) is released after the last chunk."""
         chunk = self.spec.chunk
         for part in self.parts:
             for lo in range(part.lo, part.hi, chunk):
@@ -449,7 +449,7 @@ def run_forward(plan: Plan, scale: torch.Tensor | None) -> torch.Tensor:
         stats[lo:hi], grad = _chunk(plan, part.spec, z, y, s, ent)
         if grad is not None:
             student.add_grad(grad, rows)
-        y = None  # a teacher's buffer is freed after its last chunk (see Plan.chunks)
+        y = None  # the teachers' pool is released after the last chunk (Plan.chunks)
     student.release()
     return stats
 
