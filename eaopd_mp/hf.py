@@ -256,20 +256,20 @@ def _routed(student, models, teacher_index, input_ids, attention_mask, completio
     that skipped them would hang the others). An unsharded teacher with no sequence is not
     run.
     """
-    transforms = {_transforms(m) for m in models}
-    if len(transforms) > 1:
-        raise ValueError(f"the teachers' head transforms differ ({sorted(transforms)}): one "
-                         "call takes one teacher_softcap / teacher_logit_scale")
+    check_same_transforms(models)
     vocab = loss_options.pop("vocab_size", None)
     labels = next_token_mask(input_ids, attention_mask, completion_mask)
     index = teacher_index.to(input_ids.device)
     rows = [(index == j).nonzero().squeeze(1) for j in range(len(models))]
     owners = [_owners(m) for m in models]
+    # Collectives in a teacher's forward (its layers fully_shard-ed even where its root and
+    # head are not, ZeRO-3, TP): every rank runs it.
+    collective = [bool(o) or sharded.is_sharded(m) for o, m in zip(owners, models, strict=True)]
     t_hidden = []
 
     def teacher_step(j, model):
         def step():  # inside teacher j's forward (frozen)
-            if rows[j].numel() == 0 and not owners[j]:  # unsharded: not run
+            if rows[j].numel() == 0 and not collective[j]:  # unsharded: not run
                 w = lm_head(model).weight
                 t_hidden.append(w.new_zeros(0, input_ids.shape[1] - 1, w.shape[1]))
                 return
@@ -291,6 +291,17 @@ def _routed(student, models, teacher_index, input_ids, attention_mask, completio
         return sharded.run_teachers_frozen(owners, steps, loss)
 
     return sharded.run_in_forwards(_owners(student), student_part, input_ids)
+
+
+def check_same_transforms(models) -> None:
+    """Raise ``ValueError`` unless the teachers ``models`` share one head transform (read
+    from their configs: no head is read, no model runs, so this is safe before any
+    collective)."""
+    transforms = {_transforms(m) for m in models}
+    if len(transforms) > 1:
+        found = sorted(transforms, key=str)  # str: None beside a float does not sort
+        raise ValueError(f"the teachers' head transforms differ ({found}): one call takes "
+                         "one teacher_softcap / teacher_logit_scale")
 
 
 def _transforms(model) -> tuple:

@@ -81,6 +81,21 @@ def zero3_enabled(*modules) -> bool:
                for p in m.parameters(recurse=True))
 
 
+def is_sharded(model) -> bool:
+    """Whether running ``model`` issues collectives that every rank must join: it is a
+    DeepSpeed engine, any of its submodules is an FSDP2 unit (``fully_shard`` on its decoder
+    layers only, the root left plain, counts), or any parameter is a DTensor (FSDP2, tensor
+    parallelism) or ZeRO-3 partitioned. Such a teacher is run on every rank, also where this
+    rank routes it no sequence (see :func:`run_teachers_frozen`)."""
+    if model is None:
+        return False
+    if _is_engine(model) or any(is_fsdp2(m) for m in model.modules()):
+        return True
+    cls = dtensor_type()
+    return any((cls is not None and isinstance(p, cls)) or is_zero3_param(p)
+               for p in model.parameters(recurse=True))
+
+
 HELPERS = ("eaopd_mp.hf.eaopd_loss (Hugging Face models), eaopd_mp.trl."
            "EAOPDDistillationTrainer, or eaopd_mp.sharded.head_eaopd_loss (your own model)")
 
@@ -296,6 +311,14 @@ def head_eaopd_loss(student_head, student_hidden: torch.Tensor, *, model=None,
     from .loss import fused_linear_eaopd_loss
 
     several = isinstance(teacher_head, (list, tuple))
+    if not several:  # one teacher: no list beside it (a list of models would be zipped short)
+        for name, x in (("teacher_model", teacher_model), ("teacher_hidden", teacher_hidden)):
+            if isinstance(x, (list, tuple)):
+                raise ValueError(
+                    f"{name} is a list of {len(x)} entries but teacher_head is "
+                    f"{'None' if teacher_head is None else 'one head'}: several teachers "
+                    f"take teacher_head as a list too, one entry per teacher (None where a "
+                    "teacher takes another form)")
     heads = list(teacher_head) if several else [teacher_head]
     t_hidden = list(teacher_hidden) if several and isinstance(teacher_hidden, (list, tuple)) \
         else [teacher_hidden]
@@ -443,6 +466,25 @@ def _check_teacher_weight(name: str, tw, student_weight, dim: int, mesh) -> None
             "heads to one row count (vocab_size= gives the real vocabulary)")
 
 
+def _check_vocab_widths(vocab: int, student_bias, teacher_bias, teacher_logits) -> None:
+    """Biases and dense teacher logits beside a DTensor head of ``vocab`` rows: DTensors
+    whose *global* vocabulary width is ``vocab``, checked on every rank (with uneven shards a
+    wrong width changes one rank's shard only, so the local shapes would fail on that rank
+    alone while the others wait in the next collective)."""
+    for name, x, what in (
+            *((n, x, "Shard(0)") for n, x in _entries("student_bias", student_bias)),
+            *((n, x, "Shard(0)") for n, x in _entries("teacher_bias", teacher_bias)),
+            *((n, x, "Shard(-1)") for n, x in _entries("teacher_logits", teacher_logits))):
+        if not any_dtensor(x):
+            raise TypeError(f"{name} is a plain tensor of shape {tuple(x.shape)} but "
+                            f"student_weight a DTensor: give it as a DTensor {what} over the "
+                            "vocabulary")
+        if x.dim() == 0 or x.shape[-1] != vocab:
+            raise ValueError(f"{name} has global shape {tuple(x.shape)} but student_weight "
+                             f"has {vocab} rows: its vocabulary dim must be {vocab} wide "
+                             f"(sharded {what} like the heads)")
+
+
 def dtensor_linear_loss(student_hidden, student_weight, student_bias, teacher_hidden,
                         teacher_weight, teacher_bias, teacher_logits, labels,
                         options: LossOptions, topk_logprobs=None, topk_indices=None,
@@ -478,6 +520,7 @@ def dtensor_linear_loss(student_hidden, student_weight, student_bias, teacher_hi
     stride = _stride(vocab, size)
     for name, tw in _entries("teacher_weight", teacher_weight):
         _check_teacher_weight(name, tw, student_weight, dim, mesh)
+    _check_vocab_widths(vocab, student_bias, teacher_bias, teacher_logits)
     seq = "Shard(d) on a token dim d (sequence parallelism)"
     tokens = range(student_hidden.dim() - 1)
     vocab_rows = "Shard(0) over the vocabulary"
@@ -651,6 +694,7 @@ __all__ = [
     "dtensor_linear_loss",
     "dtensor_logits_loss",
     "head_eaopd_loss",
+    "is_sharded",
     "run_frozen",
     "run_in_forward",
 ]

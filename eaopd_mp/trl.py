@@ -29,7 +29,7 @@ import inspect
 import torch
 
 from . import sharded
-from .hf import lm_head
+from .hf import check_same_transforms, lm_head
 from .loss import fused_linear_eaopd_loss
 from .options import LossOptions
 
@@ -86,6 +86,8 @@ class EAOPDDistillationTrainer(DistillationTrainer):
                             "from the models")
         LossOptions.build(options)  # unknown names and bad values raise here, before setup
         names, models = _teacher_table(teacher_model, teacher_column)
+        if len(models) > 1:  # from the configs, before any setup
+            check_same_transforms(models)
         super().__init__(model, models[0] if models else None, *args, **kwargs)
         if self.teacher_model is None:
             raise ValueError("EAOPDDistillationTrainer needs a local teacher_model: the fused "
@@ -141,11 +143,14 @@ class EAOPDDistillationTrainer(DistillationTrainer):
             loss_mask = loss_mask * inputs["tool_mask"]
         keep = inputs["completion_ids"].size(1)
         extra = {k: inputs[k] for k in _MULTIMODAL_KEYS if k in inputs}
+        index = inputs.get("teacher_index")
+        if index is not None:  # from the configs, before any model (and collective) runs
+            check_same_transforms([self.accelerator.unwrap_model(t)
+                                   for t in self.teacher_models])
         # TRL's backbone call: (B, C, H) hidden states of the positions predicting the
         # completion tokens; the teacher's through its own wrapper, without gradient.
         hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, keep,
                                              **extra)
-        index = inputs.get("teacher_index")
         if index is not None:  # several teachers
             loss, stats = self._routed_loss(unwrapped_student, hidden, input_ids,
                                             attention_mask, keep, loss_mask, index, extra)
@@ -194,7 +199,7 @@ class EAOPDDistillationTrainer(DistillationTrainer):
         def step(j):
             teacher = self.teacher_models[j]
             rows = (index == j).nonzero().squeeze(1)
-            engine = sharded.is_fsdp2(teacher) or sharded._is_engine(teacher)
+            engine = sharded.is_sharded(teacher)  # collectives in its forward (any layer)
 
             def run():  # inside teacher j's wrapper forward (frozen)
                 if rows.numel() == 0 and not engine:  # unsharded: not run
@@ -228,8 +233,9 @@ class EAOPDDistillationTrainer(DistillationTrainer):
         vocab = opts.vocab_size or min(s_head.vocab_size, *(t.vocab_size for t in t_heads))
         transforms = {tuple(sorted(t.options("teacher").items())) for t in t_heads}
         if len(transforms) > 1:
-            raise ValueError(f"the teachers' head transforms differ ({sorted(transforms)}): "
-                             "one call takes one teacher_softcap / teacher_logit_scale")
+            found = sorted(transforms, key=str)  # None beside a float does not sort
+            raise ValueError(f"the teachers' head transforms differ ({found}): one call "
+                             "takes one teacher_softcap / teacher_logit_scale")
         teacher = dict(teacher_hidden=[h.to(device) for h in t_hidden],
                        teacher_weight=[t.weight for t in t_heads],
                        teacher_bias=[t.bias for t in t_heads],

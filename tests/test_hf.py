@@ -284,3 +284,15 @@ def test_several_teachers_per_sequence(eager, routing):
     with pytest.raises(ValueError, match=r"teacher_index must be an integer tensor of shape"):
         hf.eaopd_loss(student, None, ids, attn, comp, teachers=teachers,
                       teacher_index=torch.tensor([0, 1]))
+    # Out-of-range indices raise before any model runs (a sharded model's forward issues
+    # collectives the other ranks would wait on).
+    ran = []
+    hooks = [m.register_forward_pre_hook(lambda *a: ran.append(1)) for m in (student, *teachers)]
+    for bad in ([0, 2, 1], [0, -1, 1]):
+        with pytest.raises(ValueError, match=r"teacher_index values must be in \[0, 2\).*got "
+                           rf"\[{bad[1]}\]"):
+            hf.eaopd_loss(student, None, ids, attn, comp, teachers=teachers,
+                          teacher_index=torch.tensor(bad))
+    for h in hooks:
+        h.remove()
+    assert not ran

@@ -148,13 +148,13 @@ def _teachers():
     return [make_model("llama", 1), make_model("qwen2_tied", 2, hidden_size=24)]
 
 
-def _hf_routed_reference(routing, opts):
+def _hf_routed_reference(routing, opts, grad=None):
     """One process, the global batch, unsharded models: loss and student gradients."""
     student = make_model("llama", 0)
     ids, attn, comp = _batch()
     loss = hf.eaopd_loss(student, None, ids, attn, comp, teachers=_teachers(),
                          teacher_index=torch.tensor(routing), **opts)
-    loss.backward()
+    loss.backward(grad)
     return loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters()}
 
 
@@ -189,6 +189,76 @@ def fsdp_teachers_case(rank, world, mesh, routing, reshard, mp, ref):
         mask = hf.next_token_mask(ids[rows], attn[rows], comp[rows])[index == j]
         assert float(mine["tokens"]) == float(mask.sum())
     assert all(p.grad is None for t in teachers for p in t.parameters())
+
+
+def fsdp_none_teachers_case(rank, world, mesh, routing, ref):
+    """Several teachers with reduction="none" under FSDP2 (every root resharding after
+    forward): the backward recomputes from every teacher head kept for it."""
+    student = _shard(make_model("llama", 0), mesh, True, False)
+    teachers = [_shard(t.requires_grad_(False), mesh, True, False) for t in _teachers()]
+    ids, attn, comp = _batch()
+    n = len(ids) // world
+    rows = slice(rank * n, (rank + 1) * n)
+    loss = hf.eaopd_loss(student, None, ids[rows], attn[rows], comp[rows], teachers=teachers,
+                         teacher_index=torch.tensor(routing)[rows], reduction="none",
+                         chunk_size=4)
+    g = torch.linspace(0.5, 1.5, ids.shape[0] * (ids.shape[1] - 1)).view(len(ids), -1)
+    loss.backward(g[rows])
+    want_loss, want = ref
+    close(loss.detach(), want_loss[rows])
+    for name, w in want.items():  # FSDP2 averages over the ranks
+        close(student.get_parameter(name).grad.full_tensor(), w / world, msg=f"grad {name}: ")
+
+
+def layers_only_case(rank, world, routing, ref):
+    """A teacher whose decoder layers are fully_shard-ed but whose root and head are not (a
+    valid FSDP2 layout): its forward all-gathers, so a rank with no sequence for it must run
+    it too. Its layers live on a process group with a 5 s timeout, and the ranks compare
+    their collective counts on the default group afterwards, so a rank that skips it makes
+    this case fail on both ranks (gloo times out the peer's all-gather) instead of hanging
+    the spawn. The student and teacher 0 are plain (each rank's gradient is its own)."""
+    import datetime
+
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    from dist_utils import CollectiveCounter
+
+    group = dist.new_group(timeout=datetime.timedelta(seconds=5))
+    mesh = DeviceMesh.from_group(group, "cpu")
+    student = make_model("llama", 0)
+    teachers = [t.requires_grad_(False) for t in _teachers()]
+    for layer in teachers[1].model.layers:
+        fully_shard(layer, mesh=mesh)
+    assert not sharded.owners(teachers[1], teachers[1].lm_head)  # root and head: plain
+    assert sharded.is_sharded(teachers[1]) and not sharded.is_sharded(teachers[0])
+    ids, attn, comp = _batch()
+    n = len(ids) // world
+    rows = slice(rank * n, (rank + 1) * n)
+    error, counter = None, CollectiveCounter()
+    try:
+        with counter:
+            loss = hf.eaopd_loss(student, None, ids[rows], attn[rows], comp[rows],
+                                 teachers=teachers, teacher_index=torch.tensor(routing)[rows],
+                                 reduction="sum", chunk_size=4)
+    except RuntimeError as exc:  # old code: the peer's all-gather timed out
+        error = exc
+    table = [None] * world  # both ranks meet here, whatever happened on `group`
+    dist.all_gather_object(table, (error is None, len(counter.calls)))
+    if error is not None:
+        raise error
+    assert all(ok for ok, _ in table), table
+    assert len({calls for _, calls in table}) == 1 and table[0][1] > 0, table
+    loss.backward()
+    flat = torch.cat([loss.detach().reshape(1)] + [p.grad.reshape(-1)
+                                                   for p in student.parameters()])
+    dist.all_reduce(flat)  # the ranks' losses and gradients summed: the global batch's
+    want_loss, want = ref
+    close(flat[0], want_loss)
+    offset = 1
+    for name, p in student.named_parameters():
+        close(flat[offset:offset + p.numel()].view(p.shape), want[name], msg=f"grad {name}: ")
+        offset += p.numel()
 
 
 class _Tiny(torch.nn.Module):
@@ -304,14 +374,14 @@ def trl_case(rank, world, mesh, routing=None):
 # --------------------------------------------------------------------------- DTensor TP
 
 
-def _tp_data(seed=0, vocab=61, k=None):
-    """Full tensors, the same on every rank: (B, T) = (2, 4) tokens, V = 61 (uneven over 2:
-    31 + 30 rows, torch.chunk's layout)."""
+def _tp_data(seed=0, vocab=61, rows=2):
+    """Full tensors, the same on every rank: (B, T) = (rows, 4) tokens, V = 61 (uneven over
+    2: 31 + 30 rows, torch.chunk's layout)."""
     g = torch.Generator().manual_seed(seed)
-    h, th = torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, 6, generator=g)
+    h, th = torch.randn(rows, 4, 8, generator=g), torch.randn(rows, 4, 6, generator=g)
     w, tw = torch.randn(vocab, 8, generator=g), torch.randn(vocab, 6, generator=g) * 1.5
     b = torch.randn(vocab, generator=g)
-    labels = (torch.rand(2, 4, generator=g) > 0.3).float()
+    labels = (torch.rand(rows, 4, generator=g) > 0.3).float()
     return h, th, w, tw, b, labels
 
 
@@ -383,21 +453,23 @@ def tp_logits_case(mesh, reduction, topk):
 def tp_teachers_case(mesh, placement, reduction):
     """fused_linear_eaopd_loss on DTensors with two teachers: a dense one (its own hidden
     width, head Shard(0) with the student's uneven 31 + 30 rows) and a served top-k one.
-    Replicate(): routed per token; Shard(1) (sequence parallelism): per sequence, the dense
-    teacher's hidden states (its one sequence) sharded along the sequence like the
-    student's."""
+    Replicate(): routed per token; Shard(1) (sequence parallelism): per sequence over 4
+    sequences routed [0, 1, 1, 0] (each teacher has two, interleaved, so a wrong order of a
+    teacher's own sequences or tokens shows), the dense teacher's hidden states (its
+    sequences) sharded along the sequence like the student's."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    h, th, w, tw, b, labels = _tp_data(2)
-    if isinstance(placement, Shard):
-        index = torch.tensor([[1], [0]]).expand(2, 4)
+    sp = isinstance(placement, Shard)
+    h, th, w, tw, b, labels = _tp_data(2, rows=4 if sp else 2)
+    if sp:
+        index = torch.tensor([[0], [1], [1], [0]]).expand(4, 4)
     else:
         index = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 0]])
     dense, topk = index == 0, index == 1
     lp, ids = torch.log_softmax(th[topk] @ tw.T * 0.7, -1).topk(5, -1)
     t_h = th[dense]
-    if isinstance(placement, Shard):  # each teacher's own (sequences, T, ...) shape
-        t_h, lp, ids = (x.view(1, 4, -1) for x in (t_h, lp, ids))
+    if sp:  # each teacher's own (sequences, T, ...) shape
+        t_h, lp, ids = (x.view(2, 4, -1) for x in (t_h, lp, ids))
     opts = dict(labels=labels, reduction=reduction, chunk_size=3, teacher_index=index,
                 teacher_topk_logprobs=[None, lp], teacher_topk_indices=[None, ids])
     hr, wr, br = (x.clone().requires_grad_() for x in (h, w, b))
@@ -491,6 +563,29 @@ def tp_refused_case(mesh):
         fused_linear_eaopd_loss(distribute_tensor(h, mesh, [Replicate()]), wd,
                                 teacher_hidden=two, teacher_index=index,
                                 teacher_weight=[tw, distribute_tensor(tw, mesh, [Shard(0)])])
+    # Vocabulary widths of dense teacher logits and biases, against the head's 61 rows: 62
+    # (31 + 31) differs from 61 (31 + 30) on rank 1's shard only, yet raises on every rank.
+    hr = distribute_tensor(h, mesh, [Replicate()])
+    y62 = distribute_tensor(torch.randn(2, 4, 62), mesh, [Shard(2)])
+    b62 = distribute_tensor(torch.randn(62), mesh, [Shard(0)])
+    b61 = distribute_tensor(torch.randn(61), mesh, [Shard(0)])
+    twd = distribute_tensor(tw, mesh, [Shard(0)])
+    with pytest.raises(ValueError, match=r"teacher_logits has global shape \(2, 4, 62\) but "
+                       r"student_weight has 61 rows"):
+        fused_linear_eaopd_loss(hr, wd, teacher_logits=y62)
+    with pytest.raises(ValueError, match=r"teacher_logits\[1\] has global shape \(3, 62\)"):
+        fused_linear_eaopd_loss(hr, wd, teacher_hidden=[two[0], None], teacher_index=index,
+                                teacher_weight=[twd, None],
+                                teacher_logits=[None, distribute_tensor(
+                                    torch.randn(3, 62), mesh, [Shard(1)])])
+    with pytest.raises(ValueError, match=r"student_bias has global shape \(62,\)"):
+        fused_linear_eaopd_loss(hr, wd, student_bias=b62, **t_kw)
+    with pytest.raises(ValueError, match=r"teacher_bias\[1\] has global shape \(62,\)"):
+        fused_linear_eaopd_loss(hr, wd, student_bias=b61, teacher_hidden=two,
+                                teacher_index=index, teacher_weight=[twd, twd],
+                                teacher_bias=[b61, b62])
+    with pytest.raises(TypeError, match=r"student_bias is a plain tensor of shape \(61,\)"):
+        fused_linear_eaopd_loss(hr, wd, student_bias=torch.randn(61), **t_kw)
 
 
 def _two_ranks(rank, world):
@@ -519,6 +614,12 @@ def _two_ranks(rank, world):
         ref = _hf_routed_reference(routing, dict(reduction="sum", chunk_size=4))
         cases.run(f"fsdp2 teachers={routing} reshard={reshard} bf16={mp}",
                   fsdp_teachers_case, rank, world, mesh, routing, reshard, mp, ref)
+        if routing == ROUTINGS[0]:  # rank 0 has no sequence for teacher 1
+            cases.run(f"fsdp2 layers-only teacher, teachers={routing}", layers_only_case,
+                      rank, world, routing, ref)
+    ref = _hf_routed_reference(ROUTINGS[1], dict(reduction="none", chunk_size=4), g)
+    cases.run(f"fsdp2 teachers={ROUTINGS[1]} reduction=none", fsdp_none_teachers_case, rank,
+              world, mesh, ROUTINGS[1], ref)
     cases.run("trl hook under fsdp2, two teachers", trl_case, rank, world, mesh, ROUTINGS[1])
     _tp_cases(cases, mesh)
     cases.check()
@@ -678,5 +779,28 @@ def test_plain_models_unchanged():
     model = torch.nn.Linear(2, 2)
     assert sharded.run_in_forward(model, lambda a: a + 1, 1) == 2
     assert sharded.owners(model, model) == []
+    assert not sharded.is_sharded(model) and not sharded.is_sharded(None)
     assert not sharded.any_dtensor(torch.randn(2), None)
     assert entropy_aware_opd_loss is not None
+
+
+def test_head_loss_teacher_lists_must_match():
+    """head_eaopd_loss with teacher_model a list but teacher_head one head (or None) names
+    the arguments and counts instead of failing in zip()."""
+    student, t0, t1 = _Tiny(37, 8, 0), _Tiny(37, 6, 1), _Tiny(37, 4, 2)
+    x = torch.randn(2, 3, 5)
+    kw = dict(labels=torch.ones(2, 3), teacher_index=torch.zeros(2, 3, dtype=torch.long))
+    for head in (t0.head, None):
+        with pytest.raises(ValueError, match=r"teacher_model is a list of 2 entries but "
+                           r"teacher_head is (one head|None)"):
+            sharded.head_eaopd_loss(student.head, student(x), teacher_head=head,
+                                    teacher_hidden=t0(x), teacher_model=[t0, t1], **kw)
+    with pytest.raises(ValueError, match=r"teacher_hidden is a list of 2 entries but "
+                       r"teacher_head is one head"):
+        sharded.head_eaopd_loss(student.head, student(x), teacher_head=t0.head,
+                                teacher_hidden=[t0(x), t1(x)], **kw)
+    with pytest.raises(ValueError, match=r"teacher_head has 2 entries, teacher_hidden 2 and "
+                       r"teacher_model 3"):
+        sharded.head_eaopd_loss(student.head, student(x), teacher_head=[t0.head, t1.head],
+                                teacher_hidden=[t0(x), t1(x)], teacher_model=[t0, t1, t1],
+                                **kw)

@@ -189,6 +189,34 @@ def test_bad_loss_options_raise_before_setup():
                                  loss_options=dict(beta=0.5))
 
 
+def test_teachers_head_transforms_checked_before_any_model_runs():
+    """Teachers with different head transforms (Gemma 2's softcap beside Llama's none) are
+    refused from their configs: at construction, before TRL's setup, and in the loss hook
+    before the student's (or any teacher's) forward, whose collectives a sharded model's
+    peers would wait on."""
+    from types import SimpleNamespace
+
+    student, gemma = _models()
+    llama, _ = _models()
+    with pytest.raises(ValueError, match="head transforms differ"):
+        EAOPDDistillationTrainer(model=student, teacher_model={"a": llama, "b": gemma},
+                                 teacher_column="src")
+    trainer = EAOPDDistillationTrainer.__new__(EAOPDDistillationTrainer)
+    trainer.teacher_models = [llama, gemma]
+    trainer.accelerator = SimpleNamespace(unwrap_model=lambda m: m)
+    ran = []
+    hooks = [m.register_forward_pre_hook(lambda *a: ran.append(1))
+             for m in (student, llama, gemma)]
+    ids = torch.ones(2, 3, dtype=torch.long)
+    inputs = dict(prompt_ids=ids, prompt_mask=ids, completion_ids=ids, completion_mask=ids,
+                  teacher_index=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="head transforms differ"):
+        trainer._compute_loss(student, inputs, None)
+    for h in hooks:
+        h.remove()
+    assert not ran
+
+
 def test_hf_distill_example_runs(eager, monkeypatch, capsys):
     """examples/hf_distill.py end to end, with few steps: the manual loop and TRL's."""
     import os
