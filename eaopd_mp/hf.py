@@ -253,8 +253,9 @@ def _routed(student, models, teacher_index, input_ids, attention_mask, completio
     every head is gathered. Every rank enters every sharded teacher, in the same order: a
     rank with no sequence for teacher ``j`` still runs ``j``'s backbone, on its first
     sequence, and drops the result (FSDP2's and ZeRO-3's all-gathers are collectives: a rank
-    that skipped them would hang the others). An unsharded teacher with no sequence is not
-    run.
+    that skipped them would hang the others). A teacher counts as sharded when any part of it
+    is (:func:`eaopd_mp.sharded.is_sharded`: decoder layers ``fully_shard``-ed under a plain
+    root count); an unsharded teacher with no sequence is not run.
     """
     check_same_transforms(models)
     vocab = loss_options.pop("vocab_size", None)

@@ -189,7 +189,8 @@ class EAOPDDistillationTrainer(DistillationTrainer):
         fused call over every completion token, inside every teacher wrapper's forward
         (nested, teacher 0 outermost: FSDP2 / ZeRO-3 gather every head there). Every rank
         enters every teacher in the same order; a rank with no example for a sharded teacher
-        runs it on its first example and drops the result, so that the engine's collectives
+        (:func:`eaopd_mp.sharded.is_sharded`: any FSDP2 unit, DTensor or ZeRO-3 parameter
+        in it) runs it on its first example and drops the result, so that the engine's collectives
         match across ranks (see :func:`eaopd_mp.sharded.run_teachers_frozen`)."""
         if extra:
             raise ValueError("several teachers with multimodal inputs are not supported")
