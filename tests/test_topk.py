@@ -507,3 +507,47 @@ def test_infinite_logprob_gives_nan(eager, tail):
         loss = fused_linear_eaopd_loss(h, w, **kw) if fused else \
             entropy_aware_opd_loss(h @ w.T, **kw)
         assert torch.isnan(loss[:2]).all() and torch.isfinite(loss[2:]).all(), loss
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_extreme_logit_gaps_take_the_exact_statistics(monkeypatch, compiled):
+    """On CPU the statistics are one pass shifted by the largest student logit at the
+    teacher's ids (topk.quick_partial); a token whose tail lies ~88 nats above that (the
+    shifted sum overflows) or ~45 below it (it falls under QUICK_MIN_SUM), or holds NaN,
+    is recomputed exactly (topk.partial_rows). Mixed in one chunk with ordinary tokens: every token matches the
+    float64 formula, loss and gradient."""
+    from eaopd_mp import topk
+    monkeypatch.setenv("EAOPD_COMPILE", "1" if compiled else "0")
+    g = torch.Generator().manual_seed(3)
+    vocab, k = 50, 4
+    z = torch.randn(6, vocab, generator=g, dtype=torch.float64) * 2
+    lp, ids = served(torch.randn(6, vocab, generator=g, dtype=torch.float64) * 2, k, g)
+    tail = torch.ones_like(z, dtype=torch.bool).scatter(-1, ids, False)
+    z[1] = torch.where(tail[1], z[1] + 150.0, z[1])  # tail far above the ids: overflow
+    z[3] = torch.where(tail[3], z[3] - 80.0, z[3])   # far below: the sum underflows
+    z[4, ids[4, 0]] = 30.0      # an id well above the rest: the quick sum still holds
+    z[5, ids[5, 0]] = 95.0      # one far above: the sum of the tail underflows
+    # The shifted one-pass sum really is invalid on rows 1 and 3 (else this test would
+    # not exercise the fallback).
+    zf, lpf = z.float(), lp.float()
+    at = zf.gather(1, ids)
+    held = torch.ones_like(ids, dtype=torch.bool)
+    quick = topk.quick_partial(zf.scatter(1, ids, float("-inf")), at, held,
+                               torch.tensor([1.0, 0.1, 0.0]))
+    assert quick[:, -1].tolist() == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    for tail_mode in TAILS:
+        zg = z.clone().requires_grad_()
+        want = formula(zg, ids, lp, topk_tail=tail_mode, h_max=2.0)
+        want.sum().backward()
+        got_z = zf.clone().requires_grad_()
+        got = entropy_aware_opd_loss(got_z, teacher_topk_logprobs=lpf, teacher_topk_indices=ids,
+                                     topk_tail=tail_mode, h_max=2.0, reduction="none",
+                                     chunk_size=6)
+        got.sum().backward()
+        close(got.double(), want.detach(), msg=tail_mode)
+        close(got_z.grad.double(), zg.grad, msg=tail_mode + " grad ")
+    nan = zf.clone()
+    nan[2, 7] = float("nan")
+    out = entropy_aware_opd_loss(nan, teacher_topk_logprobs=lpf, teacher_topk_indices=ids,
+                                 reduction="none", chunk_size=6)
+    assert torch.isnan(out[2]) and torch.isfinite(out[[0, 1, 3, 4, 5]]).all()
