@@ -204,58 +204,6 @@ def partial_stats(z: torch.Tensor, at: torch.Tensor, held: torch.Tensor,
     return torch.where(broken[:, None], torch.full_like(out, float("nan")), out)
 
 
-# A tail sum below this (or not finite) sends the token to the exact partial statistics
-# (:func:`quick_partial`): above it the largest term is a normal float32 for any V < 2^38.
-QUICK_MIN_SUM = 2.0**-64
-
-
-def quick_partial(z: torch.Tensor, at: torch.Tensor, held: torch.Tensor,
-                  params: torch.Tensor) -> torch.Tensor:
-    """:func:`partial_stats` in one pass over the row, shifted by the largest student
-    logit at the teacher's ids instead of the row's max, plus whether that was valid.
-
-    A log-sum-exp may be shifted by any ``c``: ``lse = c + log sum_j exp(x_j - c)``. The
-    exact kernel takes ``c = max_j x_j``, which costs a pass over the ``(n, c)`` row
-    before the sum's (the row's first read, from memory, on CPU). Here ``c`` is the max of
-    the ``k`` gathered ``x_{I_k}``, known in O(k). It is valid where the tail sum ``s`` is
-    finite (no overflow: the tail's max is not ~88 nats above ``c``) and at least
-    :data:`QUICK_MIN_SUM` (no term lost below float32's normal range); the token is then
-    exact to float32 rounding, as with the max. Elsewhere (an extreme logit gap, a NaN or
-    ``+inf`` logit, a tail of only ``-inf``) its ``ok`` flag is 0 and the caller recomputes
-    it with :func:`partial_stats` (:func:`partial_rows`).
-
-    Returns:
-        ``(n, k + 3)``: :func:`partial_stats`'s ``k + 2`` columns, then ``ok`` (1.0 / 0.0).
-    """
-    torch._check(z.shape[0] == at.shape[0])
-    x = z.to(params.dtype) * params[0]
-    at_x = at.to(params.dtype) * params[0]
-    at_ids = torch.where(held, at_x, torch.full_like(at_x, float("-inf")))
-    c = at_ids.amax(-1)
-    c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
-    total = (x - c[:, None]).exp().sum(-1)
-    ok = (total >= QUICK_MIN_SUM) & (total < float("inf")) & ~_broken(at_ids)
-    tail = c + total.log()
-    lse = core._lse_shards(torch.cat([tail[:, None], at_ids], dim=1).t())
-    return torch.cat([lse[:, None], tail[:, None], at_ids, ok.to(x.dtype)[:, None]], dim=1)
-
-
-def partial_rows(z: torch.Tensor, at: torch.Tensor, held: torch.Tensor,
-                 params: torch.Tensor) -> torch.Tensor:
-    """``(n, k + 2)`` partial statistics of a chunk (eager driver): :func:`quick_partial`
-    on CPU, where a pass over the row is memory-bound, then :func:`partial_stats` for the
-    tokens it could not take; on other devices (whose compiled softmax fuses the max into
-    the sum) the exact kernel directly."""
-    if z.device.type != "cpu":
-        return partial_kernel(z, at, held, params)
-    packed = quick_kernel(z, at, held, params)
-    parts, ok = packed[:, :-1].contiguous(), packed[:, -1]  # (n, k + 2): O(k) per token
-    if not bool(ok.all()):
-        redo = (ok == 0).nonzero().squeeze(1)
-        parts[redo] = partial_kernel(z[redo], at[redo], held[redo], params)
-    return parts
-
-
 class Served(NamedTuple):
     """The served teacher's per-token numbers of a chunk, each formed once, in float64
     (``1 - sum_k Q_k`` cancels; the KLs sum terms of both signs).
@@ -431,10 +379,15 @@ def _id_gradient(at, held, sv, stats, scale, params, mode):
 # ----------------------------------------------------------------- kernels and chunks
 #
 # The compiled kernels take the chunk with its held ids at -inf (take_ids_, eager): one
-# pass over the row for the statistics (quick_partial on CPU, shifted by a max known in
-# O(k); partial_stats, max then sum, for the tokens it cannot take and on other devices),
-# one for the gradient off the ids; the ``(n, k)`` gradient at the ids comes back packed
-# after the statistics and is added at the ids by put_ids_ (eager, O(k)).
+# pass over the row for the statistics, one for the gradient off the ids; the ``(n, k)``
+# gradient at the ids comes back packed after the statistics and is added at the ids
+# by put_ids_ (eager, O(k)).
+
+
+def single_stats(z, at, held, lp, ent, given, params, kind, mode, has_tail):
+    """One device, no gradient: ``(n, 7)`` statistics of a chunk."""
+    parts = partial_stats(z, at, held, params).unsqueeze(0)
+    return combine_stats(parts, served(lp, has_tail), ent, given, params, kind, mode)
 
 
 def _grad_logits_(z, at, held, sv, stats, scale, params, mode):
@@ -448,6 +401,14 @@ def _grad_logits_(z, at, held, sv, stats, scale, params, mode):
 def grad_logits_(z, at, held, lp, stats, scale, params, mode, has_tail):
     """The recomputing backward: :func:`_grad_logits_` from saved statistics."""
     return _grad_logits_(z, at, held, served(lp, has_tail), stats, scale, params, mode)
+
+
+def single_grad_(z, at, held, lp, ent, scale, given, params, kind, mode, has_tail):
+    """One device: :func:`_grad_logits_` after the chunk's statistics."""
+    sv = served(lp, has_tail)
+    parts = partial_stats(z, at, held, params).unsqueeze(0)
+    stats = combine_stats(parts, sv, ent, given, params, kind, mode)
+    return _grad_logits_(z, at, held, sv, stats, scale, params, mode)
 
 
 def shard_stats(lp, ent, parts, given, params, kind, mode, has_tail):
@@ -475,8 +436,9 @@ def put_ids_(z: torch.Tensor, col: torch.Tensor, packed: torch.Tensor) -> torch.
 # Token dims (position -> dim). ``ent`` is always an ``(n,)`` tensor (a dummy view when
 # the entropy is not given), so that a one-token chunk can be padded like the others.
 _N = {0: 0, 1: 0, 2: 0, 3: 0, 4: 0}
+stats_kernel = Kernel(single_stats, _N)
+fwd_grad_kernel_ = Kernel(single_grad_, {**_N, 5: 0})
 partial_kernel = Kernel(partial_stats, {0: 0, 1: 0, 2: 0})
-quick_kernel = Kernel(quick_partial, {0: 0, 1: 0, 2: 0})
 shard_stats_kernel = Kernel(shard_stats, {0: 0, 1: 0, 2: 1})
 shard_grad_kernel_ = Kernel(shard_grad_, {**_N, 5: 1, 6: 0})
 grad_kernel_ = Kernel(grad_logits_, {**_N, 5: 0})
@@ -522,11 +484,18 @@ def chunk(plan, spec, z, teacher, scale):
     lo = offset(plan)
     if z.shape[1] > 0:
         at, held, col = take_ids_(z, ids, lo, whole=plan.combiner is None)
-        parts = partial_rows(z, at, held, params)
-    else:
+    if plan.combiner is None:
+        if scale is None:
+            return stats_kernel(z, at, held, lp, ent, given, params, kind, mode,
+                                has_tail), None
+        out = fwd_grad_kernel_(z, at, held, lp, ent, scale, given, params, kind, mode,
+                               has_tail)
+        return put_ids_(z, col, out), z
+    if z.shape[1] == 0:
         parts = _empty_partial(z.shape[0], ids.shape[1], plan.dtype, z.device)
-    # One device: the one set of columns; else one all-gather of every rank's partials.
-    gathered = parts.unsqueeze(0) if plan.combiner is None else plan.combiner.gather(parts)
+    else:
+        parts = partial_kernel(z, at, held, params)
+    gathered = plan.combiner.gather(parts)
     if scale is None or z.shape[1] == 0:
         out = shard_stats_kernel(lp, ent, gathered, given, params, kind, mode, has_tail)
         return out, (None if scale is None else z)
