@@ -204,6 +204,35 @@ def partial_stats(z: torch.Tensor, at: torch.Tensor, held: torch.Tensor,
     return torch.where(broken[:, None], torch.full_like(out, float("nan")), out)
 
 
+def partial_stats_(z: torch.Tensor, at: torch.Tensor, held: torch.Tensor,
+                   params: torch.Tensor) -> torch.Tensor:
+    """:func:`partial_stats`, and ``z`` overwritten by ``exp(z/tau - m)`` (``m`` the row's
+    max off the ids) for :func:`grad_logits` to scale instead of exponentiating again.
+
+    The gradient off the ids is ``exp(z_j/tau - base) c``; the statistics' pass already
+    forms ``exp(z_j/tau - m)``, and the exponential, not memory, bounds a pass over a
+    ``(chunk, V)`` float32 row on CPU. Writing it back costs a store where the gradient
+    pass saves one exponential per column. Only for a buffer in the compute dtype (a
+    16-bit one would round the exponentials).
+
+    Returns:
+        ``(n, k + 3)``: :func:`partial_stats`'s columns, then ``m``.
+    """
+    torch._check(z.shape[0] == at.shape[0])
+    x = z.to(params.dtype) * params[0]
+    dx, m, broken = core._shifted(x)
+    e = dx.exp()
+    tail = m + e.sum(-1).log()
+    z.copy_(e)
+    at_x = at.to(params.dtype) * params[0]
+    at_ids = torch.where(held, at_x, torch.full_like(at_x, float("-inf")))
+    broken = broken | _broken(at_ids)
+    lse = core._lse_shards(torch.cat([tail[:, None], at_ids], dim=1).t())
+    out = torch.cat([lse[:, None], tail[:, None], at_ids], dim=1)
+    out = torch.where(broken[:, None], torch.full_like(out, float("nan")), out)
+    return torch.cat([out, m[:, None]], dim=1)
+
+
 class Served(NamedTuple):
     """The served teacher's per-token numbers of a chunk, each formed once, in float64
     (``1 - sum_k Q_k`` cancels; the KLs sum terms of both signs).
@@ -294,8 +323,8 @@ def combine_stats(parts: torch.Tensor, sv: Served, entropy: torch.Tensor, given:
 
 
 def grad_logits(z: torch.Tensor, at: torch.Tensor, held: torch.Tensor, sv: Served,
-                stats: torch.Tensor, scale: torch.Tensor, params: torch.Tensor, mode: str
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                stats: torch.Tensor, scale: torch.Tensor, params: torch.Tensor, mode: str,
+                shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form gradient of ``scale * L`` with respect to the local student logits.
 
     For column ``j`` in bucket ``b(j)``: ``(p_j / tau) [a (1 - Q_b/P_b) + b (log P_b -
@@ -315,6 +344,8 @@ def grad_logits(z: torch.Tensor, at: torch.Tensor, held: torch.Tensor, sv: Serve
         z: ``(n, c)`` student logits with the held ids at ``-inf`` (:func:`take_ids_`);
         at, held: ``(n, k)`` (:func:`take_ids_`); sv: the served numbers (:func:`served`);
         stats: ``(n, 7)`` from :func:`combine_stats`; scale: ``(n,)``.
+        shift: ``(n,)`` ``m`` when ``z`` holds ``exp(z/tau - m)`` (:func:`partial_stats_`):
+            then ``r_j = z_j exp(m - base)`` (``base >= m``: no overflow).
     Returns:
         ``(n, c)`` the gradient off the ids (0 at the held ids' columns), and ``(n, k)``
         the gradient at the ids (0 where not held), both in the compute dtype.
@@ -323,8 +354,11 @@ def grad_logits(z: torch.Tensor, at: torch.Tensor, held: torch.Tensor, sv: Serve
     torch._check(z.shape[0] == scale.shape[0])
     inv_tau = params[0]
     base, c = _tail_coefficient(sv, stats, scale, params, mode)
-    x = z.to(params.dtype) * inv_tau
-    r = (x - base[:, None]).exp()
+    if shift is None:
+        r = (z.to(params.dtype) * inv_tau - base[:, None]).exp()
+    else:  # z holds exp(x - m), m finite (_shifted); a NaN or -inf base gives r NaN or 0
+        # where exp(x - base) did, and the `r > 0` test below keeps both at `off`
+        r = z.to(params.dtype) * (shift - base).exp()[:, None]
     off = torch.where(torch.isnan(c), c, torch.zeros_like(c))[:, None]  # NaN stays NaN
     row = torch.where(r > 0, r * c[:, None], off)
     return row, _id_gradient(at, held, sv, stats, scale, params, mode)
@@ -378,22 +412,18 @@ def _id_gradient(at, held, sv, stats, scale, params, mode):
 
 # ----------------------------------------------------------------- kernels and chunks
 #
-# The compiled kernels take the chunk with its held ids at -inf (take_ids_, eager): one
-# pass over the row for the statistics, one for the gradient off the ids; the ``(n, k)``
-# gradient at the ids comes back packed after the statistics and is added at the ids
-# by put_ids_ (eager, O(k)).
+# The compiled kernels take the chunk with its held ids at -inf (take_ids_, eager): the
+# statistics (partial_stats_: the max, then one exponential per column, kept in the
+# buffer), one pass for the gradient off the ids (a scale of those exponentials); the
+# ``(n, k)`` gradient at the ids comes back packed after the statistics and is added at
+# the ids by put_ids_ (eager, O(k)). The recomputing backward exponentiates the raw
+# logits (grad_logits_).
 
 
-def single_stats(z, at, held, lp, ent, given, params, kind, mode, has_tail):
-    """One device, no gradient: ``(n, 7)`` statistics of a chunk."""
-    parts = partial_stats(z, at, held, params).unsqueeze(0)
-    return combine_stats(parts, served(lp, has_tail), ent, given, params, kind, mode)
-
-
-def _grad_logits_(z, at, held, sv, stats, scale, params, mode):
+def _grad_logits_(z, at, held, sv, stats, scale, params, mode, shift=None):
     """:func:`grad_logits`, the part off the ids written over ``z`` (a buffer of ours);
     returns ``(n, 7 + k)``: ``stats`` then the gradient at the ids."""
-    row, at_grad = grad_logits(z, at, held, sv, stats, scale, params, mode)
+    row, at_grad = grad_logits(z, at, held, sv, stats, scale, params, mode, shift)
     z.copy_(row)
     return torch.cat([stats, at_grad], dim=1)
 
@@ -403,14 +433,6 @@ def grad_logits_(z, at, held, lp, stats, scale, params, mode, has_tail):
     return _grad_logits_(z, at, held, served(lp, has_tail), stats, scale, params, mode)
 
 
-def single_grad_(z, at, held, lp, ent, scale, given, params, kind, mode, has_tail):
-    """One device: :func:`_grad_logits_` after the chunk's statistics."""
-    sv = served(lp, has_tail)
-    parts = partial_stats(z, at, held, params).unsqueeze(0)
-    stats = combine_stats(parts, sv, ent, given, params, kind, mode)
-    return _grad_logits_(z, at, held, sv, stats, scale, params, mode)
-
-
 def shard_stats(lp, ent, parts, given, params, kind, mode, has_tail):
     """Column shards, no gradient: combine the gathered ``(r, n, k + 2)`` partials."""
     torch._check(parts.shape[1] == lp.shape[0])
@@ -418,11 +440,21 @@ def shard_stats(lp, ent, parts, given, params, kind, mode, has_tail):
 
 
 def shard_grad_(z, at, held, lp, ent, parts, scale, given, params, kind, mode, has_tail):
-    """Column shards: :func:`_grad_logits_` after combining the gathered partials."""
+    """Column shards (one on one device): :func:`_grad_logits_` after combining the
+    gathered ``(r, n, k + 2)`` partials."""
     torch._check(parts.shape[1] == z.shape[0])
     sv = served(lp, has_tail)
     stats = combine_stats(parts, sv, ent, given, params, kind, mode)
     return _grad_logits_(z, at, held, sv, stats, scale, params, mode)
+
+
+def shard_grad_e_(z, at, held, lp, ent, parts, scale, shift, given, params, kind, mode,
+                  has_tail):
+    """:func:`shard_grad_` with ``z`` holding ``exp(z/tau - shift)`` (:func:`partial_stats_`)."""
+    torch._check(parts.shape[1] == z.shape[0])
+    sv = served(lp, has_tail)
+    stats = combine_stats(parts, sv, ent, given, params, kind, mode)
+    return _grad_logits_(z, at, held, sv, stats, scale, params, mode, shift)
 
 
 def put_ids_(z: torch.Tensor, col: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
@@ -436,11 +468,11 @@ def put_ids_(z: torch.Tensor, col: torch.Tensor, packed: torch.Tensor) -> torch.
 # Token dims (position -> dim). ``ent`` is always an ``(n,)`` tensor (a dummy view when
 # the entropy is not given), so that a one-token chunk can be padded like the others.
 _N = {0: 0, 1: 0, 2: 0, 3: 0, 4: 0}
-stats_kernel = Kernel(single_stats, _N)
-fwd_grad_kernel_ = Kernel(single_grad_, {**_N, 5: 0})
 partial_kernel = Kernel(partial_stats, {0: 0, 1: 0, 2: 0})
+partial_kernel_ = Kernel(partial_stats_, {0: 0, 1: 0, 2: 0})
 shard_stats_kernel = Kernel(shard_stats, {0: 0, 1: 0, 2: 1})
 shard_grad_kernel_ = Kernel(shard_grad_, {**_N, 5: 1, 6: 0})
+shard_grad_e_kernel_ = Kernel(shard_grad_e_, {**_N, 5: 1, 6: 0, 7: 0})
 grad_kernel_ = Kernel(grad_logits_, {**_N, 5: 0})
 
 
@@ -482,25 +514,27 @@ def chunk(plan, spec, z, teacher, scale):
     kind, mode, given = spec.gate, spec.topk_tail, spec.entropy_given
     has_tail = ids.shape[1] < spec.vocab_size
     lo = offset(plan)
-    if z.shape[1] > 0:
-        at, held, col = take_ids_(z, ids, lo, whole=plan.combiner is None)
-    if plan.combiner is None:
-        if scale is None:
-            return stats_kernel(z, at, held, lp, ent, given, params, kind, mode,
-                                has_tail), None
-        out = fwd_grad_kernel_(z, at, held, lp, ent, scale, given, params, kind, mode,
-                               has_tail)
-        return put_ids_(z, col, out), z
+    shift = None
     if z.shape[1] == 0:
         parts = _empty_partial(z.shape[0], ids.shape[1], plan.dtype, z.device)
     else:
-        parts = partial_kernel(z, at, held, params)
-    gathered = plan.combiner.gather(parts)
+        at, held, col = take_ids_(z, ids, lo, whole=plan.combiner is None)
+        if scale is not None and z.dtype == plan.dtype:  # keep the exponentials in z
+            packed = partial_kernel_(z, at, held, params)
+            parts, shift = packed[:, :-1].contiguous(), packed[:, -1].contiguous()
+        else:
+            parts = partial_kernel(z, at, held, params)
+    # One device: one set of columns; tensor parallelism: one all-gather of the partials.
+    gathered = parts.unsqueeze(0) if plan.combiner is None else plan.combiner.gather(parts)
     if scale is None or z.shape[1] == 0:
         out = shard_stats_kernel(lp, ent, gathered, given, params, kind, mode, has_tail)
         return out, (None if scale is None else z)
-    out = shard_grad_kernel_(z, at, held, lp, ent, gathered, scale, given, params, kind,
-                             mode, has_tail)
+    if shift is None:
+        out = shard_grad_kernel_(z, at, held, lp, ent, gathered, scale, given, params, kind,
+                                 mode, has_tail)
+    else:
+        out = shard_grad_e_kernel_(z, at, held, lp, ent, gathered, scale, shift, given,
+                                   params, kind, mode, has_tail)
     return put_ids_(z, col, out), z
 
 
