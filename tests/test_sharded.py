@@ -100,6 +100,15 @@ def fsdp_hf_case(rank, world, mesh, s_name, t_name, reshard, mp, ref):
     loss = hf.eaopd_loss(student, teacher, ids[rows], attn[rows], comp[rows], reduction="sum",
                          chunk_size=4)
     loss.backward()
+    _check_summed(loss, student, ref, world, mp)
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def _check_summed(loss, student, ref, world, mp):
+    """This rank's summed ``loss`` (all-reduced) and the student's FSDP2 gradients against
+    the one-process ``ref = (loss, {name: grad})``: FSDP2 averages over the ranks (see
+    the module docstring). fp32 at rtol 1e-5; the bf16 policy against the float32
+    reference at bf16 tolerance (one process with bf16 models: 1.9% at most here)."""
     total = loss.detach().clone()
     dist.all_reduce(total)
     want_loss, want = ref
@@ -108,15 +117,13 @@ def fsdp_hf_case(rank, world, mesh, s_name, t_name, reshard, mp, ref):
     if not mp:
         assert loss.dtype == torch.float32
         close(total, want_loss)
-        for name, g in want.items():  # FSDP2 averages over the ranks (see the docstring)
+        for name, g in want.items():
             close(grads[name], g / world, msg=f"grad {name}: ")
-    else:  # the bf16 policy against the float32 reference, at bf16 tolerance (one process
-        # with bf16 models: 1.9% at most, on these models)
+    else:
         torch.testing.assert_close(total, want_loss, rtol=3e-2, atol=3e-2)
         for name, g in want.items():
             assert grads[name].dtype == torch.float32  # the sharded fp32 master gradient
             assert (grads[name] - g / world).norm() <= 0.05 * (g / world).norm(), name
-    assert all(p.grad is None for p in teacher.parameters())
 
 
 def fsdp_none_case(rank, world, mesh, ref):
@@ -172,19 +179,7 @@ def fsdp_teachers_case(rank, world, mesh, routing, reshard, mp, ref):
                                 teachers=teachers, teacher_index=index, reduction="sum",
                                 chunk_size=4, return_stats=True)
     loss.backward()
-    total = loss.detach().clone()
-    dist.all_reduce(total)
-    want_loss, want = ref
-    grads = {n: p.grad.full_tensor() for n, p in student.named_parameters()}
-    assert grads.keys() == want.keys()
-    if not mp:
-        close(total, want_loss)
-        for name, g in want.items():  # FSDP2 averages over the ranks
-            close(grads[name], g / world, msg=f"grad {name}: ")
-    else:  # the bf16 policy against the float32 reference (as fsdp_hf_case)
-        torch.testing.assert_close(total, want_loss, rtol=3e-2, atol=3e-2)
-        for name, g in want.items():
-            assert (grads[name] - g / world).norm() <= 0.05 * (g / world).norm(), name
+    _check_summed(loss, student, ref, world, mp)
     for j, mine in enumerate(stats["per_teacher"]):  # a teacher without sequences: 0 tokens
         mask = hf.next_token_mask(ids[rows], attn[rows], comp[rows])[index == j]
         assert float(mine["tokens"]) == float(mask.sum())
