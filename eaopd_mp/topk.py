@@ -192,16 +192,7 @@ def partial_stats(z: torch.Tensor, at: torch.Tensor, held: torch.Tensor,
         second and the ``k`` values (``k + 1`` numbers, no cancellation), so the row is
         read in one pass. A row with NaN or ``+inf`` (tail or ids) gets NaN.
     """
-    torch._check(z.shape[0] == at.shape[0])
-    x = z.to(params.dtype) * params[0]
-    dx, m, broken = core._shifted(x)
-    tail = m + dx.exp().sum(-1).log()
-    at_x = at.to(params.dtype) * params[0]
-    at_ids = torch.where(held, at_x, torch.full_like(at_x, float("-inf")))
-    broken = broken | _broken(at_ids)
-    lse = core._lse_shards(torch.cat([tail[:, None], at_ids], dim=1).t())
-    out = torch.cat([lse[:, None], tail[:, None], at_ids], dim=1)
-    return torch.where(broken[:, None], torch.full_like(out, float("nan")), out)
+    return _partial(z, at, held, params)[0]
 
 
 def partial_stats_(z: torch.Tensor, at: torch.Tensor, held: torch.Tensor,
@@ -218,19 +209,25 @@ def partial_stats_(z: torch.Tensor, at: torch.Tensor, held: torch.Tensor,
     Returns:
         ``(n, k + 3)``: :func:`partial_stats`'s columns, then ``m``.
     """
+    out, e, m = _partial(z, at, held, params)
+    z.copy_(e)
+    return torch.cat([out, m[:, None]], dim=1)
+
+
+def _partial(z, at, held, params):
+    """``(out, e, m)``: :func:`partial_stats`'s ``(n, k + 2)`` result, the row's
+    ``exp(z/tau - m)`` it sums and the shift ``m`` (finite: :func:`eaopd_mp.core._shifted`)."""
     torch._check(z.shape[0] == at.shape[0])
     x = z.to(params.dtype) * params[0]
     dx, m, broken = core._shifted(x)
     e = dx.exp()
     tail = m + e.sum(-1).log()
-    z.copy_(e)
     at_x = at.to(params.dtype) * params[0]
     at_ids = torch.where(held, at_x, torch.full_like(at_x, float("-inf")))
     broken = broken | _broken(at_ids)
     lse = core._lse_shards(torch.cat([tail[:, None], at_ids], dim=1).t())
     out = torch.cat([lse[:, None], tail[:, None], at_ids], dim=1)
-    out = torch.where(broken[:, None], torch.full_like(out, float("nan")), out)
-    return torch.cat([out, m[:, None]], dim=1)
+    return torch.where(broken[:, None], torch.full_like(out, float("nan")), out), e, m
 
 
 class Served(NamedTuple):
@@ -439,22 +436,23 @@ def shard_stats(lp, ent, parts, given, params, kind, mode, has_tail):
     return combine_stats(parts, served(lp, has_tail), ent, given, params, kind, mode)
 
 
-def shard_grad_(z, at, held, lp, ent, parts, scale, given, params, kind, mode, has_tail):
+def shard_grad_(z, at, held, lp, ent, parts, scale, given, params, kind, mode, has_tail,
+                shift=None):
     """Column shards (one on one device): :func:`_grad_logits_` after combining the
-    gathered ``(r, n, k + 2)`` partials."""
-    torch._check(parts.shape[1] == z.shape[0])
-    sv = served(lp, has_tail)
-    stats = combine_stats(parts, sv, ent, given, params, kind, mode)
-    return _grad_logits_(z, at, held, sv, stats, scale, params, mode)
-
-
-def shard_grad_e_(z, at, held, lp, ent, parts, scale, shift, given, params, kind, mode,
-                  has_tail):
-    """:func:`shard_grad_` with ``z`` holding ``exp(z/tau - shift)`` (:func:`partial_stats_`)."""
+    gathered ``(r, n, k + 2)`` partials; ``shift``: ``z`` holds ``exp(z/tau - shift)``
+    (:func:`partial_stats_`), else the logits."""
     torch._check(parts.shape[1] == z.shape[0])
     sv = served(lp, has_tail)
     stats = combine_stats(parts, sv, ent, given, params, kind, mode)
     return _grad_logits_(z, at, held, sv, stats, scale, params, mode, shift)
+
+
+def shard_grad_e_(z, at, held, lp, ent, parts, scale, given, params, kind, mode, has_tail,
+                  shift):
+    """:func:`shard_grad_` with ``shift`` given: a kernel of its own (its own code object,
+    so its graphs do not count against :func:`shard_grad_`'s recompile limit)."""
+    return shard_grad_(z, at, held, lp, ent, parts, scale, given, params, kind, mode,
+                       has_tail, shift)
 
 
 def put_ids_(z: torch.Tensor, col: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
@@ -472,7 +470,7 @@ partial_kernel = Kernel(partial_stats, {0: 0, 1: 0, 2: 0})
 partial_kernel_ = Kernel(partial_stats_, {0: 0, 1: 0, 2: 0})
 shard_stats_kernel = Kernel(shard_stats, {0: 0, 1: 0, 2: 1})
 shard_grad_kernel_ = Kernel(shard_grad_, {**_N, 5: 1, 6: 0})
-shard_grad_e_kernel_ = Kernel(shard_grad_e_, {**_N, 5: 1, 6: 0, 7: 0})
+shard_grad_e_kernel_ = Kernel(shard_grad_e_, {**_N, 5: 1, 6: 0, 12: 0})
 grad_kernel_ = Kernel(grad_logits_, {**_N, 5: 0})
 
 
@@ -533,8 +531,8 @@ def chunk(plan, spec, z, teacher, scale):
         out = shard_grad_kernel_(z, at, held, lp, ent, gathered, scale, given, params, kind,
                                  mode, has_tail)
     else:
-        out = shard_grad_e_kernel_(z, at, held, lp, ent, gathered, scale, shift, given,
-                                   params, kind, mode, has_tail)
+        out = shard_grad_e_kernel_(z, at, held, lp, ent, gathered, scale, given, params,
+                                   kind, mode, has_tail, shift)
     return put_ids_(z, col, out), z
 
 
