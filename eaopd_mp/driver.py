@@ -95,6 +95,7 @@ class LogitsHead:
         self.need_grad = need_grad
         self.grad: torch.Tensor | None = None
         self.buf: torch.Tensor | None = None
+        self.pool: Pool | None = None  # a teacher's: the plan's shared buffer (Plan)
 
     def logits(self, rows) -> torch.Tensor:
         """A copy in the head's buffer: the gradient kernels overwrite the student's."""
@@ -139,6 +140,7 @@ class LinearHead:
         self.bm = None if bias is None else _cast(bias[: self.cols], self.round_to, self.mm)
         self.grad_h = self.grad_w = self.grad_b = None
         self.buf: torch.Tensor | None = None
+        self.pool: Pool | None = None  # a teacher's: the plan's shared buffer (Plan)
         self.scratch: torch.Tensor | None = None  # _accumulate_mm's product (CPU, 16-bit)
         self.fresh_w = False  # grad_w allocated, not yet written by a chunk
 
@@ -245,9 +247,8 @@ def _buffer(head, n: int, dtype: torch.dtype) -> torch.Tensor:
     :class:`Pool` (a plan holds one teacher's chunk at a time), so several teachers cost
     one buffer, allocated once.
     """
-    pool = getattr(head, "pool", None)
-    if pool is not None:
-        head.buf = pool.take(n, head.cols, dtype, head.device)
+    if head.pool is not None:
+        head.buf = head.pool.take(n, head.cols, dtype, head.device)
     elif head.buf is None or head.buf.shape[0] < n:
         head.buf = torch.empty((n, head.cols), dtype=dtype, device=head.device)
     return head.buf[:n]
@@ -262,7 +263,7 @@ class Pool:
 
     def take(self, n: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
         """A contiguous ``(n, cols)`` view of the pool, grown (never shrunk) as needed."""
-        need = n * cols * torch.empty((), dtype=dtype).element_size()
+        need = n * cols * dtype.itemsize
         flat = self.flat
         if flat is None or flat.numel() < need or flat.device != torch.device(device):
             self.flat = flat = torch.empty(need, dtype=torch.uint8, device=device)

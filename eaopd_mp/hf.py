@@ -226,12 +226,18 @@ def _owners(model) -> list:
     return sharded.owners(model, head)
 
 
+def gathered_heads(*models):
+    """:func:`eaopd_mp.sharded.gathered` over the output layers' weights and biases of
+    ``models`` (a context manager; a no-op unless they are ZeRO-3 partitioned)."""
+    heads = [_unwrap(m).get_output_embeddings() for m in models]
+    return sharded.gathered(*(getattr(h, n, None) for h in heads if h is not None
+                              for n in ("weight", "bias")))
+
+
 def _fused(hidden, t_hidden, student, teacher, labels, vocab, loss_options):
     """The fused loss from the two models' hidden states, their heads read (and, under
     DeepSpeed ZeRO-3, gathered) here, inside the models' forwards."""
-    heads = [_unwrap(m).get_output_embeddings() for m in (student, teacher)]
-    params = [getattr(h, n, None) for h in heads if h is not None for n in ("weight", "bias")]
-    with sharded.gathered(*params):
+    with gathered_heads(student, teacher):
         s_head, t_head = lm_head(student), lm_head(teacher)
         if vocab is None:
             vocab = min(s_head.vocab_size, t_head.vocab_size)
@@ -269,16 +275,16 @@ def _routed(student, models, teacher_index, input_ids, attention_mask, completio
     t_hidden = []
 
     def teacher_step(j, model):
-        def step():  # inside teacher j's forward (frozen)
-            if rows[j].numel() == 0 and not collective[j]:  # unsharded: not run
-                w = lm_head(model).weight
-                t_hidden.append(w.new_zeros(0, input_ids.shape[1] - 1, w.shape[1]))
-                return
-            take = rows[j] if rows[j].numel() else rows[j].new_zeros(1)  # see the docstring
+        def forward(take):
             mask = None if attention_mask is None else attention_mask[take]
-            with torch.no_grad():
-                out = last_hidden_state(model, input_ids[take], mask)[:, :-1]
-            t_hidden.append(out if rows[j].numel() else out[:0])
+            return last_hidden_state(model, input_ids[take], mask)[:, :-1]
+
+        def empty():
+            w = lm_head(model).weight
+            return w.new_zeros(0, input_ids.shape[1] - 1, w.shape[1])
+
+        def step():  # inside teacher j's forward (frozen)
+            t_hidden.append(sharded.routed_hidden(rows[j], collective[j], forward, empty))
         return step
 
     def student_part(ids):  # inside the student's forward: its (sharded) head is gathered
@@ -318,9 +324,7 @@ def _fused_routed(hidden, t_hidden, student, models, owners, index, labels, voca
                   loss_options):
     """:func:`_fused` with several teachers: every head read (and, under ZeRO-3,
     gathered) here, inside every model's forward."""
-    heads = [_unwrap(m).get_output_embeddings() for m in (student, *models)]
-    params = [getattr(h, n, None) for h in heads if h is not None for n in ("weight", "bias")]
-    with sharded.gathered(*params):
+    with gathered_heads(student, *models):
         s_head, t_heads = lm_head(student), [lm_head(m) for m in models]
         if vocab is None:
             vocab = min(s_head.vocab_size, *(t.vocab_size for t in t_heads))

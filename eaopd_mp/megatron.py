@@ -610,12 +610,10 @@ def _tp_group(group):
 
 
 def _all_gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
-    """The ranks' ``x`` concatenated along dim 0, in rank order (no gradient)."""
-    import torch.distributed as dist
-    group = _tp_group(group)
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.detach().contiguous(), group=group)
-    return torch.cat(parts, dim=0)
+    """The ranks' ``x`` concatenated along dim 0, in rank order (no gradient): the
+    combiner's all-gather (:meth:`eaopd_mp.tp.TPCombiner.all_gather`)."""
+    from .tp import TPCombiner
+    return TPCombiner(_tp_group(group).group_name).all_gather(x.detach())
 
 
 # ------------------------------------------------------------------------- micro-batches

@@ -215,6 +215,21 @@ def run_teachers_frozen(owner_lists, steps, last):
     return level(0)
 
 
+def routed_hidden(rows: torch.Tensor, collective: bool, forward, empty) -> torch.Tensor:
+    """A teacher's hidden states of its routed ``rows`` (no gradient): ``forward(rows)``.
+
+    A rank with no row for this teacher runs ``forward`` on row 0 and returns its empty
+    slice when the teacher's forward holds collectives (``collective``: FSDP2, ZeRO-3,
+    :func:`is_sharded`), so that its peers' all-gathers are matched; otherwise it returns
+    ``empty()`` without running the teacher."""
+    if rows.numel() == 0 and not collective:
+        return empty()
+    take = rows if rows.numel() else rows.new_zeros(1)
+    with torch.no_grad():
+        out = forward(take)
+    return out if rows.numel() else out[:0]
+
+
 def kept_for_backward(x, reduction: str, engine_owned: bool):
     """A frozen (teacher) head tensor as the loss may keep it: with ``reduction="none"``
     the backward recomputes the logits from it, after the engine has freed its gathered copy

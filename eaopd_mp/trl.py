@@ -29,7 +29,7 @@ import inspect
 import torch
 
 from . import sharded
-from .hf import check_same_transforms, lm_head
+from .hf import check_same_transforms, gathered_heads, lm_head
 from .loss import fused_linear_eaopd_loss
 from .options import LossOptions
 
@@ -202,22 +202,20 @@ class EAOPDDistillationTrainer(DistillationTrainer):
             rows = (index == j).nonzero().squeeze(1)
             engine = sharded.is_sharded(teacher)  # collectives in its forward (any layer)
 
+            def forward(take):
+                return self._get_last_hidden_state(unwrapped[j], input_ids[take],
+                                                   attention_mask[take], keep)
+
+            def empty():
+                w = lm_head(unwrapped[j]).weight
+                return w.new_zeros(0, keep, w.shape[1])
+
             def run():  # inside teacher j's wrapper forward (frozen)
-                if rows.numel() == 0 and not engine:  # unsharded: not run
-                    w = lm_head(unwrapped[j]).weight
-                    t_hidden.append(w.new_zeros(0, keep, w.shape[1]))
-                    return
-                take = rows if rows.numel() else rows.new_zeros(1)
-                with torch.no_grad():
-                    out = self._get_last_hidden_state(unwrapped[j], input_ids[take],
-                                                      attention_mask[take], keep)
-                t_hidden.append(out if rows.numel() else out[:0])
+                t_hidden.append(sharded.routed_hidden(rows, engine, forward, empty))
             return run
 
         def loss():  # every head gathered
-            heads = [m.get_output_embeddings() for m in (unwrapped_student, *unwrapped)]
-            with sharded.gathered(*(getattr(h, n, None) for h in heads
-                                    for n in ("weight", "bias"))):
+            with gathered_heads(unwrapped_student, *unwrapped):
                 return self._fused_loss(hidden, t_hidden, lm_head(unwrapped_student),
                                         [lm_head(m) for m in unwrapped], loss_mask, index)
 
@@ -232,11 +230,8 @@ class EAOPDDistillationTrainer(DistillationTrainer):
         device = s_head.weight.device
         opts = self.loss_options
         vocab = opts.vocab_size or min(s_head.vocab_size, *(t.vocab_size for t in t_heads))
-        transforms = {tuple(sorted(t.options("teacher").items())) for t in t_heads}
-        if len(transforms) > 1:
-            found = sorted(transforms, key=str)  # None beside a float does not sort
-            raise ValueError(f"the teachers' head transforms differ ({found}): one call "
-                             "takes one teacher_softcap / teacher_logit_scale")
+        # Several teachers share one head transform: checked from their configs before
+        # any model ran (_compute_loss, hf.check_same_transforms).
         teacher = dict(teacher_hidden=[h.to(device) for h in t_hidden],
                        teacher_weight=[t.weight for t in t_heads],
                        teacher_bias=[t.bias for t in t_heads],
