@@ -85,6 +85,24 @@ def partial_stats(z: torch.Tensor, y: torch.Tensor, params: torch.Tensor,
         where the other has none gives an infinite ``F`` or ``R`` (a genuinely infinite
         KL). A row with NaN or ``+inf`` in ``z`` or ``y`` gets NaN everywhere.
     """
+    return partial_from_sums(row_sums(z, y, params, untempered))
+
+
+# Columns of row_sums: the shifts (row maxima), the sums of exponentials, the weighted
+# sums of F, R and E, and whether the row is broken (1.0) or not (0.0).
+NSUMS = 10
+
+
+def row_sums(z: torch.Tensor, y: torch.Tensor, params: torch.Tensor,
+             untempered: bool) -> tuple[torch.Tensor, ...]:
+    """The ``(n, v)`` passes of :func:`partial_stats`: ten ``(n,)`` per-token numbers.
+
+    ``(mz, my, mu, sz, sy, su, sf, sr, se, bad)``: with ``dz, dy, du`` the shifted ``z/tau,
+    y/tau, y`` (:func:`_shifted`, shifts ``mz, my, mu``) and ``e`` their exponentials,
+    ``s* = sum e*``, ``sf = sum ey (dy - dz)``, ``sr = sum ez (dz - dy)``, ``se = sum eu du``
+    (columns where the exponential is 0 add 0, not ``0 * -inf``), in the compute dtype, and
+    ``bad``: ``z`` or ``y`` holds NaN or ``+inf`` (bool; 1.0/0.0 in :func:`packed_sums`).
+    """
     torch._check(z.shape[0] == y.shape[0])
     inv_tau = params[0]
     z, y = z.to(params.dtype), y.to(params.dtype)
@@ -92,25 +110,43 @@ def partial_stats(z: torch.Tensor, y: torch.Tensor, params: torch.Tensor,
     dy, my, bad_y = _shifted(y * inv_tau)
     ez, ey = dz.exp(), dy.exp()
     sz, sy = ez.sum(-1), ey.sum(-1)
-    log_sz, log_sy = sz.log(), sy.log()
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
-    inf = torch.full((), float("inf"), dtype=z.dtype, device=z.device)
     # where(e > 0, ...) drops columns that are -inf here (0 * -inf would be NaN).
-    fwd = torch.where(ey > 0, ey * (dy - dz), zero).sum(-1) / sy - log_sy + log_sz
-    rev = torch.where(ez > 0, ez * (dz - dy), zero).sum(-1) / sz - log_sz + log_sy
+    sf = torch.where(ey > 0, ey * (dy - dz), zero).sum(-1)
+    sr = torch.where(ez > 0, ez * (dz - dy), zero).sum(-1)
     if untempered:
-        du, mu, eu, su, log_su = dy, my, ey, sy, log_sy
+        du, mu, eu, su = dy, my, ey, sy
     else:
         du, mu, _ = _shifted(y)
         eu = du.exp()
         su = eu.sum(-1)
-        log_su = su.log()
-    ent = torch.where(eu > 0, eu * du, zero).sum(-1) / su - log_su
-    fwd = torch.where(sy > 0, torch.where(sz > 0, fwd, inf), zero)
-    rev = torch.where(sz > 0, torch.where(sy > 0, rev, inf), zero)
-    ent = torch.where(su > 0, ent, zero)
+    se = torch.where(eu > 0, eu * du, zero).sum(-1)
+    return mz, my, mu, sz, sy, su, sf, sr, se, bad_z | bad_y
+
+
+def partial_from_sums(sums) -> torch.Tensor:
+    """:func:`row_sums`'s ten ``(n,)`` numbers (a sequence, or :func:`packed_sums`'s
+    ``(n, NSUMS)``) -> :func:`partial_stats`'s ``(n, 6)``."""
+    mz, my, mu, sz, sy, su, sf, sr, se, bad = (
+        sums.unbind(-1) if isinstance(sums, torch.Tensor) else sums)
+    log_sz, log_sy, log_su = sz.log(), sy.log(), su.log()
+    zero = torch.zeros((), dtype=sz.dtype, device=sz.device)
+    inf = torch.full((), float("inf"), dtype=sz.dtype, device=sz.device)
+    fwd = torch.where(sy > 0, torch.where(sz > 0, sf / sy - log_sy + log_sz, inf), zero)
+    rev = torch.where(sz > 0, torch.where(sy > 0, sr / sz - log_sz + log_sy, inf), zero)
+    ent = torch.where(su > 0, se / su - log_su, zero)
     out = torch.stack([mz + log_sz, my + log_sy, mu + log_su, fwd, rev, ent], dim=-1)
-    return torch.where((bad_z | bad_y)[:, None], torch.full_like(out, float("nan")), out)
+    return torch.where((bad > 0)[:, None], torch.full_like(out, float("nan")), out)
+
+
+def packed_sums(sums: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """:func:`row_sums` as one ``(n, NSUMS)`` tensor in the compute dtype."""
+    return torch.stack([*sums[:-1], sums[-1].to(sums[0].dtype)], dim=-1)
+
+
+def stats_from_sums(sums: torch.Tensor, params: torch.Tensor, kind: str) -> torch.Tensor:
+    """One device: ``(n, NSUMS)`` :func:`row_sums` -> ``(n, 7)`` statistics."""
+    return combine_stats(partial_from_sums(sums).unsqueeze(0), params, kind)
 
 
 def _lse_shards(lse: torch.Tensor) -> torch.Tensor:
@@ -224,8 +260,18 @@ def grad_logits_(z, y, stats, scale, params) -> torch.Tensor:
 
 
 def single_grad_(z, y, scale, params, kind: str, untempered: bool) -> torch.Tensor:
-    """One device: ``(n, 7)`` statistics; the gradient overwrites ``z``."""
-    return grad_logits_(z, y, single_stats(z, y, params, kind, untempered), scale, params)
+    """One device: the gradient overwrites ``z``; returns the ``(n, NSUMS)``
+    :func:`row_sums` (:func:`stats_from_sums` makes them the statistics).
+
+    Returning the raw sums, not the statistics made from them, is for speed: inductor's
+    CPU code then runs the whole chunk (maxima, sums, gradient) row by row in one loop
+    nest, each row still in cache for the next pass: 35 vs 50 ms for a ``(512, 32000)``
+    float32 chunk on a 2-core Xeon (no change in bf16, whose loops it tiles otherwise).
+    """
+    sums = row_sums(z, y, params, untempered)
+    stats = combine_stats(partial_from_sums(sums).unsqueeze(0), params, kind)
+    z.copy_(grad_logits(z, y, stats, scale, params))
+    return packed_sums(sums)
 
 
 def shard_grad_(z, y, parts, scale, params, kind: str) -> torch.Tensor:
@@ -309,10 +355,13 @@ def single_stats_x(x, xt, params, kind: str, untempered: bool, head, flags):
 
 
 def single_grad_x_(x, xt, scale, params, kind: str, untempered: bool, head, flags):
-    """:func:`single_grad_` on transformed logits; the raw-logit gradient overwrites ``x``."""
+    """:func:`single_grad_` on transformed logits; the raw-logit gradient overwrites ``x``;
+    returns the ``(n, NSUMS)`` :func:`row_sums`."""
     z, y = transform_pair(x, xt, head, flags, params.dtype)
-    return _grad_x_(x, z, y, single_stats(z, y, params, kind, untempered), scale, params,
-                    head, flags)
+    sums = row_sums(z, y, params, untempered)
+    stats = combine_stats(partial_from_sums(sums).unsqueeze(0), params, kind)
+    _grad_x_(x, z, y, stats, scale, params, head, flags)
+    return packed_sums(sums)
 
 
 def partial_stats_x(x, xt, params, untempered: bool, head, flags):
@@ -431,6 +480,7 @@ class Kernel:
 # student logits buffer: a (chunk, V) allocation per chunk costs more than the maths.
 stats_kernel = Kernel(single_stats, {0: 0, 1: 0})
 fwd_grad_kernel_ = Kernel(single_grad_, {0: 0, 1: 0, 2: 0})
+sums_stats_kernel = Kernel(stats_from_sums, {0: 0})  # after the fwd_grad kernels
 partial_kernel = Kernel(partial_stats, {0: 0, 1: 0})
 shard_grad_kernel_ = Kernel(shard_grad_, {0: 0, 1: 0, 2: 1, 3: 0})
 grad_kernel_ = Kernel(grad_logits_, {0: 0, 1: 0, 2: 0, 3: 0})

@@ -385,7 +385,8 @@ def _chunk(plan: Plan, spec, z, y, scale, entropy=None):
             kernel = core.stats_x_kernel if tf else core.stats_kernel
             return kernel(z, y, params, kind, untempered, *x), None
         kernel = core.fwd_grad_x_kernel_ if tf else core.fwd_grad_kernel_
-        return kernel(z, y, scale, params, kind, untempered, *x), z
+        sums = kernel(z, y, scale, params, kind, untempered, *x)
+        return core.sums_stats_kernel(sums, params, kind), z
     if z.shape[1] == 0:
         parts = _empty_partial(z.shape[0], plan.dtype, z.device)
     else:
