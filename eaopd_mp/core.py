@@ -253,6 +253,15 @@ def single_stats(z, y, params, kind: str, untempered: bool) -> torch.Tensor:
     return combine_stats(partial_stats(z, y, params, untempered).unsqueeze(0), params, kind)
 
 
+def single_sums(z, y, params, untempered: bool) -> torch.Tensor:
+    """One device, no gradient: the chunk's ``(n, NSUMS)`` packed :func:`row_sums`,
+    which :func:`stats_from_sums` makes the statistics of :func:`single_stats`. Two
+    kernels rather than one for the reason given in :func:`single_grad_`: 33 -> 18 ms
+    (tempered 37 -> 22) for a ``(512, 32000)`` float32 chunk on a 2-core Xeon; bf16 21 ->
+    19 ms (tempered unchanged)."""
+    return packed_sums(row_sums(z, y, params, untempered))
+
+
 def grad_logits_(z, y, stats, scale, params) -> torch.Tensor:
     """:func:`grad_logits` written over ``z`` (a buffer of ours); returns ``stats``."""
     z.copy_(grad_logits(z, y, stats, scale, params))
@@ -348,10 +357,10 @@ def _grad_x_(x, z, y, stats, scale, params, head, flags) -> torch.Tensor:
     return stats
 
 
-def single_stats_x(x, xt, params, kind: str, untempered: bool, head, flags):
-    """:func:`single_stats` on transformed logits (``x``, ``xt``: raw student, teacher)."""
+def single_sums_x(x, xt, params, untempered: bool, head, flags):
+    """:func:`single_sums` on transformed logits (``x``, ``xt``: raw student, teacher)."""
     z, y = transform_pair(x, xt, head, flags, params.dtype)
-    return single_stats(z, y, params, kind, untempered)
+    return single_sums(z, y, params, untempered)
 
 
 def single_grad_x_(x, xt, scale, params, kind: str, untempered: bool, head, flags):
@@ -478,16 +487,16 @@ class Kernel:
 
 # Kernels whose name ends in "_" write the gradient over their first argument, the
 # student logits buffer: a (chunk, V) allocation per chunk costs more than the maths.
-stats_kernel = Kernel(single_stats, {0: 0, 1: 0})
+sums_kernel = Kernel(single_sums, {0: 0, 1: 0})
 fwd_grad_kernel_ = Kernel(single_grad_, {0: 0, 1: 0, 2: 0})
-sums_stats_kernel = Kernel(stats_from_sums, {0: 0})  # after the fwd_grad kernels
+sums_stats_kernel = Kernel(stats_from_sums, {0: 0})  # after sums and fwd_grad kernels
 partial_kernel = Kernel(partial_stats, {0: 0, 1: 0})
 shard_grad_kernel_ = Kernel(shard_grad_, {0: 0, 1: 0, 2: 1, 3: 0})
 grad_kernel_ = Kernel(grad_logits_, {0: 0, 1: 0, 2: 0, 3: 0})
 
 
 # The same five with head transforms (see make_head): extra arguments (head, flags).
-stats_x_kernel = Kernel(single_stats_x, {0: 0, 1: 0})
+sums_x_kernel = Kernel(single_sums_x, {0: 0, 1: 0})
 fwd_grad_x_kernel_ = Kernel(single_grad_x_, {0: 0, 1: 0, 2: 0})
 partial_x_kernel = Kernel(partial_stats_x, {0: 0, 1: 0})
 shard_grad_x_kernel_ = Kernel(shard_grad_x_, {0: 0, 1: 0, 2: 1, 3: 0})

@@ -382,8 +382,7 @@ def _chunk(plan: Plan, spec, z, y, scale, entropy=None):
     tf = plan.transformed
     if plan.combiner is None:
         if scale is None:
-            kernel = core.stats_x_kernel if tf else core.stats_kernel
-            return kernel(z, y, params, kind, untempered, *x), None
+            return _single_stats(plan, z, y, kind, untempered), None
         kernel = core.fwd_grad_x_kernel_ if tf else core.fwd_grad_kernel_
         sums = kernel(z, y, scale, params, kind, untempered, *x)
         return core.sums_stats_kernel(sums, params, kind), z
@@ -397,6 +396,14 @@ def _chunk(plan: Plan, spec, z, y, scale, entropy=None):
         return core.combine_stats(gathered, params, kind), (None if scale is None else z)
     kernel = core.shard_grad_x_kernel_ if tf else core.shard_grad_kernel_
     return kernel(z, y, gathered, scale, params, kind, *x), z
+
+
+def _single_stats(plan: Plan, z, y, kind: str, untempered: bool) -> torch.Tensor:
+    """One device, no gradient: the chunk's ``(n, 7)`` statistics (its row sums, then the
+    statistics made from them: :func:`eaopd_mp.core.single_sums`)."""
+    sums = (core.sums_x_kernel if plan.transformed else core.sums_kernel)(
+        z, y, plan.params, untempered, *plan.extra)
+    return core.sums_stats_kernel(sums, plan.params, kind)
 
 
 def _override_gate(stats: torch.Tensor, entropy: torch.Tensor, params: torch.Tensor,
@@ -417,8 +424,7 @@ def _chunk_given_entropy(plan: Plan, spec, z, y, scale, entropy):
     params, x, tf = plan.params, plan.extra, plan.transformed
     untempered = spec.inv_tau == 1.0
     if plan.combiner is None:
-        kernel = core.stats_x_kernel if tf else core.stats_kernel
-        stats = kernel(z, y, params, spec.gate, untempered, *x)
+        stats = _single_stats(plan, z, y, spec.gate, untempered)
     else:
         partial = core.partial_x_kernel if tf else core.partial_kernel
         parts = _empty_partial(z.shape[0], plan.dtype, z.device) if z.shape[1] == 0 \

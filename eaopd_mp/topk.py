@@ -82,7 +82,7 @@ def ids_problem(ids: torch.Tensor, vocab_size: int) -> str | None:
         return (f"teacher_topk_indices must be vocabulary ids in [0, {vocab_size}), got "
                 f"{ids[bad][:3].tolist()}")
     if ids.shape[1] > 1:
-        dup = repeats(ids, vocab_size)
+        dup = repeats(ids, vocab_size) if ids.device.type == "cpu" else _repeats_sorted(ids)
         if bool(dup.any()):
             row = int(dup.nonzero()[0, 0])
             return ("teacher_topk_indices repeats an id within a token (token "
@@ -90,7 +90,15 @@ def ids_problem(ids: torch.Tensor, vocab_size: int) -> str | None:
     return None
 
 
-# Elements of repeats()'s int32 scratch (16 MiB): a few hundred tokens at V = 32k.
+def _repeats_sorted(ids: torch.Tensor) -> torch.Tensor:
+    """:func:`repeats` by a sort of each token's ids: one kernel per call on a GPU, where
+    :func:`repeats` would launch two per block of tokens."""
+    srt = ids.sort(dim=1).values
+    return (srt[:, 1:] == srt[:, :-1]).any(1)
+
+
+# Elements of repeats()'s int32 scratch (16 MiB; one vocabulary row if that is larger):
+# a few hundred tokens at V = 32k.
 _SCRATCH = 2**22
 
 
@@ -100,8 +108,9 @@ def repeats(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     Each token writes the positions ``0..k-1`` of its ids into a scratch row of the
     vocabulary and reads them back: a repeated id keeps only one of its positions (which
     one is unspecified), so another reads back wrong. O(k) per token, where a sort is
-    O(k log k) and, on CPU, 2-3x the time (4096 tokens, k = 256: 7 vs 20 ms). The scratch
-    is never cleared: only the columns just written are read.
+    O(k log k) and, on CPU, 2-3x the time (4096 tokens, k = 256: 8 vs 15-20 ms). The
+    scratch is never cleared: only the columns just written are read. Used on CPU; other
+    devices sort (:func:`_repeats_sorted`).
     """
     n, k = ids.shape
     rows = max(1, min(n, _SCRATCH // max(vocab_size, 1)))

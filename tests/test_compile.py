@@ -133,3 +133,34 @@ def test_an_input_error_met_while_compiling_propagates_without_fallback(monkeypa
     torch.testing.assert_close(kernel(z, y, params, "linear", True),
                                core.single_stats(z, y, params, "linear", True))
     assert not kernel._failed and kernel._compiled is not None
+
+
+@pytest.mark.parametrize("kind", ["linear", "threshold", "fixed"])
+@pytest.mark.parametrize("inv_tau", [1.0, 0.5])
+def test_split_kernels_agree_with_the_one_pass_statistics(monkeypatch, kind, inv_tau):
+    """The one-device kernels return raw row sums and a second kernel makes the statistics
+    (core.single_sums / single_grad_, then stats_from_sums): those statistics equal the
+    one-pass ones (eager core.single_stats), and the gradient written by the fused kernel
+    is the closed form of exactly the statistics returned (loss and gradient agree), on
+    rows with -inf columns, a NaN and an all -inf teacher."""
+    monkeypatch.setenv("EAOPD_COMPILE", "1")
+    gen = torch.Generator().manual_seed(3)
+    z, y = torch.randn(9, 40, generator=gen) * 3, torch.randn(9, 40, generator=gen) * 3
+    z[1, :7] = y[2, 5:20] = float("-inf")
+    z[3, 4] = float("nan")
+    y[4] = float("-inf")
+    scale = torch.rand(9, generator=gen)
+    params = torch.tensor([inv_tau, 0.3, 0.6])
+    untempered = inv_tau == 1.0
+    expected = core.single_stats(z, y, params, kind, untempered)
+    stats = core.sums_stats_kernel(core.sums_kernel(z, y, params, untempered), params, kind)
+    torch.testing.assert_close(stats, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
+    grad = z.clone()
+    fused = core.sums_stats_kernel(
+        core.fwd_grad_kernel_(grad, y, scale, params, kind, untempered), params, kind)
+    torch.testing.assert_close(fused, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(grad, core.grad_logits(z, y, fused, scale, params),
+                               rtol=1e-6, atol=1e-7, equal_nan=True)
+    assert torch.isnan(fused[3, :core.A]).all() and torch.isnan(core.token_loss(fused)[3:5]).all()
+    assert torch.isfinite(fused[[0, 5, 6, 7, 8]]).all()
+    assert fused[1, core.KL_FWD] == float("inf") and fused[2, core.KL_REV] == float("inf")

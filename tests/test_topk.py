@@ -271,11 +271,13 @@ def test_bad_input_raises_before_work(change, match, fused):
     assert hg.grad is None
 
 
-@pytest.mark.parametrize("scratch", [2**22, 3 * 50])  # one block; blocks of 3 tokens
+# One block; blocks of 3 tokens; a scratch smaller than one vocabulary row (one token a block).
+@pytest.mark.parametrize("scratch", [2**22, 3 * 50, 30])
 def test_repeats_finds_every_repeated_id(monkeypatch, scratch):
-    """The O(k) repeated-id check agrees with a sort on tokens with none, one or several
-    repeats anywhere in the row (first, last, adjacent, far apart, all equal), also when
-    the tokens are checked a few at a time."""
+    """The O(k) repeated-id check (CPU) and the sort (other devices) agree with a sort
+    written here on tokens with none, one or several repeats anywhere in the row (first,
+    last, adjacent, far apart, all equal), also when the tokens are checked a few at a
+    time."""
     from eaopd_mp import topk
 
     monkeypatch.setattr(topk, "_SCRATCH", scratch)
@@ -294,10 +296,11 @@ def test_repeats_finds_every_repeated_id(monkeypatch, scratch):
     srt = ids.sort(dim=1).values
     expected = (srt[:, 1:] == srt[:, :-1]).any(1)
     assert expected[1:6].all() and not expected[0] and expected.sum() < 40
-    assert torch.equal(topk.repeats(ids, vocab), expected)
     every = torch.randperm(vocab, generator=gen)[None]  # k = V: a permutation, no repeat
-    assert not topk.repeats(every, vocab).any()
-    assert topk.repeats(torch.zeros(1, 2, dtype=torch.long), vocab).all()
+    for check in (lambda i: topk.repeats(i, vocab), topk._repeats_sorted):
+        assert torch.equal(check(ids), expected)
+        assert not check(torch.cat([every, every.flip(1)])).any()
+        assert check(torch.zeros(1, 2, dtype=torch.long)).all()
 
 
 def test_masked_tokens_ids_are_not_read(eager):
