@@ -373,12 +373,6 @@ def single_grad_x_(x, xt, scale, params, kind: str, untempered: bool, head, flag
     return packed_sums(sums)
 
 
-def partial_stats_x(x, xt, params, untempered: bool, head, flags):
-    """:func:`partial_stats` on transformed logits."""
-    z, y = transform_pair(x, xt, head, flags, params.dtype)
-    return partial_stats(z, y, params, untempered)
-
-
 def shard_grad_x_(x, xt, parts, scale, params, kind: str, head, flags):
     """:func:`shard_grad_` on transformed logits; the raw-logit gradient overwrites ``x``."""
     torch._check(parts.shape[1] == x.shape[0])
@@ -490,14 +484,13 @@ class Kernel:
 sums_kernel = Kernel(single_sums, {0: 0, 1: 0})
 fwd_grad_kernel_ = Kernel(single_grad_, {0: 0, 1: 0, 2: 0})
 sums_stats_kernel = Kernel(stats_from_sums, {0: 0})  # after sums and fwd_grad kernels
-partial_kernel = Kernel(partial_stats, {0: 0, 1: 0})
+parts_kernel = Kernel(partial_from_sums, {0: 0})  # a shard's sums -> its partials
 shard_grad_kernel_ = Kernel(shard_grad_, {0: 0, 1: 0, 2: 1, 3: 0})
 grad_kernel_ = Kernel(grad_logits_, {0: 0, 1: 0, 2: 0, 3: 0})
 
 
-# The same five with head transforms (see make_head): extra arguments (head, flags).
+# The same with head transforms (see make_head): extra arguments (head, flags).
 sums_x_kernel = Kernel(single_sums_x, {0: 0, 1: 0})
 fwd_grad_x_kernel_ = Kernel(single_grad_x_, {0: 0, 1: 0, 2: 0})
-partial_x_kernel = Kernel(partial_stats_x, {0: 0, 1: 0})
 shard_grad_x_kernel_ = Kernel(shard_grad_x_, {0: 0, 1: 0, 2: 1, 3: 0})
 grad_x_kernel_ = Kernel(grad_logits_x_, {0: 0, 1: 0, 2: 0, 3: 0})

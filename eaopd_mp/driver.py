@@ -386,16 +386,22 @@ def _chunk(plan: Plan, spec, z, y, scale, entropy=None):
         kernel = core.fwd_grad_x_kernel_ if tf else core.fwd_grad_kernel_
         sums = kernel(z, y, scale, params, kind, untempered, *x)
         return core.sums_stats_kernel(sums, params, kind), z
-    if z.shape[1] == 0:
-        parts = _empty_partial(z.shape[0], plan.dtype, z.device)
-    else:
-        parts = (core.partial_x_kernel if tf else core.partial_kernel)(
-            z, y, params, untempered, *x)
-    gathered = plan.combiner.gather(parts)
+    gathered = plan.combiner.gather(_partial(plan, z, y, untempered))
     if scale is None or z.shape[1] == 0:
         return core.combine_stats(gathered, params, kind), (None if scale is None else z)
     kernel = core.shard_grad_x_kernel_ if tf else core.shard_grad_kernel_
     return kernel(z, y, gathered, scale, params, kind, *x), z
+
+
+def _partial(plan: Plan, z, y, untempered: bool) -> torch.Tensor:
+    """A column shard's ``(n, 6)`` partial statistics: its row sums, then
+    :func:`eaopd_mp.core.partial_from_sums` (two kernels, as :func:`_single_stats`); a shard
+    with no real vocabulary column has :func:`_empty_partial`."""
+    if z.shape[1] == 0:
+        return _empty_partial(z.shape[0], plan.dtype, z.device)
+    sums = (core.sums_x_kernel if plan.transformed else core.sums_kernel)(
+        z, y, plan.params, untempered, *plan.extra)
+    return core.parts_kernel(sums)
 
 
 def _single_stats(plan: Plan, z, y, kind: str, untempered: bool) -> torch.Tensor:
@@ -426,10 +432,8 @@ def _chunk_given_entropy(plan: Plan, spec, z, y, scale, entropy):
     if plan.combiner is None:
         stats = _single_stats(plan, z, y, spec.gate, untempered)
     else:
-        partial = core.partial_x_kernel if tf else core.partial_kernel
-        parts = _empty_partial(z.shape[0], plan.dtype, z.device) if z.shape[1] == 0 \
-            else partial(z, y, params, untempered, *x)
-        stats = core.combine_stats(plan.combiner.gather(parts), params, spec.gate)
+        parts = plan.combiner.gather(_partial(plan, z, y, untempered))
+        stats = core.combine_stats(parts, params, spec.gate)
     stats = _override_gate(stats, entropy, params, spec.gate)
     if scale is None:
         return stats, None
