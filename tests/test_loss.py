@@ -345,3 +345,32 @@ def test_single_token_without_batch_dims(reduction):
     ref.backward()
     _close(loss, ref)
     _close(z.grad, zr.grad)
+
+
+@pytest.mark.parametrize("inv_tau", [1.0, 0.5])
+def test_a_shard_with_no_finite_column_adds_nothing(eager, inv_tau):
+    """Under tensor parallelism a token's row can be all -inf on one rank's columns (a
+    masked vocabulary range) and finite on another's. That shard's partial statistics
+    must say "no mass here" (log-sum-exps -inf, sums 0), never NaN, and the combined
+    statistics must be those of the whole row; the same with the row all -inf for the
+    student only, or for the teacher only (an infinite KL, not NaN)."""
+    from eaopd_mp import core
+
+    gen = torch.Generator().manual_seed(5)
+    z, y = torch.randn(4, 12, generator=gen) * 2, torch.randn(4, 12, generator=gen) * 2
+    z[0, 6:] = y[0, 6:] = float("-inf")   # shard 1 holds nothing of token 0
+    z[1, :6] = y[1, :6] = float("-inf")   # shard 0 holds nothing of token 1
+    z[2, 6:] = float("-inf")              # the student has no mass on shard 1
+    y[3, :6] = float("-inf")              # the teacher has none on shard 0
+    params = torch.tensor([inv_tau, 0.3, 0.0])
+    untempered = inv_tau == 1.0
+    shards = [core.partial_stats(z[:, c], y[:, c], params, untempered)
+              for c in (slice(0, 6), slice(6, 12))]
+    assert not any(torch.isnan(s).any() for s in shards)
+    assert (shards[1][0, :3] == float("-inf")).all() and (shards[1][0, 3:] == 0).all()
+    assert (shards[0][1, :3] == float("-inf")).all() and (shards[0][1, 3:] == 0).all()
+    combined = core.combine_stats(torch.stack(shards), params, "linear")
+    whole = core.single_stats(z, y, params, "linear", untempered)
+    formulas.close(combined, whole)
+    assert combined[2, core.KL_FWD] == float("inf") and combined[3, core.KL_REV] == float("inf")
+    assert torch.isfinite(combined[:2]).all()
