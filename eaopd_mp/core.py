@@ -144,8 +144,9 @@ def packed_sums(sums: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return torch.stack([*sums[:-1], sums[-1].to(sums[0].dtype)], dim=-1)
 
 
-def stats_from_sums(sums: torch.Tensor, params: torch.Tensor, kind: str) -> torch.Tensor:
-    """One device: ``(n, NSUMS)`` :func:`row_sums` -> ``(n, 7)`` statistics."""
+def stats_from_sums(sums, params: torch.Tensor, kind: str) -> torch.Tensor:
+    """One device: :func:`row_sums` (the tuple, or :func:`packed_sums`'s ``(n, NSUMS)``)
+    -> ``(n, 7)`` statistics."""
     return combine_stats(partial_from_sums(sums).unsqueeze(0), params, kind)
 
 
@@ -250,7 +251,7 @@ def grad_logits(
 
 def single_stats(z, y, params, kind: str, untempered: bool) -> torch.Tensor:
     """One device, no gradient: ``(n, 7)`` statistics of a chunk."""
-    return combine_stats(partial_stats(z, y, params, untempered).unsqueeze(0), params, kind)
+    return stats_from_sums(row_sums(z, y, params, untempered), params, kind)
 
 
 def single_sums(z, y, params, untempered: bool) -> torch.Tensor:
@@ -278,8 +279,7 @@ def single_grad_(z, y, scale, params, kind: str, untempered: bool) -> torch.Tens
     float32 chunk on a 2-core Xeon (no change in bf16, whose loops it tiles otherwise).
     """
     sums = row_sums(z, y, params, untempered)
-    stats = combine_stats(partial_from_sums(sums).unsqueeze(0), params, kind)
-    z.copy_(grad_logits(z, y, stats, scale, params))
+    z.copy_(grad_logits(z, y, stats_from_sums(sums, params, kind), scale, params))
     return packed_sums(sums)
 
 
@@ -368,8 +368,7 @@ def single_grad_x_(x, xt, scale, params, kind: str, untempered: bool, head, flag
     returns the ``(n, NSUMS)`` :func:`row_sums`."""
     z, y = transform_pair(x, xt, head, flags, params.dtype)
     sums = row_sums(z, y, params, untempered)
-    stats = combine_stats(partial_from_sums(sums).unsqueeze(0), params, kind)
-    _grad_x_(x, z, y, stats, scale, params, head, flags)
+    _grad_x_(x, z, y, stats_from_sums(sums, params, kind), scale, params, head, flags)
     return packed_sums(sums)
 
 

@@ -399,17 +399,20 @@ def _partial(plan: Plan, z, y, untempered: bool) -> torch.Tensor:
     with no real vocabulary column has :func:`_empty_partial`."""
     if z.shape[1] == 0:
         return _empty_partial(z.shape[0], plan.dtype, z.device)
-    sums = (core.sums_x_kernel if plan.transformed else core.sums_kernel)(
-        z, y, plan.params, untempered, *plan.extra)
-    return core.parts_kernel(sums)
+    return core.parts_kernel(_sums(plan, z, y, untempered))
 
 
 def _single_stats(plan: Plan, z, y, kind: str, untempered: bool) -> torch.Tensor:
     """One device, no gradient: the chunk's ``(n, 7)`` statistics (its row sums, then the
     statistics made from them: :func:`eaopd_mp.core.single_sums`)."""
-    sums = (core.sums_x_kernel if plan.transformed else core.sums_kernel)(
-        z, y, plan.params, untempered, *plan.extra)
-    return core.sums_stats_kernel(sums, plan.params, kind)
+    return core.sums_stats_kernel(_sums(plan, z, y, untempered), plan.params, kind)
+
+
+def _sums(plan: Plan, z, y, untempered: bool) -> torch.Tensor:
+    """The chunk's ``(n, NSUMS)`` packed row sums (:func:`eaopd_mp.core.single_sums`), head
+    transforms applied if the plan has them."""
+    kernel = core.sums_x_kernel if plan.transformed else core.sums_kernel
+    return kernel(z, y, plan.params, untempered, *plan.extra)
 
 
 def _override_gate(stats: torch.Tensor, entropy: torch.Tensor, params: torch.Tensor,
