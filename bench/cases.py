@@ -20,6 +20,8 @@ class Case:
         tokens, hidden, vocab: N, H (student and teacher) and V.
         chunk: tokens per chunk for every chunked implementation.
         impls: names of the implementations measured at this point.
+        source: ``"random"`` (:func:`make_inputs`' synthetic tensors) or ``"smollm2"``
+            (a real model's hidden states and head: ``real_inputs.py``).
     """
 
     sweep: str
@@ -31,6 +33,7 @@ class Case:
     vocab: int
     chunk: int
     impls: tuple[str, ...]
+    source: str = "random"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -72,8 +75,13 @@ def make_inputs(case: Case, seed: int = 0, device: str | None = None) -> Inputs:
 
     Logits have a standard deviation of about 2 (student) and 3 (teacher); each teacher
     token is scaled by a random factor in [0.25, 2] so that the teacher entropy, and
-    with it the gate, spreads over the whole [0, 1] range instead of one value.
+    with it the gate, spreads over the whole [0, 1] range instead of one value. A case
+    of ``source="smollm2"`` takes a real model's instead (``real_inputs.py``; no seed).
     """
+    if case.source == "smollm2":
+        from real_inputs import smollm2_inputs
+
+        return smollm2_inputs(case, device)
     gen = torch.Generator().manual_seed(seed)
     n, h, v = case.tokens, case.hidden, case.vocab
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 FIELDS = ("device", "dtype", "tokens", "hidden", "vocab", "chunk")
 BASELINES = ("floor_chunked", "floor")
+LOGITS_SWEEPS = ("long-", "real-")  # sweeps whose tables and plots show one logits tensor
 # Fixed colours and line styles, so that an implementation looks the same on every plot.
 STYLES = {
     "naive_eager": ("tab:red", "-"),
@@ -276,10 +277,10 @@ def dtype_ratios(records: list[dict]) -> str:
 
 
 def logits_bytes(records: list[dict]) -> str:
-    """For the long-context suite: per token count, the size of one ``(tokens, V)``
+    """For the long-context and real-model suites: per token count, the size of one ``(tokens, V)``
     float32 logits tensor next to each implementation's measured peak above the inputs
     (or why it was not run). Empty for other suites."""
-    rows = [r for r in records if r["sweep"].startswith("long-")]
+    rows = [r for r in records if r["sweep"].startswith(LOGITS_SWEEPS)]
     if not rows:
         return ""
     impls = list(dict.fromkeys(r["impl"] for r in rows))
@@ -350,7 +351,7 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
                          linewidth=2.5 if impl.startswith("eaopd_fused") else 1.5)
             axes[0].plot(xs, ts, **style)
             axes[1].plot(xs, [max(m, 0.1) for m in ms], **style)
-        if name.startswith("long-"):  # what one (tokens, V) fp32 logits tensor takes
+        if name.startswith(LOGITS_SWEEPS):  # what one (tokens, V) fp32 logits tensor takes
             xs = sorted({r[x] for r in group})
             axes[1].plot(xs, [n * group[0]["vocab"] * 4 / 2**20 for n in xs], color="gray",
                          linestyle=":", label="one (tokens, V) fp32 logits")

@@ -12,6 +12,7 @@
     python bench/run.py --suite long --out bench-long       # long context, V = 151936
     python bench/run.py --suite long --device cuda --dtype bf16 --out bench-long-cuda
     python bench/run.py --suite teachers --out bench-teachers # 1, 2, 4 routed teachers
+    python bench/run.py --suite real --out bench-real       # SmolLM2's hidden states, head
 
 Writes ``results.json`` (one record per implementation and point), ``results.md``
 (tables), ``meta.json`` (machine, versions, command) and one PNG per sweep into
@@ -38,6 +39,7 @@ from impls import IMPLS, configure_process
 from memory import GIB, available_bytes, cpu_peak_supported
 from report import dtype_ratios, flatness, gpu_goals, logits_bytes, text_table, write_all
 from suites import (
+    SUITE_BUDGETS_GIB,
     SUITES,
     cpu_bf16_suite,
     custom_sweep,
@@ -45,6 +47,7 @@ from suites import (
     issue2_suite,
     long_suite,
     main_suite,
+    real_suite,
     teachers_suite,
     topk_suite,
 )
@@ -119,6 +122,8 @@ def select_cases(args: argparse.Namespace):
         cases = long_suite(args.device, args.dtype)
     elif args.suite == "teachers":
         cases = teachers_suite()
+    elif args.suite == "real":
+        cases = real_suite()
     else:
         cases = main_suite(args.device, args.dtype, args.quick)
     if args.sweeps:
@@ -213,10 +218,12 @@ def machine_meta(args: argparse.Namespace, budget: int, budget_from: str) -> dic
 
 
 def memory_budget(args: argparse.Namespace) -> tuple[int, str]:
-    """Bytes a point may use (``--mem-budget-gib``, else 60 % of what is available) and
-    where the figure comes from."""
+    """Bytes a point may use (``--mem-budget-gib``, else the suite's own, else 60 % of what
+    is available) and where the figure comes from."""
     if args.mem_budget_gib:
         return int(args.mem_budget_gib * GIB), "--mem-budget-gib"
+    if args.suite in SUITE_BUDGETS_GIB and not args.tokens:
+        return int(SUITE_BUDGETS_GIB[args.suite] * GIB), f"the {args.suite} suite's budget"
     if args.device == "cuda" and not torch.cuda.is_available():  # a dry run
         return int(0.6 * NOMINAL_GPU_GIB * GIB), \
             f"60% of a nominal {NOMINAL_GPU_GIB:g} GiB GPU (no CUDA here)"

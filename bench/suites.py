@@ -6,8 +6,9 @@ of the fused loss against the GEMM floor (CPU, fp32, V = 32000). ``gpu``: issue 
 GPU table (CUDA, bf16, V = 128256, H = 4096, N = 4k/8k/16k). ``cpu-bf16``: the fused
 loss and the chunked GEMM floor in bf16 next to fp32 on CPU. ``topk``: a served top-k
 teacher (issue 12). ``long``: long-context memory at V = 151,936 (issue 17).
-``teachers``: 1, 2 and 4 routed teachers (issue 19). ``startup`` (first-call
-times in fresh processes) is not a list of cases: see ``startup.py``.
+``teachers``: 1, 2 and 4 routed teachers (issue 19). ``real``: SmolLM2-135M-Instruct's
+hidden states and head (issue 28). ``startup`` (first-call times in fresh processes) is not
+a list of cases: see ``startup.py``.
 
 CPU sweeps use a small hidden size: on two cores the GEMMs of a realistic one (4096)
 would take minutes per step, and a small one shows the overhead of the loss itself
@@ -52,7 +53,7 @@ def default_chunk(vocab: int) -> int:
 
 
 def _sweep(name, x, device, dtype, values, *, tokens=None, hidden=None, vocab=None,
-           chunk=None, impls=ALL) -> list[Case]:
+           chunk=None, impls=ALL, source="random") -> list[Case]:
     """Cases varying ``x`` over ``values``, the other fields fixed."""
     cases = []
     for value in values:
@@ -60,7 +61,8 @@ def _sweep(name, x, device, dtype, values, *, tokens=None, hidden=None, vocab=No
         fields[x] = value
         if fields["chunk"] is None:
             fields["chunk"] = default_chunk(fields["vocab"])
-        cases.append(Case(sweep=name, x=x, device=device, dtype=dtype, impls=impls, **fields))
+        cases.append(Case(sweep=name, x=x, device=device, dtype=dtype, impls=impls,
+                          source=source, **fields))
     return cases
 
 
@@ -186,6 +188,25 @@ def teachers_suite() -> list[Case]:
                   vocab=V32K, impls=TEACHERS)
 
 
+V_SMOLLM2, H_SMOLLM2 = 49152, 576  # SmolLM2-135M-Instruct
+REAL_IMPLS = ("eaopd_fused", "eaopd_logits", "naive_eager", "floor_chunked")
+REAL_TOKENS = (1024, 4096, 16384)
+REAL_BUDGET_GIB = 8.0
+
+
+def real_suite() -> list[Case]:
+    """Issue 28: a real model's hidden states and head (SmolLM2-135M-Instruct, H = 576,
+    V = 49,152; ``real_inputs.py``), CPU fp32. The fused loss against the loss on the full
+    ``(N, V)`` logits, materialised as ``transformers`` makes them: the eager reference
+    (``naive_eager``, what a hand-written logits loss costs) and ``eaopd_mp``'s own
+    logits-in loss (``eaopd_logits``), with the chunked four-GEMM floor. N = 1k, 4k, 16k
+    tokens under an 8 GiB budget (:data:`REAL_BUDGET_GIB`, unless ``--mem-budget-gib``):
+    the logits paths are skipped where their estimate passes it."""
+    return _sweep(f"real-smollm2-V{V_SMOLLM2}-H{H_SMOLLM2}", "tokens", "cpu", "fp32",
+                  REAL_TOKENS, hidden=H_SMOLLM2, vocab=V_SMOLLM2, impls=REAL_IMPLS,
+                  source="smollm2")
+
+
 def custom_sweep(device: str, dtype: str, tokens: tuple[int, ...], hidden: int, vocab: int,
                  chunk: int | None = None) -> list[Case]:
     """One tokens sweep at the given shapes (``--tokens``), every implementation."""
@@ -196,4 +217,6 @@ def custom_sweep(device: str, dtype: str, tokens: tuple[int, ...], hidden: int, 
 # The device and dtype a suite is defined on (None: chosen by --device/--dtype).
 SUITES = {"main": None, "issue2": ("cpu", "fp32"), "gpu": ("cuda", "bf16"),
           "cpu-bf16": ("cpu", None), "startup": ("cpu", "fp32"), "topk": ("cpu", "fp32"),
-          "long": None, "teachers": ("cpu", "fp32")}
+          "long": None, "teachers": ("cpu", "fp32"), "real": ("cpu", "fp32")}
+# A suite's own memory budget, stated in its docstring (else 60% of what is available).
+SUITE_BUDGETS_GIB = {"real": REAL_BUDGET_GIB}
