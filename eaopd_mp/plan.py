@@ -233,6 +233,8 @@ def run(student: list, teachers: TeacherSet, labels: torch.Tensor | None, token_
         result["per_teacher"] = [
             summarize(stats, _routed_mask(mask, teachers.index, j, stats.dtype))
             for j in range(len(teachers.forms))]
+    if options.return_stats == "token":
+        result["token"] = token_stats(stats, mask, teachers, token_shape, options.topk_tail)
     return loss, result
 
 
@@ -280,20 +282,58 @@ def _divisor(reduction: str, token_shape: tuple):
     return max(token_shape[0], 1) if token_shape else 1
 
 
+# The statistics columns reported by name (return_stats=True: their means; "token": each).
+STAT_COLUMNS = {
+    "teacher_entropy": core.ENTROPY,
+    "fkl_weight": core.A,
+    "rkl_weight": core.B,
+    "kl_fwd": core.KL_FWD,
+    "kl_rev": core.KL_REV,
+}
+
+
 def summarize(stats: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Mask-weighted means of the ``(N, 7)`` per-token statistics, detached, for logging."""
-    cols = {
-        "teacher_entropy": core.ENTROPY,
-        "fkl_weight": core.A,
-        "rkl_weight": core.B,
-        "kl_fwd": core.KL_FWD,
-        "kl_rev": core.KL_REV,
-    }
     stats = stats.detach()
     w = torch.ones_like(stats[:, 0]) if mask is None else mask.detach().to(stats.dtype)
     total = w.sum()
     denom = torch.where(total != 0, total, torch.ones_like(total))
     # Masked tokens have all-zero statistics: 0 * w never turns into NaN there.
-    out = {name: (stats[:, c] * w).sum() / denom for name, c in cols.items()}
+    out = {name: (stats[:, c] * w).sum() / denom for name, c in STAT_COLUMNS.items()}
     out["tokens"] = total
+    return out
+
+
+def token_stats(stats: torch.Tensor, mask: torch.Tensor | None, teachers: TeacherSet,
+                token_shape: tuple, topk_tail: str) -> dict[str, torch.Tensor]:
+    """The per-token statistics of ``return_stats="token"``, each detached with the loss's
+    token shape in the compute dtype (float32; float64 for float64 inputs), 0 on tokens of
+    weight 0 (as ``F.cross_entropy`` gives an ignored token 0): ``teacher_entropy`` (the
+    gate's), ``fkl_weight``, ``rkl_weight`` (the gate's ``a``, ``b``), ``kl_fwd``, ``kl_rev``.
+
+    With a top-k teacher also ``teacher_topk_mass`` (``sum_k exp(l_k)`` of the served
+    log-probs) and ``student_topk_mass`` (the student's ``sum_k p[I_k]`` at temperature
+    ``tau``), 0 on tokens whose teacher is dense. Read from the ``(N, 7)`` statistics the
+    loss computes anyway, and the ``(N, k)`` served numbers: no pass over the vocabulary.
+    """
+    stats = stats.detach()
+    out = {name: stats[:, c].reshape(token_shape) for name, c in STAT_COLUMNS.items()}
+    if "topk" not in teachers.forms:
+        return out
+    teacher_mass = torch.zeros_like(stats[:, 0])
+    student_mass = torch.zeros_like(stats[:, 0])
+    index = teachers.index
+    for j, (form, tensors) in enumerate(zip(teachers.forms, teachers.tensors, strict=True)):
+        if form != "topk":
+            continue
+        mine = slice(None) if index is None else (index == j)
+        teacher_mass[mine] = torch.logsumexp(tensors[0].to(stats.dtype), -1).exp()
+        side = stats[mine, core.LSE_T]  # log P_tail (bucket) or log sum_k P_k (others)
+        student_mass[mine] = -torch.expm1(side) if topk_tail == "bucket" else side.exp()
+    if mask is not None:  # tokens of weight 0: no statistics were computed
+        zero = torch.zeros_like(teacher_mass)
+        teacher_mass, student_mass = (torch.where(mask.detach() == 0, zero, x)
+                                      for x in (teacher_mass, student_mass))
+    out["teacher_topk_mass"] = teacher_mass.reshape(token_shape)
+    out["student_topk_mass"] = student_mass.reshape(token_shape)
     return out

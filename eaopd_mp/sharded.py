@@ -656,6 +656,8 @@ def _sequence_parallel(student_hidden, d, size, h, w, b, th, tw, tb, tl, rest, o
         loss = loss / max(token_shape[0], 1)
     elif d and reduction == "none":
         loss = loss.movedim(0, d)
+    if d and stats is not None and "token" in stats:  # per-token statistics: the same move
+        stats["token"] = {k: v.movedim(0, d) for k, v in stats["token"].items()}
     return loss if stats is None else (loss, stats)
 
 
