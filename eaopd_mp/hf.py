@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from . import sharded
+from .errors import surfaced
 from .loss import fused_linear_eaopd_loss
 
 # Options that lm_head reads from the model: eaopd_loss refuses them as loss options.
@@ -157,6 +158,7 @@ def next_token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     return keep.to(torch.float32)
 
 
+@surfaced
 def eaopd_loss(student, teacher=None, input_ids: torch.Tensor | None = None,
                attention_mask: torch.Tensor | None = None,
                completion_mask: torch.Tensor | None = None, *, teachers: list | None = None,

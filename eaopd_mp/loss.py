@@ -15,6 +15,7 @@ import torch
 
 from . import _checks, ops, plan, sharded, teachers  # noqa: F401 - ops registers the custom ops
 from .core import compute_dtype
+from .errors import surfaced
 from .options import LossOptions
 
 
@@ -33,6 +34,7 @@ def teacher_entropy(teacher_logits: torch.Tensor) -> torch.Tensor:
     return (-(u.exp() * u_finite).sum(-1)).to(teacher_logits.dtype)
 
 
+@surfaced
 def entropy_aware_opd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | list | None = None,
@@ -101,11 +103,12 @@ def logits_loss(student_logits, teacher_logits, labels, options: LossOptions,
     _checks.same_device(student_logits=student_logits, labels=labels,
                         teacher_index=teacher_index, **teachers.named(args))
     labels = _checks.labels(labels, token_shape)
-    z = student_logits.reshape(-1, vocab)
+    z = teachers.rows(student_logits)
     return plan.run([z], chosen, labels, token_shape, options, student_form="logits",
                     width=vocab)
 
 
+@surfaced
 def fused_linear_eaopd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -166,6 +169,7 @@ def linear_loss(student_hidden, student_weight, student_bias, teacher_hidden, te
                                            teacher_logits, labels, options, topk_logprobs,
                                            topk_indices, entropy, teacher_index)
     _checks.linear("student", student_hidden, student_weight, student_bias)
+    _checks.nonempty_vocab("student_weight", student_weight, 0)
     token_shape = tuple(student_hidden.shape[:-1])
     vocab = student_weight.shape[0]
     args = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,

@@ -71,6 +71,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .errors import surfaced
 from .parallel import fused_linear_vocab_parallel_eaopd_loss
 
 # Logged name -> key of the loss statistics.
@@ -441,6 +442,7 @@ def megatron_loss_triple(loss_sum: torch.Tensor, loss_mask: torch.Tensor,
     return loss_sum, num_tokens, logged
 
 
+@surfaced
 def eaopd_loss_func(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import surfaced
 from .loss import linear_loss, logits_loss
 from .options import LossOptions
 
@@ -28,6 +29,7 @@ class EntropyAwareOPDLoss(_Options):
     ``return_stats``, ``gate``, ``topk_tail``, ...).
     """
 
+    @surfaced
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, *, teacher_topk_logprobs=None,
                 teacher_topk_indices=None, teacher_entropy=None, teacher_index=None):
@@ -47,6 +49,7 @@ class FusedLinearEAOPDLoss(_Options):
     ``lm_head.bias``).
     """
 
+    @surfaced
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, *,
                 teacher_hidden=None, teacher_weight=None, teacher_logits=None,
                 student_bias=None, teacher_bias=None, labels=None, teacher_topk_logprobs=None,

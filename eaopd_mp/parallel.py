@@ -22,10 +22,12 @@ from __future__ import annotations
 import torch
 
 from . import _checks, ops, plan, teachers, tp  # noqa: F401 - ops registers the custom ops
+from .errors import surfaced
 from .options import LossOptions
 from .tp import TPCombiner
 
 
+@surfaced
 def vocab_parallel_eaopd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | list | None = None,
@@ -73,8 +75,7 @@ def logits_parallel(student_logits, teacher_logits, labels, options: LossOptions
                     teacher_entropy=None, stride: int | None = None, *, teacher_index=None):
     """:func:`vocab_parallel_eaopd_loss` with its options built; ``stride``: see
     :func:`eaopd_mp.tp.resolve` (uneven shards)."""
-    _checks.tensor("student_logits", student_logits, min_dim=1)
-    _checks.nonempty_vocab("student_logits", student_logits)
+    _checks.tensor("student_logits", student_logits, min_dim=1)  # a shard may be empty
     token_shape = tuple(student_logits.shape[:-1])
     width = student_logits.shape[-1]
     info = tp.resolve(tp_group, width, options.vocab_size, False, stride)
@@ -85,11 +86,12 @@ def logits_parallel(student_logits, teacher_logits, labels, options: LossOptions
     _checks.same_device(student_logits=student_logits, labels=labels,
                         teacher_index=teacher_index, **teachers.named(args))
     labels = _checks.labels(labels, token_shape)
-    z = student_logits.reshape(-1, width)
+    z = teachers.rows(student_logits)
     return plan.run([z], chosen, labels, token_shape, options, student_form="logits",
                     width=width, tp=info)
 
 
+@surfaced
 def fused_linear_vocab_parallel_eaopd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,

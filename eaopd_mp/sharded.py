@@ -111,7 +111,10 @@ def check_weight(name: str, weight: object) -> None:
             f"{tuple(weight.shape)} is a flattened shard of many parameters. FSDP1 is not "
             "supported: wrap the model with FSDP2 (torch.distributed.fsdp.fully_shard) and "
             f"call {HELPERS}")
-    if weight.numel() == 0:
+    # A (0, H) weight is an empty vocabulary shard (a DTensor Shard(0) of V < ranks rows
+    # leaves the last ranks none): the vocab-parallel path takes it, and one device refuses
+    # an empty vocabulary on its own (eaopd_mp._checks.nonempty_vocab).
+    if weight.numel() == 0 and not (weight.dim() == 2 and weight.shape[1] > 0):
         if is_zero3_param(weight):
             shape = tuple(getattr(weight, "ds_shape", ()))
             raise ValueError(

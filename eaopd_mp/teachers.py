@@ -185,6 +185,12 @@ def fused_check(vocab: int, vocab_size: int | None, topk_vocab: int | None = Non
     return check
 
 
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """``(..., C)`` -> ``(N, C)``, the token dims flattened; also for ``C = 0`` (a tensor-
+    parallel rank's empty vocabulary shard), where ``reshape(-1, 0)`` is ambiguous."""
+    return x.reshape(-1, x.shape[-1]) if x.shape[-1] else x.reshape(x.shape[:-1].numel(), 0)
+
+
 def topk_tensors(logprobs: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor]:
     """The top-k teacher's tensor list ``[(N, k) log-probs, (N, k) int64 ids]``."""
     k = logprobs.shape[-1]
@@ -200,7 +206,7 @@ def tensors(a: dict, form_: str) -> list[torch.Tensor]:
     """One teacher's tensor list (token dims flattened, detached) for its form."""
     if form_ == "logits":
         y = a["teacher_logits"]
-        return [y.detach().reshape(-1, y.shape[-1])]
+        return [rows(y.detach())]
     if form_ == "topk":
         return topk_tensors(a["teacher_topk_logprobs"], a["teacher_topk_indices"])
     h, w, b = a["teacher_hidden"], a["teacher_weight"], a["teacher_bias"]
