@@ -225,7 +225,7 @@ def _check_entropy_override(rank, world, group):
     h, w, _, th, tw, labels = _data(7, tp=world)
     width = w.shape[0] // world
     shard = slice(rank * width, (rank + 1) * width)
-    ent = torch.rand(labels.shape, generator=torch.Generator().manual_seed(3)) * 3  # same on all ranks
+    ent = torch.rand(labels.shape, generator=torch.Generator().manual_seed(3)) * 3  # all ranks
     y = th @ tw.T
     opts = dict(labels=labels, temperature=1.3, teacher_entropy=ent, chunk_size=4)
     got = vocab_parallel_eaopd_loss((h @ w.T)[..., shard], y[..., shard], tp_group=group,
