@@ -34,9 +34,9 @@ class EntropyAwareOPDLoss(_Options):
                 labels: torch.Tensor | None = None, *, teacher_topk_logprobs=None,
                 teacher_topk_indices=None, teacher_entropy=None, teacher_index=None):
         """The loss (or ``(loss, stats)``), as :func:`eaopd_mp.entropy_aware_opd_loss`."""
-        return logits_loss(student_logits, teacher_logits, labels, self.options,
-                           teacher_topk_logprobs, teacher_topk_indices, teacher_entropy,
-                           teacher_index)
+        teacher = dict(teacher_logits=teacher_logits, teacher_topk_logprobs=teacher_topk_logprobs,
+                       teacher_topk_indices=teacher_topk_indices, teacher_entropy=teacher_entropy)
+        return logits_loss(student_logits, teacher, labels, teacher_index, self.options)
 
 
 class FusedLinearEAOPDLoss(_Options):
@@ -55,7 +55,9 @@ class FusedLinearEAOPDLoss(_Options):
                 student_bias=None, teacher_bias=None, labels=None, teacher_topk_logprobs=None,
                 teacher_topk_indices=None, teacher_entropy=None, teacher_index=None):
         """The loss (or ``(loss, stats)``), as :func:`eaopd_mp.fused_linear_eaopd_loss`."""
-        return linear_loss(student_hidden, student_weight, student_bias, teacher_hidden,
-                           teacher_weight, teacher_bias, teacher_logits, labels, self.options,
-                           teacher_topk_logprobs, teacher_topk_indices, teacher_entropy,
-                           teacher_index)
+        teacher = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                       teacher_bias=teacher_bias, teacher_logits=teacher_logits,
+                       teacher_topk_logprobs=teacher_topk_logprobs,
+                       teacher_topk_indices=teacher_topk_indices, teacher_entropy=teacher_entropy)
+        return linear_loss(student_hidden, student_weight, student_bias, teacher, labels,
+                           teacher_index, self.options)
