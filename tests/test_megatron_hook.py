@@ -271,7 +271,8 @@ def test_routed_rows_in_token_order():
     assert rows[2].shape == (0, H)
     with pytest.raises(RuntimeError, match="teacher 1 has no hidden states for micro-batch 4 "
                        "but get_batch routes 4 tokens to it"):
-        em.teachers._routed_teacher_hidden([h0, None, None], index, [[x] for x in t], False, None, 4)
+        em.teachers._routed_teacher_hidden([h0, None, None], index, [[x] for x in t], False,
+                                           None, 4)
 
 
 def test_several_served_teachers_are_not_cut_again(monkeypatch):
