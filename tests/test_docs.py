@@ -86,6 +86,27 @@ def test_extractor_pairs_outputs_and_detects_a_stale_one(tmp_path, monkeypatch):
         docs_blocks.run_page(page)
 
 
+def test_a_recorded_run_keeps_its_elision_and_names_its_machine(tmp_path, monkeypatch):
+    """A rerun shows the lines the block showed (by their first two words), ``...`` for
+    the rest, and ends with where it ran; a block without ``...`` shows everything."""
+    output = ["header a=1", "step   1 loss 4.0", "step   2 loss 3.0", "step   3 loss 2.0",
+              "step   4 loss 1.0", "done in 3 s"]
+    shown = ["header a=1 b=0", "step   1 loss 9", "...", "step   4 loss 9", "done in 9 s",
+             docs_blocks.RECORDED + "elsewhere"]
+    assert docs_blocks.elide(output, shown) == [
+        "header a=1", "step   1 loss 4.0", "...", "step   4 loss 1.0", "done in 3 s"]
+    assert docs_blocks.elide(output, ["step   1 loss 9"]) == output
+    monkeypatch.setattr(docs_blocks, "ROOT", tmp_path)
+    page = tmp_path / "page.md"
+    page.write_text("```console\n$ python -c \"print('step 1'); print('step 2')\"\n"
+                    "step 1\n...\n```\n")
+    docs_blocks.rerun(page, docs_blocks.recorded(page)[0])
+    lines = page.read_text().split("\n")
+    assert lines[2:4] == ["step 1", "..."], lines
+    assert lines[4].startswith("# recorded: ") and "load average" in lines[4], lines
+    assert " cores, " in lines[4] and "commit " in lines[4], lines
+
+
 # ---------------------------------------------------------------- the front page and links
 
 def test_readme_is_a_front_page_with_the_two_commands():
