@@ -45,7 +45,7 @@ class LossOptions:
         temperature: divides student and teacher logits (the gate uses the untempered
             teacher). A top-k teacher's served log-probabilities are the target as given
             (serve them at the temperature you train at): only the student is divided.
-        reduction: ``"batchmean"`` (sum / first token dim, the specification's default),
+        reduction: ``"batchmean"`` (sum / first token dim, the reference definition's default),
             ``"sum"``, ``"mean"`` (sum / number of tokens, masked ones included) or
             ``"none"`` (float32, token-shaped).
         return_stats: ``True`` also returns mask-weighted means of the teacher entropy, the

@@ -289,7 +289,7 @@ def _transformed(options: LossOptions) -> bool:
 
 
 def _divisor(reduction: str, token_shape: tuple):
-    """The specification's divisor: 1 (sum), numel (mean), first token dim (batchmean)."""
+    """The reference definition's divisor: 1 (sum), numel (mean), first token dim (batchmean)."""
     if reduction == "sum":
         return 1
     if reduction == "mean":
