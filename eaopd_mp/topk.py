@@ -17,8 +17,7 @@ them); the student ``p = softmax(z / tau)`` is over the whole vocabulary. Three 
   - l_k)``. Truncated sums, not divergences: neither is a KL of two distributions, and
   either can be negative.
 
-Numerics (the README's "A served teacher: top-k log-probabilities" says the same for
-users):
+Numerics (docs/guides/topk.md says the same for users):
 
 * ``log P_tail`` is a log-sum-exp over the tail columns themselves, never
   ``log(1 - sum_k P_k)``: no cancellation when the top-k hold almost all the mass, no
@@ -65,9 +64,13 @@ from . import core
 from .core import KL_REV, LSE_S, LSE_T, Kernel, weighted
 from .gates import gate_weights
 
-# Floor of Q_tail inside log(Q_tail) (reverse KL only): about the float32 resolution of
-# 1 - sum_k exp(l_k) for a few dozen served log-probabilities (each rounded at ~6e-8).
+# What users read (the rest are the loss's kernels, called by the driver).
+__all__ = ["TAIL_FLOOR", "logprob_tolerance"]
+
 TAIL_FLOOR = 1e-6
+"""Floor of the teacher's tail mass ``Q_tail`` inside ``log(Q_tail)`` (the reverse KL's
+tail term only): about the float32 resolution of ``1 - sum_k exp(l_k)`` for a few dozen
+served log-probabilities (each rounded at ~6e-8)."""
 _LOCAL_LSE, _TAIL_LSE = 0, 1  # columns of the partial statistics; then the k ids
 
 

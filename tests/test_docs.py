@@ -175,9 +175,125 @@ def test_site_nav_lists_every_page_and_only_existing_ones():
     assert on_disk <= in_nav, f"pages missing from the nav: {on_disk - in_nav}"
 
 
+# ---------------------------------------------------------------- the API reference
+
+# The modules users import; a function or class is public if it is in the module's
+# ``__all__`` (or, without one, defined there under a name without a leading underscore).
+USER_MODULES = ("eaopd_mp", "eaopd_mp.parallel", "eaopd_mp.megatron", "eaopd_mp.hf",
+                "eaopd_mp.trl", "eaopd_mp.engines", "eaopd_mp.layouts", "eaopd_mp.topk")
+GUIDES = ("README.md", "docs/index.md", "docs/guides")
+
+
+def _public(module: types.ModuleType) -> dict[str, object]:
+    return {name.rsplit(".", 1)[1]: obj for name, obj in public_objects(module)
+            if name.count(".") == module.__name__.count(".") + 1}
+
+
+def _resolve(dotted: str):
+    """The object ``eaopd_mp.a.b`` names (a module, or an attribute of the longest
+    importable prefix), or None."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for part in parts[i:]:
+            obj = getattr(obj, part, None)
+        return obj
+    return None
+
+
+def code_spans(path: Path) -> list[str]:
+    """The page's Python blocks and inline code spans."""
+    text = path.read_text()
+    spans = [b.code for b in docs_blocks.blocks(path) if b.lang == "python"]
+    return spans + re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+
+
+def named_in_code(spans: list[str], public: dict[int, str]) -> dict[str, str]:
+    """``{name as written: public name}`` for every public object the code spans name:
+    ``eaopd_mp.x.y`` spelled out, imported (``from eaopd_mp.x import y``), through its
+    module's short name (``hf.eaopd_loss``) or bare as a span of its own (``y`` or
+    ``y(...)``)."""
+    short = {m.rsplit(".", 1)[1]: m for m in USER_MODULES[1:]}
+    by_name = {}
+    for module in USER_MODULES:
+        for name, obj in _public(importlib.import_module(module)).items():
+            by_name.setdefault(name, obj)
+    found = {}
+
+    def add(written, obj):
+        if id(obj) in public:
+            found[written] = public[id(obj)]
+
+    for span in spans:
+        for m in re.finditer(r"\beaopd_mp(?:\.\w+)+", span):
+            add(m[0], _resolve(m[0]))
+        for m in re.finditer(r"from (eaopd_mp[\w.]*) import \(?([\w,\s]+)\)?", span):
+            for name in re.findall(r"\w+", m[2]):
+                add(f"{m[1]}.{name}", _resolve(f"{m[1]}.{name}"))
+        for m in re.finditer(rf"(?<![\w.])({'|'.join(short)})\.(\w+)", span):
+            add(m[0], _resolve(f"{short[m[1]]}.{m[2]}"))
+        if (m := re.fullmatch(r"(\w+)(\(.*\))?", span.strip())) and m[1] in by_name:
+            add(m[1], by_name[m[1]])
+    return found
+
+
+def documented(api: str) -> set[int]:
+    """The objects ``docs/api.md`` documents: each ``::: name``, and a module's public
+    members unless its options say ``members: false``."""
+    out = set()
+    for m in re.finditer(r"^::: ([\w.]+)\n((?:    .*\n)*)", api, re.M):
+        obj = _resolve(m[1])
+        out.add(id(obj))
+        if isinstance(obj, types.ModuleType) and "members: false" not in m[2]:
+            out.update(id(o) for o in _public(obj).values())
+    return out
+
+
+def undocumented_in_guides(pages: list[Path], api: str) -> list[str]:
+    public = {}
+    for module in USER_MODULES:
+        for name, obj in _public(importlib.import_module(module)).items():
+            public.setdefault(id(obj), f"{module}.{name}")
+    have = documented(api)
+    missing = {}
+    for page in pages:
+        for written, name in named_in_code(code_spans(page), public).items():
+            if id(_resolve(name)) not in have:
+                where = page.relative_to(ROOT) if page.is_relative_to(ROOT) else page.name
+                missing.setdefault(name, f"{where} names `{written}`")
+    return [f"{name} ({where})" for name, where in sorted(missing.items())]
+
+
+def guide_pages() -> list[Path]:
+    return [p for g in GUIDES for p in ([ROOT / g] if g.endswith(".md")
+                                        else sorted((ROOT / g).glob("*.md")))]
+
+
+def test_the_api_reference_covers_every_public_name_the_guides_use():
+    """Every public function or class of the user-facing modules that the README or a
+    guide names in code has its entry in docs/api.md."""
+    missing = undocumented_in_guides(guide_pages(), (ROOT / "docs" / "api.md").read_text())
+    assert not missing, "docs/api.md lacks:\n" + "\n".join(missing)
+
+
+def test_the_api_check_can_fail(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("Call `context_parallel_index(s, cp, r)` or `hf.lm_head`, and\n\n"
+                    "```python\nfrom eaopd_mp.engines import head_eaopd_loss\n"
+                    "eaopd_mp.megatron.EaopdOutput\n```\n")
+    missing = undocumented_in_guides([page], "::: eaopd_mp.hf.lm_head\n")
+    assert [m.split(" ")[0] for m in missing] == [
+        "eaopd_mp.engines.head_eaopd_loss", "eaopd_mp.megatron.EaopdOutput",
+        "eaopd_mp.megatron.context_parallel_index"], missing
+
+
 # ---------------------------------------------------------------- docstrings
 
-INTEGRATIONS = ("eaopd_mp.parallel", "eaopd_mp.megatron", "eaopd_mp.hf", "eaopd_mp.trl")
+INTEGRATIONS = ("eaopd_mp.parallel", "eaopd_mp.megatron", "eaopd_mp.hf", "eaopd_mp.trl",
+                "eaopd_mp.engines", "eaopd_mp.layouts", "eaopd_mp.topk")
 
 
 def public_objects(module: types.ModuleType):
