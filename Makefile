@@ -28,7 +28,7 @@ CURRENT_TESTS ?= tests/test_megatron.py tests/test_megatron_schedule.py \
 GPU_PYTHON ?= python3
 LIGER ?= liger-kernel==0.8.5
 
-.PHONY: demo test test-current test-all lint bench gpu-check gpu-wheels clean docs \
+.PHONY: venv demo test test-current test-all lint bench gpu-check gpu-wheels clean docs \
 	docs-outputs
 
 $(STAMP): pyproject.toml
@@ -44,6 +44,10 @@ $(STAMP_CURRENT): pyproject.toml
 	$(PY_CURRENT) -m pip install --quiet "$(TORCH_CURRENT)"
 	$(PY_CURRENT) -m pip install --quiet -e ".[dev]" "$(TORCH_CURRENT)" "$(MEGATRON_CURRENT)"
 	touch $(STAMP_CURRENT)
+
+# The environment the guides' commands run in (python examples/..., torchrun ...):
+# `make venv`, then `. .venv/bin/activate` in each shell.
+venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m eaopd_mp.demo --out demo-out

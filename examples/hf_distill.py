@@ -100,7 +100,7 @@ def with_trl(teacher, steps: int) -> None:
     """The same distillation through TRL's trainer: prompts in, TRL generates."""
     from datasets import Dataset
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast, PrinterCallback
     from trl import DistillationConfig
 
     from eaopd_mp.trl import EAOPDDistillationTrainer
@@ -122,6 +122,7 @@ def with_trl(teacher, steps: int) -> None:
             model=llama(32, 1), teacher_model=teacher, args=args, processing_class=tokenizer,
             train_dataset=Dataset.from_dict({"prompt": prompts}),
             loss_options={"gate": "linear"})
+        trainer.remove_callback(PrinterCallback)  # the summary lines below instead
         trainer.train()
     for log in trainer.state.log_history:
         if "loss" in log:
