@@ -64,9 +64,7 @@ from . import core
 from .core import KL_REV, LSE_S, LSE_T, Kernel, weighted
 from .gates import gate_weights
 
-# What users read (the rest are the loss's kernels, called by the driver).
-__all__ = ["TAIL_FLOOR", "logprob_tolerance"]
-
+__all__ = ["TAIL_FLOOR", "logprob_tolerance"]  # what users read; the rest: the kernels
 TAIL_FLOOR = 1e-6
 """Floor of the teacher's tail mass ``Q_tail`` inside ``log(Q_tail)`` (the reverse KL's
 tail term only): about the float32 resolution of ``1 - sum_k exp(l_k)`` for a few dozen

@@ -224,7 +224,7 @@ def rerun(path: Path, block: Block) -> None:
     wall = time.monotonic() - start
     lines = path.read_text().split("\n")
     shown = block.code.rstrip("\n").split("\n")[1:]
-    new = [f"$ {command(block)}", *elide(normalise(out).split("\n"), shown),
+    new = [f"$ {command(block)}", *elide(normalise(out).lstrip("\n").split("\n"), shown),
            RECORDED + provenance(load, os.getloadavg()[0], wall)]
     lines[block.start:block.end] = [block.indent + x if x else x for x in new]
     path.write_text("\n".join(lines))
@@ -254,8 +254,8 @@ def elide(output: list[str], shown: list[str]) -> list[str]:
 
 def provenance(load_start: float, load_end: float, wall: float) -> str:
     """Where and when a recorded run ran: CPU, cores, load average (1 min) at its start
-    and end, wall time, torch, commit (``+``: with uncommitted changes outside the pages)
-    and date."""
+    and end, wall time, torch, commit (``+``: with uncommitted changes to the code a run
+    runs, ``eaopd_mp/`` or ``examples/``) and date."""
     import platform
 
     import torch
@@ -267,8 +267,7 @@ def provenance(load_start: float, load_end: float, wall: float) -> str:
     try:
         commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--",
-                                ".", ":(exclude)*.md"],  # the pages being rewritten
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "eaopd_mp", "examples"],
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "unknown", ""
