@@ -16,7 +16,8 @@ Conventions (CONTRIBUTING.md, "The documentation"):
 * a Python block written as a console session (``>>>`` prompts) runs as a doctest: the
   outputs written in it are checked (``...`` matches anything);
 * a ```` ```text ```` block right after a Python block (blank lines between at most) is
-  that block's printed output, compared exactly (trailing spaces aside);
+  that block's printed output, compared exactly (trailing spaces and libraries' log
+  records aside: :data:`LOG_RECORD`);
 * a ```` ```console ```` block whose first line is ``$ <command>`` is a recorded run of an
   example (timings and all): ``--write --recorded`` runs the command again and replaces
   the block with its output, and ends the block with a ``# recorded:`` line naming the
@@ -162,9 +163,17 @@ def run_doctest(block: Block, namespace: dict) -> None:
         raise RuntimeError(f"{block.where}: the session's outputs differ:\n{report.getvalue()}")
 
 
+# A log record a library writes to stdout (DeepSpeed, imported by accelerate and TRL):
+# ``[2026-12-07 18:21:37,589] [WARNING] [real_accelerator.py:213:get_accelerator] ...``.
+# Whether it lands in a block's output depends on what the process imported before.
+LOG_RECORD = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,.]+\] \[[A-Z]+\] ")
+
+
 def normalise(text: str) -> str:
-    """Text as compared: trailing spaces and trailing blank lines dropped."""
-    return "\n".join(line.rstrip() for line in text.rstrip().split("\n"))
+    """Text as compared: trailing spaces, trailing blank lines and libraries' log records
+    (:data:`LOG_RECORD`) dropped."""
+    lines = [line.rstrip() for line in text.rstrip().split("\n") if not LOG_RECORD.match(line)]
+    return "\n".join(lines)
 
 
 def stale(results) -> list[str]:

@@ -76,6 +76,9 @@ def test_extractor_pairs_outputs_and_detects_a_stale_one(tmp_path, monkeypatch):
     assert "no ```text block" in problems[1]
     docs_blocks.rewrite(page, docs_blocks.run_page(page))
     assert "```text\n3\n```" in page.read_text()
+    page.write_text("```python\nprint('[2026-12-07 18:21:37,589] [WARNING] [x.py:1:f] log')\n"
+                    "print(1)\n```\n\n```text\n1\n```\n")
+    assert docs_blocks.stale(docs_blocks.run_page(page)) == []  # a library's log record
     page.write_text("```python\n>>> 1 + 1\n2\n```\n")
     docs_blocks.run_page(page)
     page.write_text("```python\n>>> 1 + 1\n3\n```\n")
@@ -288,6 +291,17 @@ def test_the_api_check_can_fail(tmp_path):
     assert [m.split(" ")[0] for m in missing] == [
         "eaopd_mp.engines.head_eaopd_loss", "eaopd_mp.megatron.EaopdOutput",
         "eaopd_mp.megatron.context_parallel_index"], missing
+
+
+def test_no_page_uses_the_deprecated_sharded_module():
+    """``eaopd_mp.sharded`` is an alias kept for old code: the docs name the modules that
+    hold the code (``eaopd_mp.engines``, ``eaopd_mp.layouts``)."""
+    for page in [*docs_blocks.pages(), *sorted((ROOT / "eaopd_mp").rglob("*.py"))]:
+        if page.name == "sharded.py":
+            continue
+        text = page.read_text()
+        assert not re.search(r"eaopd_mp\.sharded\b|import sharded\b|\bsharded\.\w+\(", text), \
+            f"{page.relative_to(ROOT)} uses eaopd_mp.sharded"
 
 
 # ---------------------------------------------------------------- docstrings
