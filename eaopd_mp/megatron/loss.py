@@ -175,9 +175,9 @@ class EaopdOutput:
     the token count and the logged values, which :meth:`loss_func` hands to the schedule.
 
     Args:
-        teacher_hidden, teacher_weight, sequence_parallel, vocab_size, tp_group,
-            loss_options: as for :func:`eaopd_loss_func` (checked here, before the forward);
-            with several teachers lists and ``teacher_index`` in ``loss_options``.
+        teacher_hidden, teacher_weight, sequence_parallel, vocab_size, tp_group, loss_options:
+            as for :func:`eaopd_loss_func` (checked here, before the forward); with several
+            teachers lists and ``teacher_index`` in ``loss_options``.
         gather_sequence: the student's hidden states are this rank's sequence slice but
             the loss runs on the whole sequence (``sequence_parallel`` False): the
             processor all-gathers them over ``tp_group`` first (the gradient of the slice
