@@ -43,7 +43,7 @@ def test_blocks_not_run_here_name_an_existing_test():
                 f"{block.where}: no test {name} in {path}"
 
 
-def test_recorded_runs_name_scripts_that_exist():
+def test_recorded_runs_name_scripts_that_exist_and_where_they_ran():
     runs = [b for p in docs_blocks.pages() for b in docs_blocks.recorded(p)]
     assert runs, "expected the examples' recorded runs"
     for block in runs:
@@ -52,6 +52,9 @@ def test_recorded_runs_name_scripts_that_exist():
         assert scripts or modules, f"{block.where}: no script in {docs_blocks.command(block)}"
         for script in scripts:
             assert (ROOT / script).is_file(), f"{block.where}: {script} does not exist"
+        last = block.code.rstrip("\n").split("\n")[-1]
+        assert last.startswith(docs_blocks.RECORDED), \
+            f"{block.where}: a recorded run ends with where it ran (make docs-outputs RECORDED=1)"
 
 
 def test_every_python_block_is_run_or_owned():
