@@ -432,8 +432,8 @@ class Kernel:
     would be specialised by the compiler: an empty chunk runs eagerly and a one-token
     chunk is padded to two (its duplicate is dropped). A kernel returns one tensor with
     the token dimension first. ``devices``: the device types it is compiled for (None:
-    every one); on others it runs eagerly. If compilation fails (:data:`COMPILE_ERRORS`), the call is
-    run eagerly: if that fails too, the input was at fault and the eager error propagates
+    every one); on others it runs eagerly. If compilation fails (:data:`COMPILE_ERRORS`),
+    the call is run eagerly: if that fails too, the input was at fault and the eager error propagates
     (the kernel stays compiled); otherwise one warning is issued and the eager function is
     used from then on. Any other error (out of memory, a bad value) propagates.
     """
