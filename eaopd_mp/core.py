@@ -433,9 +433,9 @@ class Kernel:
     chunk is padded to two (its duplicate is dropped). A kernel returns one tensor with
     the token dimension first. ``devices``: the device types it is compiled for (None:
     every one); on others it runs eagerly. If compilation fails (:data:`COMPILE_ERRORS`),
-    the call is run eagerly: if that fails too, the input was at fault and the eager error propagates
-    (the kernel stays compiled); otherwise one warning is issued and the eager function is
-    used from then on. Any other error (out of memory, a bad value) propagates.
+    the call is run eagerly: if that fails too, the input was at fault and the eager error
+    propagates (the kernel stays compiled); otherwise one warning is issued and the eager
+    function is used from then on. Any other error (out of memory, a bad value) propagates.
     """
 
     def __init__(self, fn: Callable, dynamic: dict[int, int], devices: tuple | None = None):
