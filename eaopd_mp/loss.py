@@ -72,7 +72,7 @@ def entropy_aware_opd_loss(
             values in ``[0, n_teachers)``: the teacher of each token. Every teacher
             argument is then a list with one entry per teacher (None where a teacher does
             not use it) holding exactly that teacher's tokens in token order (see
-            :mod:`eaopd_mp.teachers`).
+            :mod:`eaopd_mp.inputs`).
         labels: ``(...)`` mask over tokens: 0/1 (bool or integer) or float weights >= 0;
             None means all tokens. Tokens of weight 0 are skipped.
         **options: :class:`~eaopd_mp.options.LossOptions` (``h_max``, ``temperature``,

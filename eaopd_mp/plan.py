@@ -9,7 +9,7 @@ it: the student and teacher tensors in one of their *forms*:
 * teacher ``"logits"``: ``[y (N, V)]``; ``"linear"``: ``[h_t (N, H_t), W_t (V, H_t)(, b_t)]``;
   ``"topk"``: ``[logprobs (N, k), ids (N, k) int64]``;
 * any teacher form may end with an ``(N,)`` gate entropy (``entropy_given``);
-* several routed teachers (:mod:`eaopd_mp.teachers`): each teacher's list (its ``N_j``
+* several routed teachers (:mod:`eaopd_mp.inputs`): each teacher's list (its ``N_j``
   routed rows), one after the other, then the ``(N,)`` int64 routing (``Spec.teachers``).
 
 :func:`run` turns the options and the tensors' static properties into a :class:`Spec` (plain

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 
+from .. import inputs
 from . import layouts
 from .batch import Batch, GetBatch, _batch, read_batch
 from .forward import (
@@ -31,11 +32,7 @@ def teacher_routing(batch: Batch, n_teachers: int, *, cp_group=None) -> torch.Te
         raise ValueError(f"several teachers ({n_teachers}): get_batch must return a mapping "
                          "with teacher_index ([b], [b, s] or [b, s * cp]) for every "
                          "micro-batch")
-    if not isinstance(raw, torch.Tensor):
-        raise TypeError(f"teacher_index must be a torch.Tensor, got {type(raw).__name__}")
-    if raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool:
-        raise TypeError(f"teacher_index must hold integer teacher numbers (int64), got dtype "
-                        f"{raw.dtype}")
+    inputs.integers("teacher_index", raw, "integer teacher numbers")
     b, s = batch.tokens.shape[0], batch.tokens.shape[-1]
     cp_size, cp_rank = layouts.context_parallel_layout(cp_group)
     full = s * cp_size
