@@ -168,7 +168,7 @@ def phases(records: list[dict]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """``run.py --suite startup``: plan (``--dry-run``) or measure and write ``--out``."""
-    from run import machine_meta
+    from machine import machine_meta
 
     args.impls = args.impls.split(",") if args.impls else list(IMPLS)
     unknown = [i for i in args.impls if i not in IMPLS]

@@ -1,14 +1,15 @@
 """One plan builder for every entry point.
 
-A front door (``loss.py`` for one device, ``parallel.py`` for vocabulary shards) checks its
-tensors, builds :class:`~eaopd_mp.options.LossOptions`, and calls :func:`run` with the
-student and teacher tensors in one of their *forms*:
+A front door (``loss.py`` for one device, ``parallel.py`` for vocabulary shards,
+``dtensor.py`` for DTensors) builds :class:`~eaopd_mp.options.LossOptions`, has
+:mod:`eaopd_mp.inputs` check its arguments into a :class:`Call`, and calls :func:`run` with
+it: the student and teacher tensors in one of their *forms*:
 
 * student ``"logits"``: ``[z (N, V)]``; ``"linear"``: ``[h (N, H), W (V, H)(, b (V,))]``;
 * teacher ``"logits"``: ``[y (N, V)]``; ``"linear"``: ``[h_t (N, H_t), W_t (V, H_t)(, b_t)]``;
   ``"topk"``: ``[logprobs (N, k), ids (N, k) int64]``;
 * any teacher form may end with an ``(N,)`` gate entropy (``entropy_given``);
-* several routed teachers (:mod:`eaopd_mp.teachers`): each teacher's list (its ``N_j``
+* several routed teachers (:mod:`eaopd_mp.inputs`): each teacher's list (its ``N_j``
   routed rows), one after the other, then the ``(N,)`` int64 routing (``Spec.teachers``).
 
 :func:`run` turns the options and the tensors' static properties into a :class:`Spec` (plain
@@ -176,25 +177,42 @@ def _autocast_dtype(device: torch.device) -> str:
     return str(torch.get_autocast_dtype(device.type)).removeprefix("torch.")
 
 
-def run(student: list, teachers: TeacherSet, labels: torch.Tensor | None, token_shape: tuple,
-        options: LossOptions, *, student_form: str, width: int, tp: TPInfo | None = None):
-    """Evaluate the loss through the custom op; the reduction and statistics around it.
+@dataclass(frozen=True)
+class Call:
+    """One validated call: what a front door hands :func:`run` (built by
+    :mod:`eaopd_mp.inputs`, the one place where arguments are checked).
 
-    Args:
-        student: the student's tensors (token dims flattened).
-        teachers: the checked teachers (:func:`eaopd_mp.teachers.build`): one, or several
-            routed per token.
-        labels: the ``token_shape`` mask (already shape-checked), or None.
+    Attributes:
+        student: the student's tensors in its form's order (token dims flattened):
+            ``[z (N, V)]`` or ``[h (N, H), W (V, H)(, b (V,))]``.
+        form: ``"logits"`` or ``"linear"``.
+        teachers: the checked teachers: one, or several routed per token.
+        labels: the ``token_shape`` mask (shape-checked), or None.
         token_shape: the token dims of the result (under sequence parallelism, the full
             gathered shape).
         width: logit columns held here (the student's ``V`` on one device, where
-            ``options.vocab_size`` may keep fewer; ``V_local`` on a rank).
+            ``vocab_size`` may keep fewer; ``V_local`` on a rank).
         tp: the tensor-parallel group, or None on one device.
+    """
+
+    student: list
+    form: str
+    teachers: TeacherSet
+    labels: torch.Tensor | None
+    token_shape: tuple
+    width: int
+    tp: TPInfo | None = None
+
+
+def run(call: Call, options: LossOptions):
+    """Evaluate the loss through the custom op; the reduction and statistics around it.
+
     Returns:
         The loss (float32, float64 for float64 inputs), or ``(loss, stats)``; with several
         teachers ``stats["per_teacher"]`` holds each teacher's statistics.
     """
-    vocab = (options.vocab_size or width) if tp is None else tp.vocab_size  # maybe a SymInt
+    student, teachers, tp, token_shape = call.student, call.teachers, call.tp, call.token_shape
+    vocab = (options.vocab_size or call.width) if tp is None else tp.vocab_size  # maybe SymInt
     if "topk" in teachers.forms and _transformed(options):
         raise ValueError(
             "student_softcap / student_logit_scale / teacher_softcap / teacher_logit_scale "
@@ -206,10 +224,10 @@ def run(student: list, teachers: TeacherSet, labels: torch.Tensor | None, token_
     need = need + (False,) * (3 - len(need))
     flat, form, entropy_given, described = _encode(teachers)
     spec = Spec(
-        student=student_form, teacher=form, reduction=options.reduction,
+        student=call.form, teacher=form, reduction=options.reduction,
         gate=gate.kind, p1=gate.p1, p2=gate.p2, inv_tau=1.0 / options.temperature,
         chunk=options.chunk_size, vocab_size=options.vocab_size, need=need,
-        autocast=_autocast_dtype(student[0].device) if student_form == "linear" else "",
+        autocast=_autocast_dtype(student[0].device) if call.form == "linear" else "",
         group="" if tp is None else tp.group, tp=1 if tp is None else tp.size,
         rank=0 if tp is None else tp.rank,
         sequence_parallel=False if tp is None else tp.sequence_parallel,
@@ -218,7 +236,7 @@ def run(student: list, teachers: TeacherSet, labels: torch.Tensor | None, token_
         t_scale=options.teacher_logit_scale, t_cap=options.teacher_softcap,
         topk_tail=options.topk_tail, entropy_given=entropy_given, teachers=described,
     )
-    mask = None if labels is None else labels.reshape(-1)
+    mask = None if call.labels is None else call.labels.reshape(-1)
     out, stats, *_ = torch.ops.eaopd_mp.loss(student, flat, mask, spec.key())
     if options.reduction == "none":
         loss = out.reshape(token_shape)
