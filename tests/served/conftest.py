@@ -12,8 +12,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# appended, not prepended: make test loads this file too, and must not see other modules first
+sys.path += [str(ROOT / "examples"), str(Path(__file__).resolve().parent)]
 
 from served_helpers import padded  # noqa: E402
 
