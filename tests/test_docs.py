@@ -186,7 +186,8 @@ def test_site_nav_lists_every_page_and_only_existing_ones():
 # The modules users import; a function or class is public if it is in the module's
 # ``__all__`` (or, without one, defined there under a name without a leading underscore).
 USER_MODULES = ("eaopd_mp", "eaopd_mp.parallel", "eaopd_mp.megatron", "eaopd_mp.hf",
-                "eaopd_mp.trl", "eaopd_mp.engines", "eaopd_mp.layouts", "eaopd_mp.topk")
+                "eaopd_mp.trl", "eaopd_mp.engines", "eaopd_mp.served", "eaopd_mp.layouts",
+                "eaopd_mp.topk")
 GUIDES = ("README.md", "docs/index.md", "docs/guides")
 
 
@@ -310,7 +311,7 @@ def test_no_page_uses_the_deprecated_sharded_module():
 # ---------------------------------------------------------------- docstrings
 
 INTEGRATIONS = ("eaopd_mp.parallel", "eaopd_mp.megatron", "eaopd_mp.hf", "eaopd_mp.trl",
-                "eaopd_mp.engines", "eaopd_mp.layouts", "eaopd_mp.topk")
+                "eaopd_mp.engines", "eaopd_mp.served", "eaopd_mp.layouts", "eaopd_mp.topk")
 
 
 def public_objects(module: types.ModuleType):
