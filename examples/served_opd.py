@@ -120,7 +120,7 @@ def load(folder: str):
     return shallow_student(teacher), tokenizer
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--model", default="smollm2", help="the served model's name")
@@ -137,7 +137,15 @@ def main() -> None:
     parser.add_argument("--sample-temperature", type=float, default=1.0,
                         help="the student's sampling temperature (the loss is at 1.0: vLLM "
                              "serves prompt log-probs untempered)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for flag, value in (("--k", args.k), ("--steps", args.steps), ("--batch", args.batch),
+                        ("--new-tokens", args.new_tokens)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    if args.batch > len(QUESTIONS):
+        parser.error(f"--batch {args.batch}: there are {len(QUESTIONS)} prompts")
+    if args.lr <= 0 or args.sample_temperature <= 0:
+        parser.error("--lr and --sample-temperature must be positive")
     if args.export:
         sys.path.insert(0, str(HERE))
         import smollm2

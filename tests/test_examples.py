@@ -71,6 +71,8 @@ CASES = [
      "hf_distill.py: error: --trl-steps must be at least 1, got 0"),
     ("multi_teacher", "teachers", ["--steps", "0"], 1,
      "multi_teacher.py: error: --steps must be at least 1, got 0"),
+    ("served_opd", "load", ["--batch", "99"], 1,
+     "served_opd.py: error: --batch 99: there are 8 prompts"),
 ]
 
 
