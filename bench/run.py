@@ -3,8 +3,8 @@
     python bench/run.py --quick --out bench-out            # < 5 min on 2 CPU cores
     python bench/run.py --out bench-out                     # the full CPU sweep
     python bench/run.py --device cuda --dtype bf16 --out bench-cuda
-    python bench/run.py --suite issue2 --out bench-issue2   # issue 2's acceptance table
-    python bench/run.py --suite gpu --out bench-gpu         # issue 13's GPU table (CUDA)
+    python bench/run.py --suite acceptance --out bench-acceptance   # the acceptance table (fused loss vs the GEMM floor)
+    python bench/run.py --suite gpu --out bench-gpu         # the GPU table (CUDA)
     python bench/run.py --suite gpu --dry-run               # its plan, also without CUDA
     python bench/run.py --suite startup --out bench-startup # cold/warm first calls (CPU)
     python bench/run.py --suite cpu-bf16 --out bench-bf16   # bf16 next to fp32 on CPU
@@ -35,10 +35,10 @@ from memory import GIB, available_bytes, cpu_peak_supported
 from report import dtype_ratios, flatness, gpu_goals, logits_bytes, text_table, write_all
 from suites import (
     SUITES,
+    acceptance_suite,
     cpu_bf16_suite,
     custom_sweep,
     gpu_suite,
-    issue2_suite,
     long_suite,
     main_suite,
     teachers_suite,
@@ -103,8 +103,8 @@ def select_cases(args: argparse.Namespace):
         tokens = tuple(int(n) for n in args.tokens.split(","))
         cases = custom_sweep(args.device, args.dtype, tokens, args.hidden or 128,
                              args.vocab or 32000, args.chunk)
-    elif args.suite == "issue2":
-        cases = issue2_suite()
+    elif args.suite == "acceptance":
+        cases = acceptance_suite()
     elif args.suite == "gpu":
         cases = gpu_suite()
     elif args.suite == "cpu-bf16":

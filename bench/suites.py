@@ -1,12 +1,12 @@
 """Which cases a run measures.
 
 ``main``: time and memory against tokens at two vocabulary sizes, then hidden size and
-chunk size; ``--quick`` keeps a small tokens sweep. ``issue2``: the acceptance numbers
-of the fused loss against the GEMM floor (CPU, fp32, V = 32000). ``gpu``: issue 13's
+chunk size; ``--quick`` keeps a small tokens sweep. ``acceptance``: the acceptance numbers
+of the fused loss against the GEMM floor (CPU, fp32, V = 32000). ``gpu``: the
 GPU table (CUDA, bf16, V = 128256, H = 4096, N = 4k/8k/16k). ``cpu-bf16``: the fused
 loss and the chunked GEMM floor in bf16 next to fp32 on CPU. ``topk``: a served top-k
-teacher (issue 12). ``long``: long-context memory at V = 151,936 (issue 17).
-``teachers``: 1, 2 and 4 routed teachers (issue 19). ``startup`` (first-call
+teacher. ``long``: long-context memory at V = 151,936.
+``teachers``: 1, 2 and 4 routed teachers. ``startup`` (first-call
 times in fresh processes) is not a list of cases: see ``startup.py``.
 
 CPU sweeps use a small hidden size: on two cores the GEMMs of a realistic one (4096)
@@ -28,7 +28,7 @@ ALL = tuple(i for i in IMPLS if i not in ("eaopd_fused_topk32", "eaopd_fused_top
                                           "floor_topk", *TEACHERS[1:3]))  # own suites
 CHUNKED = ("eaopd_fused", "eaopd_fused_recompute", TP_IMPL, "floor_chunked", "liger_jsd",
            "liger_eaopd")
-ISSUE2 = ("eaopd_fused", "floor", "floor_chunked", "naive_compiled", "liger_eaopd")
+ACCEPTANCE = ("eaopd_fused", "floor", "floor_chunked", "naive_compiled", "liger_eaopd")
 V32K, V128K = 32000, 128256
 TOKENS_1K_64K = tuple(2**k for k in range(10, 17))
 GPU_IMPLS = ("eaopd_fused", "floor", "floor_chunked", "naive_compiled", "liger_jsd",
@@ -103,8 +103,8 @@ def main_suite(device: str, dtype: str, quick: bool) -> list[Case]:
     )
 
 
-def issue2_suite() -> list[Case]:
-    """Issue 2's acceptance: CPU, fp32, V = 32000.
+def acceptance_suite() -> list[Case]:
+    """The acceptance shapes: CPU, fp32, V = 32000.
 
     The fused loss, the GEMM floor (whole and chunked), ``torch.compile`` of the naive
     loss and EAOPD on Liger's base class at (N, H) = (2048, 512) and (4096, 128); then
@@ -112,15 +112,15 @@ def issue2_suite() -> list[Case]:
     """
     cases = []
     for tokens, hidden in ((2048, 512), (4096, 128)):
-        cases += _sweep(f"issue2-H{hidden}", "tokens", "cpu", "fp32", (tokens,),
-                        hidden=hidden, vocab=V32K, impls=ISSUE2)
-    cases += _sweep("issue2-flat-H64", "tokens", "cpu", "fp32", (4096, 16384, 65536),
+        cases += _sweep(f"acceptance-H{hidden}", "tokens", "cpu", "fp32", (tokens,),
+                        hidden=hidden, vocab=V32K, impls=ACCEPTANCE)
+    cases += _sweep("acceptance-flat-H64", "tokens", "cpu", "fp32", (4096, 16384, 65536),
                     hidden=64, vocab=V32K, impls=("eaopd_fused",))
     return cases
 
 
 def gpu_suite() -> list[Case]:
-    """Issue 13's GPU table: CUDA, bf16, V = 128256, H = 4096, N = 4k, 8k, 16k.
+    """The GPU table: CUDA, bf16, V = 128256, H = 4096, N = 4k, 8k, 16k.
 
     The shapes of Liger Kernel's published fused-JSD figures. Every chunked
     implementation uses ``eaopd_mp``'s default chunk (128 tokens at this V); Liger's own
@@ -128,7 +128,7 @@ def gpu_suite() -> list[Case]:
     chunk 1024 and N = 8k: the "faster than liger_jsd" goal is judged against Liger's
     faster chunk, not a handicapped one. A third sweep (``gpu-topk``) measures the served
     top-k teacher (k = 32, 256) and its three-GEMM floor at the same points, and a fourth
-    (``gpu-teachers``) the tokens routed to 2 and 4 teachers at N = 8k (issue 21), next
+    (``gpu-teachers``) the tokens routed to 2 and 4 teachers at N = 8k, next
     to the one-teacher loss of the first sweep. Estimated at under 6 min on one
     H100/H200, most of it compiling (not yet measured).
     """
@@ -147,7 +147,7 @@ def gpu_suite() -> list[Case]:
 
 def cpu_bf16_suite() -> list[Case]:
     """The fused loss and the chunked GEMM floor on CPU in fp32, then in bf16, at
-    N = 1024, H = 256, V = 32000 (issue 9: torch's bf16 GEMMs on CPU are many times
+    N = 1024, H = 256, V = 32000 (torch's bf16 GEMMs on CPU are many times
     slower than fp32 ones; the row shows what a bf16 user pays)."""
     impls = ("eaopd_fused", "floor_chunked")
     return [case for dtype in ("fp32", "bf16")
@@ -156,9 +156,9 @@ def cpu_bf16_suite() -> list[Case]:
 
 
 def topk_suite() -> list[Case]:
-    """Issue 12: the fused loss against a served top-k teacher (k = 32, 256) next to the
+    """The fused loss against a served top-k teacher (k = 32, 256) next to the
     dense fused loss, the four-GEMM and the three-GEMM (no teacher GEMM) chunked floors,
-    at issue 2's CPU shapes (fp32, V = 32000)."""
+    at the acceptance suite's CPU shapes (fp32, V = 32000)."""
     return [case for tokens, hidden in ((2048, 512), (4096, 128))
             for case in _sweep(f"topk-H{hidden}", "tokens", "cpu", "fp32", (tokens,),
                                hidden=hidden, vocab=V32K, impls=TOPK)]
@@ -194,6 +194,6 @@ def custom_sweep(device: str, dtype: str, tokens: tuple[int, ...], hidden: int, 
 
 
 # The device and dtype a suite is defined on (None: chosen by --device/--dtype).
-SUITES = {"main": None, "issue2": ("cpu", "fp32"), "gpu": ("cuda", "bf16"),
+SUITES = {"main": None, "acceptance": ("cpu", "fp32"), "gpu": ("cuda", "bf16"),
           "cpu-bf16": ("cpu", None), "startup": ("cpu", "fp32"), "topk": ("cpu", "fp32"),
           "long": None, "teachers": ("cpu", "fp32")}

@@ -74,7 +74,7 @@ def test_startup_and_cpu_bf16_dry_runs(capsys):
 
 def test_topk_dry_run(capsys):
     """The topk suite plans the dense fused loss, both top-k sizes and both floors at
-    issue 2's CPU shapes."""
+    the acceptance suite's CPU shapes."""
     out = _dry_run(capsys, "--suite", "topk")
     for tokens, hidden in ((2048, 512), (4096, 128)):
         for impl in ("eaopd_fused", "eaopd_fused_topk32", "eaopd_fused_topk256",
