@@ -3,7 +3,7 @@
     python bench/run.py --quick --out bench-out            # < 5 min on 2 CPU cores
     python bench/run.py --out bench-out                     # the full CPU sweep
     python bench/run.py --device cuda --dtype bf16 --out bench-cuda
-    python bench/run.py --suite acceptance --out bench-acceptance   # the acceptance table (fused loss vs the GEMM floor)
+    python bench/run.py --suite acceptance --out bench-acc # fused loss vs the GEMM floor
     python bench/run.py --suite gpu --out bench-gpu         # the GPU table (CUDA)
     python bench/run.py --suite gpu --dry-run               # its plan, also without CUDA
     python bench/run.py --suite startup --out bench-startup # cold/warm first calls (CPU)
