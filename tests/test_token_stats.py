@@ -133,6 +133,19 @@ def _tp_body(rank, world, h, w, th, tw, mask, lp, ids, out):
                 labels=mask, tp_group=torch.distributed.group.WORLD, sequence_parallel=sp,
                 temperature=0.9, return_stats="token", **teacher)
             torch.save(stats["token"], f"{out}/{served}-{sp}-rank{rank}.pt")
+    # DTensor TP, hidden states sharded along token dim 1 (moved first inside, and back).
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    hd = distribute_tensor(h.transpose(0, 1).contiguous(), mesh, [Shard(0)])  # (2, 6, H)
+    thd = distribute_tensor(th.transpose(0, 1).contiguous(), mesh, [Shard(0)])
+    hd, thd = hd.redistribute(mesh, [Shard(1)]), thd.redistribute(mesh, [Shard(1)])
+    _, stats = fused_linear_eaopd_loss(
+        hd, distribute_tensor(w, mesh, [Shard(0)]), teacher_hidden=thd,
+        teacher_weight=distribute_tensor(tw, mesh, [Shard(0)]), labels=mask.T.contiguous(),
+        temperature=0.9, return_stats="token")
+    torch.save(stats["token"], f"{out}/dtensor-rank{rank}.pt")
 
 
 def test_tensor_parallel_token_stats(tmp_path):
@@ -154,3 +167,8 @@ def test_tensor_parallel_token_stats(tmp_path):
                 dense_formula(z, y, 0.9)
             _check(got[0], want, mask)
             assert set(got[0]) == ({*DENSE, *want} if served else set(DENSE))
+    got = [torch.load(tmp_path / f"dtensor-rank{r}.pt") for r in range(2)]
+    want = {k: v.T for k, v in dense_formula(z, y, 0.9).items()}
+    _check(got[0], want, mask.T)  # the caller's (2, 6) layout, token dim 1 sharded
+    for name in got[0]:
+        torch.testing.assert_close(got[0][name], got[1][name], rtol=0, atol=0)
