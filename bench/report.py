@@ -255,7 +255,7 @@ def gpu_goals(records: list[dict]) -> str:
     r0 = fused[0]
     head = ("| goal | " + " | ".join(f"N={n}" for n in tokens) + " | verdict |\n|---|"
             + "---:|" * len(tokens) + "---|")
-    return (f"Goals of issue 13 ({r0['dtype']}, H={r0['hidden']}, V={r0['vocab']}, chunk "
+    return (f"GPU goals ({r0['dtype']}, H={r0['hidden']}, V={r0['vocab']}, chunk "
             f"{r0['chunk']}; median times):\n\n" + head + "\n" + "\n".join(rows))
 
 

@@ -12,7 +12,7 @@ Each child times its imports, its first step (what a training script waits for b
 step 1), then ``--steady`` more steps (median: the steady state), and reads dynamo's
 and inductor's counters: cache hits and misses confirm which case it was, the compile
 phases say where the first call's time goes. Defaults: N = 2048, H = 256, V = 32000,
-CPU, fp32 (issue 9), implementations ``eaopd_fused``, ``naive_compiled``,
+CPU, fp32, implementations ``eaopd_fused``, ``naive_compiled``,
 ``liger_eaopd``. Writes ``results.json`` (one record per implementation and phase),
 ``results.md`` and ``meta.json``.
 """
@@ -168,7 +168,7 @@ def phases(records: list[dict]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """``run.py --suite startup``: plan (``--dry-run``) or measure and write ``--out``."""
-    from run import machine_meta
+    from machine import machine_meta
 
     args.impls = args.impls.split(",") if args.impls else list(IMPLS)
     unknown = [i for i in args.impls if i not in IMPLS]

@@ -1,14 +1,14 @@
 """Which cases a run measures.
 
 ``main``: time and memory against tokens at two vocabulary sizes, then hidden size and
-chunk size; ``--quick`` keeps a small tokens sweep. ``issue2``: the acceptance numbers
-of the fused loss against the GEMM floor (CPU, fp32, V = 32000). ``gpu``: issue 13's
+chunk size; ``--quick`` keeps a small tokens sweep. ``acceptance``: the acceptance numbers
+of the fused loss against the GEMM floor (CPU, fp32, V = 32000). ``gpu``: the
 GPU table (CUDA, bf16, V = 128256, H = 4096, N = 4k/8k/16k). ``cpu-bf16``: the fused
 loss and the chunked GEMM floor in bf16 next to fp32 on CPU. ``topk``: a served top-k
-teacher (issue 12). ``long``: long-context memory at V = 151,936 (issue 17).
-``teachers``: 1, 2 and 4 routed teachers (issue 19). ``real``: SmolLM2-135M-Instruct's
-hidden states and head (issue 28). ``startup`` (first-call times in fresh processes) is not
-a list of cases: see ``startup.py``.
+teacher. ``long``: long-context memory at V = 151,936. ``teachers``: 1, 2 and 4 routed
+teachers. ``real``: a real model's hidden states and head (SmolLM2-135M-Instruct).
+``startup`` (first-call times in fresh processes) is not a list of cases: see
+``startup.py``.
 
 CPU sweeps use a small hidden size: on two cores the GEMMs of a realistic one (4096)
 would take minutes per step, and a small one shows the overhead of the loss itself
@@ -29,7 +29,7 @@ ALL = tuple(i for i in IMPLS if i not in ("eaopd_fused_topk32", "eaopd_fused_top
                                           "floor_topk", *TEACHERS[1:3]))  # own suites
 CHUNKED = ("eaopd_fused", "eaopd_fused_recompute", TP_IMPL, "floor_chunked", "liger_jsd",
            "liger_eaopd")
-ISSUE2 = ("eaopd_fused", "floor", "floor_chunked", "naive_compiled", "liger_eaopd")
+ACCEPTANCE = ("eaopd_fused", "floor", "floor_chunked", "naive_compiled", "liger_eaopd")
 V32K, V128K = 32000, 128256
 TOKENS_1K_64K = tuple(2**k for k in range(10, 17))
 GPU_IMPLS = ("eaopd_fused", "floor", "floor_chunked", "naive_compiled", "liger_jsd",
@@ -105,8 +105,8 @@ def main_suite(device: str, dtype: str, quick: bool) -> list[Case]:
     )
 
 
-def issue2_suite() -> list[Case]:
-    """Issue 2's acceptance: CPU, fp32, V = 32000.
+def acceptance_suite() -> list[Case]:
+    """The acceptance shapes: CPU, fp32, V = 32000.
 
     The fused loss, the GEMM floor (whole and chunked), ``torch.compile`` of the naive
     loss and EAOPD on Liger's base class at (N, H) = (2048, 512) and (4096, 128); then
@@ -114,15 +114,15 @@ def issue2_suite() -> list[Case]:
     """
     cases = []
     for tokens, hidden in ((2048, 512), (4096, 128)):
-        cases += _sweep(f"issue2-H{hidden}", "tokens", "cpu", "fp32", (tokens,),
-                        hidden=hidden, vocab=V32K, impls=ISSUE2)
-    cases += _sweep("issue2-flat-H64", "tokens", "cpu", "fp32", (4096, 16384, 65536),
+        cases += _sweep(f"acceptance-H{hidden}", "tokens", "cpu", "fp32", (tokens,),
+                        hidden=hidden, vocab=V32K, impls=ACCEPTANCE)
+    cases += _sweep("acceptance-flat-H64", "tokens", "cpu", "fp32", (4096, 16384, 65536),
                     hidden=64, vocab=V32K, impls=("eaopd_fused",))
     return cases
 
 
 def gpu_suite() -> list[Case]:
-    """Issue 13's GPU table: CUDA, bf16, V = 128256, H = 4096, N = 4k, 8k, 16k.
+    """The GPU table: CUDA, bf16, V = 128256, H = 4096, N = 4k, 8k, 16k.
 
     The shapes of Liger Kernel's published fused-JSD figures. Every chunked
     implementation uses ``eaopd_mp``'s default chunk (128 tokens at this V); Liger's own
@@ -130,7 +130,7 @@ def gpu_suite() -> list[Case]:
     chunk 1024 and N = 8k: the "faster than liger_jsd" goal is judged against Liger's
     faster chunk, not a handicapped one. A third sweep (``gpu-topk``) measures the served
     top-k teacher (k = 32, 256) and its three-GEMM floor at the same points, and a fourth
-    (``gpu-teachers``) the tokens routed to 2 and 4 teachers at N = 8k (issue 21), next
+    (``gpu-teachers``) the tokens routed to 2 and 4 teachers at N = 8k, next
     to the one-teacher loss of the first sweep. Estimated at under 6 min on one
     H100/H200, most of it compiling (not yet measured).
     """
@@ -149,7 +149,7 @@ def gpu_suite() -> list[Case]:
 
 def cpu_bf16_suite() -> list[Case]:
     """The fused loss and the chunked GEMM floor on CPU in fp32, then in bf16, at
-    N = 1024, H = 256, V = 32000 (issue 9: torch's bf16 GEMMs on CPU are many times
+    N = 1024, H = 256, V = 32000 (torch's bf16 GEMMs on CPU are many times
     slower than fp32 ones; the row shows what a bf16 user pays)."""
     impls = ("eaopd_fused", "floor_chunked")
     return [case for dtype in ("fp32", "bf16")
@@ -158,9 +158,9 @@ def cpu_bf16_suite() -> list[Case]:
 
 
 def topk_suite() -> list[Case]:
-    """Issue 12: the fused loss against a served top-k teacher (k = 32, 256) next to the
+    """The fused loss against a served top-k teacher (k = 32, 256) next to the
     dense fused loss, the four-GEMM and the three-GEMM (no teacher GEMM) chunked floors,
-    at issue 2's CPU shapes (fp32, V = 32000)."""
+    at the acceptance suite's CPU shapes (fp32, V = 32000)."""
     return [case for tokens, hidden in ((2048, 512), (4096, 128))
             for case in _sweep(f"topk-H{hidden}", "tokens", "cpu", "fp32", (tokens,),
                                hidden=hidden, vocab=V32K, impls=TOPK)]
@@ -195,7 +195,7 @@ REAL_BUDGET_GIB = 8.0
 
 
 def real_suite() -> list[Case]:
-    """Issue 28: a real model's hidden states and head (SmolLM2-135M-Instruct, H = 576,
+    """A real model's hidden states and head (SmolLM2-135M-Instruct, H = 576,
     V = 49,152; ``real_inputs.py``), CPU fp32. The fused loss against the loss on the full
     ``(N, V)`` logits, materialised as ``transformers`` makes them: the eager reference
     (``naive_eager``, what a hand-written logits loss costs) and ``eaopd_mp``'s own
@@ -215,7 +215,7 @@ def custom_sweep(device: str, dtype: str, tokens: tuple[int, ...], hidden: int, 
 
 
 # The device and dtype a suite is defined on (None: chosen by --device/--dtype).
-SUITES = {"main": None, "issue2": ("cpu", "fp32"), "gpu": ("cuda", "bf16"),
+SUITES = {"main": None, "acceptance": ("cpu", "fp32"), "gpu": ("cuda", "bf16"),
           "cpu-bf16": ("cpu", None), "startup": ("cpu", "fp32"), "topk": ("cpu", "fp32"),
           "long": None, "teachers": ("cpu", "fp32"), "real": ("cpu", "fp32")}
 # A suite's own memory budget, stated in its docstring (else 60% of what is available).

@@ -2,7 +2,8 @@
 vocab-parallel.
 
 Per token, with the untempered teacher entropy ``H``: ``L = a KL(teacher||student) +
-b KL(student||teacher)``; the seed's gate is ``a = clamp(H / h_max, 0, 1)``, ``b = 1 - a``.
+b KL(student||teacher)``; the reference definition's gate (:mod:`eaopd_mp.reference`) is
+``a = clamp(H / h_max, 0, 1)``, ``b = 1 - a``.
 """
 
 from .gates import GATES

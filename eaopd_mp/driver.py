@@ -53,8 +53,8 @@ def cpu_has_half_gemm(dtype: torch.dtype) -> bool:
     Measured on a 2-core AMD EPYC with ``avx512_bf16``: bf16 GEMMs beat float32 ones
     (``(2048, 32000) @ (32000, 512)``: 0.23 s vs 0.36 s; the fused bf16 step at N = 8,
     H = 256, V = 256000: 0.37 s native vs 0.78 s with float32 GEMMs). Without such
-    instructions torch's CPU 16-bit GEMMs are 8-150x slower than float32 ones (reported in
-    issue 9 on another CPU: 112 s vs 0.76 s at the same shape).
+    instructions torch's CPU 16-bit GEMMs are 8-150x slower than float32 ones (measured on
+    another CPU: 112 s vs 0.76 s at the same shape).
     """
     cpu = torch.cpu
     names = {torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),

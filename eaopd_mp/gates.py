@@ -4,11 +4,11 @@ Every gate writes the per-token loss as ``L = a * KL_fwd + b * KL_rev`` where ``
 ``b`` depend on the *untempered* teacher entropy ``H`` only (no gradient flows through
 them). This module is the single implementation used by every path.
 
-| gate        | a                                  | b              |
-|-------------|------------------------------------|----------------|
-| "linear"    | clamp(H / h_max, 0, 1)  (the seed) | 1 - a          |
-| "threshold" | fkl_coef * 1[H >= gate_threshold]  | 1              |
-| "fixed"     | fkl_weight                         | 1 - fkl_weight |
+| gate        | a                                        | b              |
+|-------------|------------------------------------------|----------------|
+| "linear"    | clamp(H / h_max, 0, 1) (the reference's) | 1 - a          |
+| "threshold" | fkl_coef * 1[H >= gate_threshold]        | 1              |
+| "fixed"     | fkl_weight                               | 1 - fkl_weight |
 """
 
 from __future__ import annotations

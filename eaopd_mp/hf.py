@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import sharded
+from . import engines, layouts
+from .errors import surfaced
 from .loss import fused_linear_eaopd_loss
 
 # Options that lm_head reads from the model: eaopd_loss refuses them as loss options.
@@ -55,7 +56,7 @@ class LMHead:
 def _unwrap(model):
     """A DeepSpeed engine's or PEFT model's underlying ``transformers`` model (else
     ``model``)."""
-    if sharded._is_engine(model):
+    if layouts.is_engine(model):
         model = model.module
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -157,6 +158,7 @@ def next_token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     return keep.to(torch.float32)
 
 
+@surfaced
 def eaopd_loss(student, teacher=None, input_ids: torch.Tensor | None = None,
                attention_mask: torch.Tensor | None = None,
                completion_mask: torch.Tensor | None = None, *, teachers: list | None = None,
@@ -213,24 +215,24 @@ def eaopd_loss(student, teacher=None, input_ids: torch.Tensor | None = None,
                 t_hidden = last_hidden_state(teacher, ids, attention_mask)[:, :-1]
             return _fused(hidden, t_hidden, student, teacher, labels, vocab, loss_options)
 
-        return sharded.run_in_forwards(_owners(teacher), teacher_part, ids, frozen=True)
+        return engines.run_in_forwards(_owners(teacher), teacher_part, ids, frozen=True)
 
-    return sharded.run_in_forwards(_owners(student), student_part, input_ids)
+    return engines.run_in_forwards(_owners(student), student_part, input_ids)
 
 
 def _owners(model) -> list:
     """The FSDP2 modules / DeepSpeed engine whose forward gathers ``model``'s output layer
-    (see :func:`eaopd_mp.sharded.owners`)."""
+    (see :func:`eaopd_mp.engines.owners`)."""
     inner = _unwrap(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    return sharded.owners(model, head)
+    return engines.owners(model, head)
 
 
 def gathered_heads(*models):
-    """:func:`eaopd_mp.sharded.gathered` over the output layers' weights and biases of
+    """:func:`eaopd_mp.engines.gathered` over the output layers' weights and biases of
     ``models`` (a context manager; a no-op unless they are ZeRO-3 partitioned)."""
     heads = [_unwrap(m).get_output_embeddings() for m in models]
-    return sharded.gathered(*(getattr(h, n, None) for h in heads if h is not None
+    return engines.gathered(*(getattr(h, n, None) for h in heads if h is not None
                               for n in ("weight", "bias")))
 
 
@@ -241,7 +243,7 @@ def _fused(hidden, t_hidden, student, teacher, labels, vocab, loss_options):
         s_head, t_head = lm_head(student), lm_head(teacher)
         if vocab is None:
             vocab = min(s_head.vocab_size, t_head.vocab_size)
-        keep = functools.partial(sharded.kept_for_backward, engine_owned=bool(_owners(teacher)),
+        keep = functools.partial(engines.kept_for_backward, engine_owned=bool(_owners(teacher)),
                                  reduction=loss_options.get("reduction"))
         return fused_linear_eaopd_loss(
             hidden, s_head.weight, student_bias=s_head.bias, teacher_hidden=t_hidden,
@@ -260,7 +262,7 @@ def _routed(student, models, teacher_index, input_ids, attention_mask, completio
     rank with no sequence for teacher ``j`` still runs ``j``'s backbone, on its first
     sequence, and drops the result (FSDP2's and ZeRO-3's all-gathers are collectives: a rank
     that skipped them would hang the others). A teacher counts as sharded when any part of it
-    is (:func:`eaopd_mp.sharded.is_sharded`: decoder layers ``fully_shard``-ed under a plain
+    is (:func:`eaopd_mp.layouts.is_sharded`: decoder layers ``fully_shard``-ed under a plain
     root count); an unsharded teacher with no sequence is not run.
     """
     check_same_transforms(models)
@@ -271,7 +273,7 @@ def _routed(student, models, teacher_index, input_ids, attention_mask, completio
     owners = [_owners(m) for m in models]
     # Collectives in a teacher's forward (its layers fully_shard-ed even where its root and
     # head are not, ZeRO-3, TP): every rank runs it.
-    collective = [bool(o) or sharded.is_sharded(m) for o, m in zip(owners, models, strict=True)]
+    collective = [bool(o) or layouts.is_sharded(m) for o, m in zip(owners, models, strict=True)]
     t_hidden = []
 
     def teacher_step(j, model):
@@ -284,7 +286,7 @@ def _routed(student, models, teacher_index, input_ids, attention_mask, completio
             return w.new_zeros(0, input_ids.shape[1] - 1, w.shape[1])
 
         def step():  # inside teacher j's forward (frozen)
-            t_hidden.append(sharded.routed_hidden(rows[j], collective[j], forward, empty))
+            t_hidden.append(engines.routed_hidden(rows[j], collective[j], forward, empty))
         return step
 
     def student_part(ids):  # inside the student's forward: its (sharded) head is gathered
@@ -295,9 +297,9 @@ def _routed(student, models, teacher_index, input_ids, attention_mask, completio
                                  vocab, loss_options)
 
         steps = [teacher_step(j, m) for j, m in enumerate(models)]
-        return sharded.run_teachers_frozen(owners, steps, loss)
+        return engines.run_teachers_frozen(owners, steps, loss)
 
-    return sharded.run_in_forwards(_owners(student), student_part, input_ids)
+    return engines.run_in_forwards(_owners(student), student_part, input_ids)
 
 
 def check_same_transforms(models) -> None:
@@ -329,7 +331,7 @@ def _fused_routed(hidden, t_hidden, student, models, owners, index, labels, voca
         if vocab is None:
             vocab = min(s_head.vocab_size, *(t.vocab_size for t in t_heads))
         reduction = loss_options.get("reduction")
-        keep = [functools.partial(sharded.kept_for_backward, engine_owned=bool(o),
+        keep = [functools.partial(engines.kept_for_backward, engine_owned=bool(o),
                                   reduction=reduction) for o in owners]
         return fused_linear_eaopd_loss(
             hidden, s_head.weight, student_bias=s_head.bias,

@@ -1,20 +1,22 @@
 """Single-device entry points: logits in, or fused with the output layer.
 
-Both check their tensors, build the :class:`~eaopd_mp.options.LossOptions` once and hand
-both to the shared plan builder (:func:`eaopd_mp.plan.run`); they differ only in the
-tensor forms. ``**options`` are those of :class:`~eaopd_mp.options.LossOptions`:
-``h_max``, ``temperature``, ``reduction``, ``return_stats``, ``gate``, ``gate_threshold``,
-``fkl_coef``, ``fkl_weight``, ``chunk_size``, the head transforms ``student_softcap``,
-``teacher_softcap``, ``student_logit_scale``, ``teacher_logit_scale``, ``vocab_size`` and
-``topk_tail``.
+Both build the :class:`~eaopd_mp.options.LossOptions` once, have :mod:`eaopd_mp.inputs`
+check their arguments into one :class:`~eaopd_mp.plan.Call` and hand it to the shared plan
+builder (:func:`eaopd_mp.plan.run`); they differ only in the tensor forms. DTensor inputs
+(tensor parallelism) go to :mod:`eaopd_mp.dtensor`. ``**options`` are those of
+:class:`~eaopd_mp.options.LossOptions`: ``h_max``, ``temperature``, ``reduction``,
+``return_stats``, ``gate``, ``gate_threshold``, ``fkl_coef``, ``fkl_weight``,
+``chunk_size``, the head transforms ``student_softcap``, ``teacher_softcap``,
+``student_logit_scale``, ``teacher_logit_scale``, ``vocab_size`` and ``topk_tail``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _checks, ops, plan, sharded, teachers  # noqa: F401 - ops registers the custom ops
+from . import dtensor, inputs, layouts, ops, plan  # noqa: F401 - ops registers the custom ops
 from .core import compute_dtype
+from .errors import surfaced
 from .options import LossOptions
 
 
@@ -27,12 +29,13 @@ def teacher_entropy(teacher_logits: torch.Tensor) -> torch.Tensor:
         ``(...)`` in the input dtype (computed in float32). ``-inf`` columns count as
         probability 0 (no NaN).
     """
-    _checks.tensor("teacher_logits", teacher_logits, min_dim=1)
+    inputs.tensor("teacher_logits", teacher_logits, min_dim=1)
     u = torch.log_softmax(teacher_logits.to(compute_dtype(teacher_logits.dtype)), dim=-1)
     u_finite = torch.where(torch.isfinite(u), u, torch.zeros_like(u))
     return (-(u.exp() * u_finite).sum(-1)).to(teacher_logits.dtype)
 
 
+@surfaced
 def entropy_aware_opd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | list | None = None,
@@ -44,7 +47,8 @@ def entropy_aware_opd_loss(
     labels: torch.Tensor | None = None,
     **options,
 ) -> torch.Tensor | tuple[torch.Tensor, plan.Stats]:
-    """Entropy-aware mixture of forward and reverse KL on given logits (the seed's API).
+    """Entropy-aware mixture of forward and reverse KL on given logits (the reference
+    definition's API).
 
     Args:
         student_logits: ``(..., V)`` floating; receives the gradient.
@@ -68,7 +72,7 @@ def entropy_aware_opd_loss(
             values in ``[0, n_teachers)``: the teacher of each token. Every teacher
             argument is then a list with one entry per teacher (None where a teacher does
             not use it) holding exactly that teacher's tokens in token order (see
-            :mod:`eaopd_mp.teachers`).
+            :mod:`eaopd_mp.inputs`).
         labels: ``(...)`` mask over tokens: 0/1 (bool or integer) or float weights >= 0;
             None means all tokens. Tokens of weight 0 are skipped.
         **options: :class:`~eaopd_mp.options.LossOptions` (``h_max``, ``temperature``,
@@ -76,36 +80,22 @@ def entropy_aware_opd_loss(
     Returns:
         The loss (float32; float64 for float64 inputs), or ``(loss, stats)``.
     """
-    return logits_loss(student_logits, teacher_logits, labels, LossOptions.build(options),
-                       teacher_topk_logprobs, teacher_topk_indices, teacher_entropy,
-                       teacher_index)
+    teacher = dict(teacher_logits=teacher_logits, teacher_topk_logprobs=teacher_topk_logprobs,
+                   teacher_topk_indices=teacher_topk_indices, teacher_entropy=teacher_entropy)
+    return logits_loss(student_logits, teacher, labels, teacher_index,
+                       LossOptions.build(options))
 
 
-def logits_loss(student_logits, teacher_logits, labels, options: LossOptions,
-                topk_logprobs=None, topk_indices=None, entropy=None, teacher_index=None):
-    """:func:`entropy_aware_opd_loss` with its options already built."""
-    if sharded.any_dtensor(student_logits, teacher_logits, labels, topk_logprobs,
-                           topk_indices, entropy, teacher_index):  # vocab-sharded DTensors
-        return sharded.dtensor_logits_loss(student_logits, teacher_logits, labels, options,
-                                           topk_logprobs, topk_indices, entropy,
-                                           teacher_index)
-    _checks.tensor("student_logits", student_logits, min_dim=1)
-    _checks.nonempty_vocab("student_logits", student_logits)
-    token_shape = tuple(student_logits.shape[:-1])
-    vocab = student_logits.shape[-1]
-    args = dict(teacher_logits=teacher_logits, teacher_topk_logprobs=topk_logprobs,
-                teacher_topk_indices=topk_indices, teacher_entropy=entropy)
-    check = teachers.logits_check(student_logits, options.vocab_size,
-                                  options.vocab_size or vocab)
-    chosen = teachers.build(args, teacher_index, token_shape, check)
-    _checks.same_device(student_logits=student_logits, labels=labels,
-                        teacher_index=teacher_index, **teachers.named(args))
-    labels = _checks.labels(labels, token_shape)
-    z = student_logits.reshape(-1, vocab)
-    return plan.run([z], chosen, labels, token_shape, options, student_form="logits",
-                    width=vocab)
+def logits_loss(student_logits, teacher: dict, labels, teacher_index, options: LossOptions):
+    """:func:`entropy_aware_opd_loss` with its options built and its teacher arguments
+    (:data:`eaopd_mp.inputs.ARGS`) in ``teacher``."""
+    if layouts.any_dtensor(student_logits, labels, teacher_index, *teacher.values()):
+        return dtensor.logits_loss(student_logits, teacher, labels, teacher_index, options)
+    return plan.run(inputs.logits_call(student_logits, teacher, labels, teacher_index,
+                                       options.vocab_size), options)
 
 
+@surfaced
 def fused_linear_eaopd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -148,36 +138,21 @@ def fused_linear_eaopd_loss(
     Returns:
         The loss (float32; float64 for float64 inputs), or ``(loss, stats)``.
     """
-    return linear_loss(student_hidden, student_weight, student_bias, teacher_hidden,
-                       teacher_weight, teacher_bias, teacher_logits, labels,
-                       LossOptions.build(options), teacher_topk_logprobs,
-                       teacher_topk_indices, teacher_entropy, teacher_index)
+    teacher = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                   teacher_bias=teacher_bias, teacher_logits=teacher_logits,
+                   teacher_topk_logprobs=teacher_topk_logprobs,
+                   teacher_topk_indices=teacher_topk_indices, teacher_entropy=teacher_entropy)
+    return linear_loss(student_hidden, student_weight, student_bias, teacher, labels,
+                       teacher_index, LossOptions.build(options))
 
 
-def linear_loss(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                teacher_bias, teacher_logits, labels, options: LossOptions,
-                topk_logprobs=None, topk_indices=None, entropy=None, teacher_index=None):
-    """:func:`fused_linear_eaopd_loss` with its options already built."""
-    if sharded.any_dtensor(student_hidden, student_weight, student_bias, teacher_hidden,
-                           teacher_weight, teacher_bias, teacher_logits, labels,
-                           topk_logprobs, topk_indices, entropy, teacher_index):  # DTensor TP
-        return sharded.dtensor_linear_loss(student_hidden, student_weight, student_bias,
-                                           teacher_hidden, teacher_weight, teacher_bias,
-                                           teacher_logits, labels, options, topk_logprobs,
-                                           topk_indices, entropy, teacher_index)
-    _checks.linear("student", student_hidden, student_weight, student_bias)
-    token_shape = tuple(student_hidden.shape[:-1])
-    vocab = student_weight.shape[0]
-    args = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-                teacher_bias=teacher_bias, teacher_logits=teacher_logits,
-                teacher_topk_logprobs=topk_logprobs, teacher_topk_indices=topk_indices,
-                teacher_entropy=entropy)
-    chosen = teachers.build(args, teacher_index, token_shape,
-                            teachers.fused_check(vocab, options.vocab_size))
-    _checks.same_device(student_hidden=student_hidden, student_weight=student_weight,
-                        student_bias=student_bias, labels=labels,
-                        teacher_index=teacher_index, **teachers.named(args))
-    labels = _checks.labels(labels, token_shape)
-    student = teachers.student_tensors(student_hidden, student_weight, student_bias)
-    return plan.run(student, chosen, labels, token_shape, options, student_form="linear",
-                    width=vocab)
+def linear_loss(student_hidden, student_weight, student_bias, teacher: dict, labels,
+                teacher_index, options: LossOptions):
+    """:func:`fused_linear_eaopd_loss` with its options built and its teacher arguments
+    (:data:`eaopd_mp.inputs.ARGS`) in ``teacher``."""
+    if layouts.any_dtensor(student_hidden, student_weight, student_bias, labels,
+                           teacher_index, *teacher.values()):
+        return dtensor.linear_loss(student_hidden, student_weight, student_bias, teacher,
+                                   labels, teacher_index, options)
+    return plan.run(inputs.linear_call(student_hidden, student_weight, student_bias, teacher,
+                                       labels, teacher_index, options.vocab_size), options)

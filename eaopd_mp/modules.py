@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import surfaced
 from .loss import linear_loss, logits_loss
 from .options import LossOptions
 
@@ -28,13 +29,14 @@ class EntropyAwareOPDLoss(_Options):
     ``return_stats``, ``gate``, ``topk_tail``, ...).
     """
 
+    @surfaced
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, *, teacher_topk_logprobs=None,
                 teacher_topk_indices=None, teacher_entropy=None, teacher_index=None):
         """The loss (or ``(loss, stats)``), as :func:`eaopd_mp.entropy_aware_opd_loss`."""
-        return logits_loss(student_logits, teacher_logits, labels, self.options,
-                           teacher_topk_logprobs, teacher_topk_indices, teacher_entropy,
-                           teacher_index)
+        teacher = dict(teacher_logits=teacher_logits, teacher_topk_logprobs=teacher_topk_logprobs,
+                       teacher_topk_indices=teacher_topk_indices, teacher_entropy=teacher_entropy)
+        return logits_loss(student_logits, teacher, labels, teacher_index, self.options)
 
 
 class FusedLinearEAOPDLoss(_Options):
@@ -47,12 +49,15 @@ class FusedLinearEAOPDLoss(_Options):
     ``lm_head.bias``).
     """
 
+    @surfaced
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, *,
                 teacher_hidden=None, teacher_weight=None, teacher_logits=None,
                 student_bias=None, teacher_bias=None, labels=None, teacher_topk_logprobs=None,
                 teacher_topk_indices=None, teacher_entropy=None, teacher_index=None):
         """The loss (or ``(loss, stats)``), as :func:`eaopd_mp.fused_linear_eaopd_loss`."""
-        return linear_loss(student_hidden, student_weight, student_bias, teacher_hidden,
-                           teacher_weight, teacher_bias, teacher_logits, labels, self.options,
-                           teacher_topk_logprobs, teacher_topk_indices, teacher_entropy,
-                           teacher_index)
+        teacher = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                       teacher_bias=teacher_bias, teacher_logits=teacher_logits,
+                       teacher_topk_logprobs=teacher_topk_logprobs,
+                       teacher_topk_indices=teacher_topk_indices, teacher_entropy=teacher_entropy)
+        return linear_loss(student_hidden, student_weight, student_bias, teacher, labels,
+                           teacher_index, self.options)

@@ -32,7 +32,13 @@ from .options import REDUCTIONS, TOPK_TAILS
 from .plan import Spec, parse, sized
 from .teachers import routing_problem
 from .topk import TopkHead, ids_problem, logprobs_problem
-from .tp import TPCombiner, mask_fingerprint, routing_fingerprint
+from .tp import (
+    TPCombiner,
+    fingerprint_values,
+    mask_fingerprint,
+    routing_fingerprint,
+    tensor_fingerprint,
+)
 
 _INTEGER_MASK = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -141,7 +147,30 @@ def _header(student, teacher, spec: Spec, n: int, kept: int,
             spec.chunk, spec.vocab_size, spec.inv_tau, spec.p1, spec.p2,
             GATES.index(spec.gate), REDUCTIONS.index(spec.reduction),
             spec.s_scale, spec.s_cap or 0.0, spec.t_scale, spec.t_cap or 0.0,
-            *_topk_code(teacher, spec), len(spec.parts), *routing_fingerprint(index, n)]
+            *_topk_code(teacher, spec), len(spec.parts), *routing_fingerprint(index, n),
+            *_teacher_fingerprint(teacher, spec)]
+
+
+def _teacher_fingerprint(teacher, spec: Spec) -> list[float]:
+    """The fingerprint (:func:`eaopd_mp.tp.tensor_fingerprint`) of every teacher input that
+    all ranks hold alike: served top-k log-probs and ids, a given gate entropy, and dense
+    hidden states when they are not split along the sequence. (Teacher logits and heads are
+    this rank's vocabulary columns, different on every rank by design.) One pass over
+    ``(N, k)`` numbers, or ``(N, H_t)`` for hidden states: no vocabulary-sized work."""
+    total = None
+    for j, (part, (tensors, entropy)) in enumerate(zip(spec.parts, spec.split(teacher)[0],
+                                                       strict=True)):
+        shared = []
+        if part.teacher == "topk":
+            shared = tensors[:2]
+        elif part.teacher == "linear" and not spec.sequence_parallel:
+            shared = tensors[:1]
+        if entropy is not None:
+            shared = [*shared, entropy]
+        for i, x in enumerate(shared):
+            hashes = tensor_fingerprint(x, salt=4 * j + i)
+            total = hashes if total is None else total + hashes
+    return [0.0, 0.0] if total is None else fingerprint_values(total)
 
 
 def _topk_code(teacher, spec: Spec) -> tuple[float, int]:

@@ -45,11 +45,13 @@ class LossOptions:
         temperature: divides student and teacher logits (the gate uses the untempered
             teacher). A top-k teacher's served log-probabilities are the target as given
             (serve them at the temperature you train at): only the student is divided.
-        reduction: ``"batchmean"`` (sum / first token dim, the specification's default),
+        reduction: ``"batchmean"`` (sum / first token dim, the reference definition's default),
             ``"sum"``, ``"mean"`` (sum / number of tokens, masked ones included) or
             ``"none"`` (float32, token-shaped).
-        return_stats: also return mask-weighted means of the teacher entropy, the gate
-            weights and both KLs (detached), the token count and the gate used.
+        return_stats: ``True`` also returns mask-weighted means of the teacher entropy, the
+            gate weights and both KLs (detached), the token count and the gate used;
+            ``"token"`` adds ``stats["token"]``, the same quantities per token (see
+            :func:`eaopd_mp.plan.token_stats`).
         gate, gate_threshold, fkl_coef, fkl_weight: see :mod:`eaopd_mp.gates`.
         chunk_size: tokens per chunk; None picks about 64 MiB of float32 logits per chunk.
         student_softcap, teacher_softcap: None, or ``c > 0``: that side's logits are
@@ -82,7 +84,7 @@ class LossOptions:
     h_max: float | None = None
     temperature: float = 1.0
     reduction: str = "batchmean"
-    return_stats: bool = False
+    return_stats: bool | str = False
     gate: str = "linear"
     gate_threshold: float | None = None
     fkl_coef: float | None = None
@@ -99,9 +101,10 @@ class LossOptions:
         object.__setattr__(self, "temperature", positive_real("temperature", self.temperature))
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
-        if not isinstance(self.return_stats, bool):
-            raise TypeError(
-                f"return_stats must be a bool, got {type(self.return_stats).__name__}")
+        token = isinstance(self.return_stats, str) and self.return_stats == "token"
+        if not (isinstance(self.return_stats, bool) or token):
+            raise TypeError(f"return_stats must be True, False or \"token\", got "
+                            f"{self.return_stats!r}")
         for name in ("chunk_size", "vocab_size"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, positive_int(name, getattr(self, name)))

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, ops, plan, teachers, tp  # noqa: F401 - ops registers the custom ops
+from . import inputs, ops, plan  # noqa: F401 - ops registers the custom ops
+from .errors import surfaced
 from .options import LossOptions
-from .tp import TPCombiner
 
 
+@surfaced
 def vocab_parallel_eaopd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | list | None = None,
@@ -63,33 +64,22 @@ def vocab_parallel_eaopd_loss(
         logits. Backward needs no communication.
     """
     options = LossOptions.build(dict(options, vocab_size=vocab_size))
-    return logits_parallel(student_logits, teacher_logits, labels, options, tp_group,
-                           teacher_topk_logprobs, teacher_topk_indices, teacher_entropy,
-                           teacher_index=teacher_index)
+    teacher = dict(teacher_logits=teacher_logits, teacher_topk_logprobs=teacher_topk_logprobs,
+                   teacher_topk_indices=teacher_topk_indices, teacher_entropy=teacher_entropy)
+    return logits_parallel(student_logits, teacher, labels, teacher_index, options, tp_group)
 
 
-def logits_parallel(student_logits, teacher_logits, labels, options: LossOptions, tp_group,
-                    teacher_topk_logprobs=None, teacher_topk_indices=None,
-                    teacher_entropy=None, stride: int | None = None, *, teacher_index=None):
-    """:func:`vocab_parallel_eaopd_loss` with its options built; ``stride``: see
+def logits_parallel(student_logits, teacher: dict, labels, teacher_index, options: LossOptions,
+                    tp_group, stride: int | None = None):
+    """:func:`vocab_parallel_eaopd_loss` with its options built and its teacher arguments
+    (:data:`eaopd_mp.inputs.ARGS`) in ``teacher``; ``stride``: see
     :func:`eaopd_mp.tp.resolve` (uneven shards)."""
-    _checks.tensor("student_logits", student_logits, min_dim=1)
-    _checks.nonempty_vocab("student_logits", student_logits)
-    token_shape = tuple(student_logits.shape[:-1])
-    width = student_logits.shape[-1]
-    info = tp.resolve(tp_group, width, options.vocab_size, False, stride)
-    args = dict(teacher_logits=teacher_logits, teacher_topk_logprobs=teacher_topk_logprobs,
-                teacher_topk_indices=teacher_topk_indices, teacher_entropy=teacher_entropy)
-    check = teachers.logits_check(student_logits, None, info.vocab_size, sharded=True)
-    chosen = teachers.build(args, teacher_index, token_shape, check)
-    _checks.same_device(student_logits=student_logits, labels=labels,
-                        teacher_index=teacher_index, **teachers.named(args))
-    labels = _checks.labels(labels, token_shape)
-    z = student_logits.reshape(-1, width)
-    return plan.run([z], chosen, labels, token_shape, options, student_form="logits",
-                    width=width, tp=info)
+    return plan.run(inputs.logits_call(student_logits, teacher, labels, teacher_index,
+                                       options.vocab_size, parallel=True, tp_group=tp_group,
+                                       stride=stride), options)
 
 
+@surfaced
 def fused_linear_vocab_parallel_eaopd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -134,47 +124,27 @@ def fused_linear_vocab_parallel_eaopd_loss(
         The same loss on every rank; ``reduction="none"`` gives the full token shape.
     """
     options = LossOptions.build(dict(options, vocab_size=vocab_size))
-    return linear_parallel(student_hidden, student_weight, student_bias, teacher_hidden,
-                           teacher_weight, teacher_bias, teacher_logits, labels, options,
-                           tp_group, sequence_parallel, teacher_topk_logprobs,
-                           teacher_topk_indices, teacher_entropy, teacher_index=teacher_index)
+    teacher = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                   teacher_bias=teacher_bias, teacher_logits=teacher_logits,
+                   teacher_topk_logprobs=teacher_topk_logprobs,
+                   teacher_topk_indices=teacher_topk_indices, teacher_entropy=teacher_entropy)
+    return linear_parallel(student_hidden, student_weight, student_bias, teacher, labels,
+                           teacher_index, options, tp_group, sequence_parallel)
 
 
-def linear_parallel(student_hidden, student_weight, student_bias, teacher_hidden,
-                    teacher_weight, teacher_bias, teacher_logits, labels, options: LossOptions,
-                    tp_group, sequence_parallel: bool = False, teacher_topk_logprobs=None,
-                    teacher_topk_indices=None, teacher_entropy=None,
-                    stride: int | None = None, *, teacher_index=None):
-    """:func:`fused_linear_vocab_parallel_eaopd_loss` with its options built; ``stride``:
-    see :func:`eaopd_mp.tp.resolve` (uneven shards)."""
-    _checks.linear("student", student_hidden, student_weight, student_bias)
-    width = student_weight.shape[0]
-    info = tp.resolve(tp_group, width, options.vocab_size, sequence_parallel, stride)
-    local_shape = tuple(student_hidden.shape[:-1])
-    token_shape = local_shape
-    if sequence_parallel:
-        if not local_shape:
-            raise ValueError("sequence_parallel=True needs student_hidden with a sequence dim, "
-                             f"got shape {tuple(student_hidden.shape)}")
-        token_shape = (local_shape[0] * info.size, *local_shape[1:])
-    args = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-                teacher_bias=teacher_bias, teacher_logits=teacher_logits,
-                teacher_topk_logprobs=teacher_topk_logprobs,
-                teacher_topk_indices=teacher_topk_indices, teacher_entropy=teacher_entropy)
-    check = teachers.fused_check(width, None, info.vocab_size, hidden_shape=local_shape)
-    chosen = teachers.build(args, teacher_index, token_shape, check,
-                            sequence_split=info.size if sequence_parallel else 1)
-    _checks.same_device(student_hidden=student_hidden, student_weight=student_weight,
-                        student_bias=student_bias, labels=labels,
-                        teacher_index=teacher_index, **teachers.named(args))
-    labels = _checks.labels(labels, token_shape)
-    student = teachers.student_tensors(student_hidden, student_weight, student_bias)
-    return plan.run(student, chosen, labels, token_shape, options, student_form="linear",
-                    width=width, tp=info)
+def linear_parallel(student_hidden, student_weight, student_bias, teacher: dict, labels,
+                    teacher_index, options: LossOptions, tp_group, sequence_parallel: bool = False,
+                    stride: int | None = None):
+    """:func:`fused_linear_vocab_parallel_eaopd_loss` with its options built and its teacher
+    arguments (:data:`eaopd_mp.inputs.ARGS`) in ``teacher``; ``stride``: see
+    :func:`eaopd_mp.tp.resolve` (uneven shards)."""
+    return plan.run(inputs.linear_call(
+        student_hidden, student_weight, student_bias, teacher, labels, teacher_index,
+        options.vocab_size, parallel=True, tp_group=tp_group,
+        sequence_parallel=sequence_parallel, stride=stride), options)
 
 
 __all__ = [
-    "TPCombiner",
     "fused_linear_vocab_parallel_eaopd_loss",
     "vocab_parallel_eaopd_loss",
 ]

@@ -1,14 +1,15 @@
 """One plan builder for every entry point.
 
-A front door (``loss.py`` for one device, ``parallel.py`` for vocabulary shards) checks its
-tensors, builds :class:`~eaopd_mp.options.LossOptions`, and calls :func:`run` with the
-student and teacher tensors in one of their *forms*:
+A front door (``loss.py`` for one device, ``parallel.py`` for vocabulary shards,
+``dtensor.py`` for DTensors) builds :class:`~eaopd_mp.options.LossOptions`, has
+:mod:`eaopd_mp.inputs` check its arguments into a :class:`Call`, and calls :func:`run` with
+it: the student and teacher tensors in one of their *forms*:
 
 * student ``"logits"``: ``[z (N, V)]``; ``"linear"``: ``[h (N, H), W (V, H)(, b (V,))]``;
 * teacher ``"logits"``: ``[y (N, V)]``; ``"linear"``: ``[h_t (N, H_t), W_t (V, H_t)(, b_t)]``;
   ``"topk"``: ``[logprobs (N, k), ids (N, k) int64]``;
 * any teacher form may end with an ``(N,)`` gate entropy (``entropy_given``);
-* several routed teachers (:mod:`eaopd_mp.teachers`): each teacher's list (its ``N_j``
+* several routed teachers (:mod:`eaopd_mp.inputs`): each teacher's list (its ``N_j``
   routed rows), one after the other, then the ``(N,)`` int64 routing (``Spec.teachers``).
 
 :func:`run` turns the options and the tensors' static properties into a :class:`Spec` (plain
@@ -176,25 +177,42 @@ def _autocast_dtype(device: torch.device) -> str:
     return str(torch.get_autocast_dtype(device.type)).removeprefix("torch.")
 
 
-def run(student: list, teachers: TeacherSet, labels: torch.Tensor | None, token_shape: tuple,
-        options: LossOptions, *, student_form: str, width: int, tp: TPInfo | None = None):
-    """Evaluate the loss through the custom op; the reduction and statistics around it.
+@dataclass(frozen=True)
+class Call:
+    """One validated call: what a front door hands :func:`run` (built by
+    :mod:`eaopd_mp.inputs`, the one place where arguments are checked).
 
-    Args:
-        student: the student's tensors (token dims flattened).
-        teachers: the checked teachers (:func:`eaopd_mp.teachers.build`): one, or several
-            routed per token.
-        labels: the ``token_shape`` mask (already shape-checked), or None.
+    Attributes:
+        student: the student's tensors in its form's order (token dims flattened):
+            ``[z (N, V)]`` or ``[h (N, H), W (V, H)(, b (V,))]``.
+        form: ``"logits"`` or ``"linear"``.
+        teachers: the checked teachers: one, or several routed per token.
+        labels: the ``token_shape`` mask (shape-checked), or None.
         token_shape: the token dims of the result (under sequence parallelism, the full
             gathered shape).
         width: logit columns held here (the student's ``V`` on one device, where
-            ``options.vocab_size`` may keep fewer; ``V_local`` on a rank).
+            ``vocab_size`` may keep fewer; ``V_local`` on a rank).
         tp: the tensor-parallel group, or None on one device.
+    """
+
+    student: list
+    form: str
+    teachers: TeacherSet
+    labels: torch.Tensor | None
+    token_shape: tuple
+    width: int
+    tp: TPInfo | None = None
+
+
+def run(call: Call, options: LossOptions):
+    """Evaluate the loss through the custom op; the reduction and statistics around it.
+
     Returns:
         The loss (float32, float64 for float64 inputs), or ``(loss, stats)``; with several
         teachers ``stats["per_teacher"]`` holds each teacher's statistics.
     """
-    vocab = (options.vocab_size or width) if tp is None else tp.vocab_size  # maybe a SymInt
+    student, teachers, tp, token_shape = call.student, call.teachers, call.tp, call.token_shape
+    vocab = (options.vocab_size or call.width) if tp is None else tp.vocab_size  # maybe SymInt
     if "topk" in teachers.forms and _transformed(options):
         raise ValueError(
             "student_softcap / student_logit_scale / teacher_softcap / teacher_logit_scale "
@@ -206,10 +224,10 @@ def run(student: list, teachers: TeacherSet, labels: torch.Tensor | None, token_
     need = need + (False,) * (3 - len(need))
     flat, form, entropy_given, described = _encode(teachers)
     spec = Spec(
-        student=student_form, teacher=form, reduction=options.reduction,
+        student=call.form, teacher=form, reduction=options.reduction,
         gate=gate.kind, p1=gate.p1, p2=gate.p2, inv_tau=1.0 / options.temperature,
         chunk=options.chunk_size, vocab_size=options.vocab_size, need=need,
-        autocast=_autocast_dtype(student[0].device) if student_form == "linear" else "",
+        autocast=_autocast_dtype(student[0].device) if call.form == "linear" else "",
         group="" if tp is None else tp.group, tp=1 if tp is None else tp.size,
         rank=0 if tp is None else tp.rank,
         sequence_parallel=False if tp is None else tp.sequence_parallel,
@@ -218,7 +236,7 @@ def run(student: list, teachers: TeacherSet, labels: torch.Tensor | None, token_
         t_scale=options.teacher_logit_scale, t_cap=options.teacher_softcap,
         topk_tail=options.topk_tail, entropy_given=entropy_given, teachers=described,
     )
-    mask = None if labels is None else labels.reshape(-1)
+    mask = None if call.labels is None else call.labels.reshape(-1)
     out, stats, *_ = torch.ops.eaopd_mp.loss(student, flat, mask, spec.key())
     if options.reduction == "none":
         loss = out.reshape(token_shape)
@@ -233,6 +251,8 @@ def run(student: list, teachers: TeacherSet, labels: torch.Tensor | None, token_
         result["per_teacher"] = [
             summarize(stats, _routed_mask(mask, teachers.index, j, stats.dtype))
             for j in range(len(teachers.forms))]
+    if options.return_stats == "token":
+        result["token"] = token_stats(stats, mask, teachers, token_shape, options.topk_tail)
     return loss, result
 
 
@@ -269,7 +289,7 @@ def _transformed(options: LossOptions) -> bool:
 
 
 def _divisor(reduction: str, token_shape: tuple):
-    """The specification's divisor: 1 (sum), numel (mean), first token dim (batchmean)."""
+    """The reference definition's divisor: 1 (sum), numel (mean), first token dim (batchmean)."""
     if reduction == "sum":
         return 1
     if reduction == "mean":
@@ -280,20 +300,58 @@ def _divisor(reduction: str, token_shape: tuple):
     return max(token_shape[0], 1) if token_shape else 1
 
 
+# The statistics columns reported by name (return_stats=True: their means; "token": each).
+STAT_COLUMNS = {
+    "teacher_entropy": core.ENTROPY,
+    "fkl_weight": core.A,
+    "rkl_weight": core.B,
+    "kl_fwd": core.KL_FWD,
+    "kl_rev": core.KL_REV,
+}
+
+
 def summarize(stats: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Mask-weighted means of the ``(N, 7)`` per-token statistics, detached, for logging."""
-    cols = {
-        "teacher_entropy": core.ENTROPY,
-        "fkl_weight": core.A,
-        "rkl_weight": core.B,
-        "kl_fwd": core.KL_FWD,
-        "kl_rev": core.KL_REV,
-    }
     stats = stats.detach()
     w = torch.ones_like(stats[:, 0]) if mask is None else mask.detach().to(stats.dtype)
     total = w.sum()
     denom = torch.where(total != 0, total, torch.ones_like(total))
     # Masked tokens have all-zero statistics: 0 * w never turns into NaN there.
-    out = {name: (stats[:, c] * w).sum() / denom for name, c in cols.items()}
+    out = {name: (stats[:, c] * w).sum() / denom for name, c in STAT_COLUMNS.items()}
     out["tokens"] = total
+    return out
+
+
+def token_stats(stats: torch.Tensor, mask: torch.Tensor | None, teachers: TeacherSet,
+                token_shape: tuple, topk_tail: str) -> dict[str, torch.Tensor]:
+    """The per-token statistics of ``return_stats="token"``, each detached with the loss's
+    token shape in the compute dtype (float32; float64 for float64 inputs), 0 on tokens of
+    weight 0 (as ``F.cross_entropy`` gives an ignored token 0): ``teacher_entropy`` (the
+    gate's), ``fkl_weight``, ``rkl_weight`` (the gate's ``a``, ``b``), ``kl_fwd``, ``kl_rev``.
+
+    With a top-k teacher also ``teacher_topk_mass`` (``sum_k exp(l_k)`` of the served
+    log-probs) and ``student_topk_mass`` (the student's ``sum_k p[I_k]`` at temperature
+    ``tau``), 0 on tokens whose teacher is dense. Read from the ``(N, 7)`` statistics the
+    loss computes anyway, and the ``(N, k)`` served numbers: no pass over the vocabulary.
+    """
+    stats = stats.detach()
+    out = {name: stats[:, c].reshape(token_shape) for name, c in STAT_COLUMNS.items()}
+    if "topk" not in teachers.forms:
+        return out
+    teacher_mass = torch.zeros_like(stats[:, 0])
+    student_mass = torch.zeros_like(stats[:, 0])
+    index = teachers.index
+    for j, (form, tensors) in enumerate(zip(teachers.forms, teachers.tensors, strict=True)):
+        if form != "topk":
+            continue
+        mine = slice(None) if index is None else (index == j)
+        teacher_mass[mine] = torch.logsumexp(tensors[0].to(stats.dtype), -1).exp()
+        side = stats[mine, core.LSE_T]  # log P_tail (bucket) or log sum_k P_k (others)
+        student_mass[mine] = -torch.expm1(side) if topk_tail == "bucket" else side.exp()
+    if mask is not None:  # tokens of weight 0: no statistics were computed
+        zero = torch.zeros_like(teacher_mass)
+        teacher_mass, student_mass = (torch.where(mask.detach() == 0, zero, x)
+                                      for x in (teacher_mass, student_mass))
+    out["teacher_topk_mass"] = teacher_mass.reshape(token_shape)
+    out["student_topk_mass"] = student_mass.reshape(token_shape)
     return out

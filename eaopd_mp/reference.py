@@ -1,11 +1,16 @@
-"""The eager reference: the seed's loss written with plain autograd.
+"""The eager reference: the reference definition of the loss, written with plain autograd.
 
-This is the specification (``shared/seed``) line for line, plus the gates of
-:mod:`eaopd_mp.gates` and two deliberate differences, where the seed returns NaN: a
-vocabulary column that is ``-inf`` for both student and teacher contributes nothing
-(``0 * (-inf - -inf)``), and a KL term whose gate weight is exactly 0 contributes exactly
-0 to the loss and to its gradient, even where that KL is infinite (``0 * inf``; for
-example the reverse KL of a one-hot teacher under ``gate="fixed", fkl_weight=1``).
+The reference definition is the function whose semantics the library follows (argument
+names, the ``labels`` mask, the temperature on both sides, the four reductions and their
+divisors): ``entropy_aware_opd_loss(student_logits, teacher_logits, *, labels=None,
+h_max=None, temperature=1.0, reduction="batchmean")``, a clean-room implementation of the
+entropy-aware OPD paper's pseudocode. This module is the library's eager copy of it, line
+for line, plus the gates of :mod:`eaopd_mp.gates` and two deliberate differences, where
+the reference definition returns NaN: a vocabulary column that is ``-inf`` for both
+student and teacher contributes nothing (``0 * (-inf - -inf)``), and a KL term whose gate
+weight is exactly 0 contributes exactly 0 to the loss and to its gradient, even where that
+KL is infinite (``0 * inf``; for example the reverse KL of a one-hot teacher under
+``gate="fixed", fkl_weight=1``).
 It materialises the full ``(tokens, V)`` float32 tensors: use it to check the fast paths
 and as the "naive" baseline in benchmarks, not for training.
 """
@@ -45,7 +50,7 @@ def reference_eaopd_loss(
     fkl_coef: float | None = None,
     fkl_weight: float | None = None,
 ) -> torch.Tensor:
-    """Eager float32 loss with autograd through ``log_softmax``; same API as the seed.
+    """Eager float32 loss with autograd through ``log_softmax``; the reference definition's API.
 
     Returns the reduced loss, or the ``(...)`` per-token loss for ``reduction="none"``.
     """

@@ -25,8 +25,20 @@ HEADER = ("tokens", "kept tokens", "mask sum", "mask fingerprint", "mask fingerp
            "shard width", "chunk_size", "vocab_size", "1/temperature", "gate p1", "gate p2",
            "gate", "reduction", "student_logit_scale", "student_softcap",
            "teacher_logit_scale", "teacher_softcap", "teacher top-k", "topk_tail",
-           "teachers", "routing fingerprint 1", "routing fingerprint 2", "teacher ids invalid",
+           "teachers", "routing fingerprint 1", "routing fingerprint 2",
+           "teacher fingerprint 1", "teacher fingerprint 2", "teacher ids invalid",
            "teacher log-probs invalid")
+
+# What a mismatch on a header entry most likely means, added to the error.
+HINTS = {
+    "teacher fingerprint 1": "the teacher inputs every rank must hold alike (served top-k "
+    "log-probs and ids, teacher_entropy, teacher hidden states without sequence parallelism) "
+    "differ between ranks: give every tensor-parallel rank the same teacher (broadcast it "
+    "within the group)",
+    "mask fingerprint": "the labels mask differs between ranks: give every tensor-parallel "
+    "rank the same mask",
+    "routing fingerprint 1": "teacher_index differs between ranks",
+}
 
 
 def _collective(new: str, old: str):
@@ -78,6 +90,9 @@ def resolve(group, width: int, vocab_size, sequence_parallel: bool,
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     stride = width if stride is None else stride
     full = stride * size
+    if full == 0:  # the same on every rank: every shard is empty
+        raise ValueError(f"the vocabulary is empty: shards of width {width} on {size} ranks "
+                         "(the loss needs at least one vocabulary column)")
     if vocab_size is None:
         vocab_size = full
     elif isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
@@ -134,7 +149,9 @@ class TPCombiner:
                 f"rank {r}: " + ", ".join(f"{n}={table[r, HEADER.index(n)].item():g}" for n in bad)
                 for r in range(self.size)
             )
-            raise ValueError(f"tensor-parallel ranks disagree on {', '.join(bad)} ({rows})")
+            hints = "".join(f". {HINTS[n]}" for n in bad if n in HINTS)
+            raise ValueError(f"tensor-parallel ranks disagree on {', '.join(bad)} ({rows})"
+                             f"{hints}")
 
 
 # splitmix64 (Steele, Lea & Flood 2014) constants, as signed int64.
@@ -148,6 +165,15 @@ def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
     return (x >> s) & ((1 << (64 - s)) - 1)
 
 
+def _splitmix(i: torch.Tensor) -> torch.Tensor:
+    """splitmix64 of the int64 counters ``i`` (products wrap): 64 pseudo-random bits each,
+    the same on every rank and device; no generator state."""
+    z = i * _GOLDEN
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
 def position_hashes(n: int, device=None) -> torch.Tensor:
     """``(n, 2)`` float64 pseudo-random numbers in ``[0, 1)``, a fixed function of the
     position: splitmix64 of ``2 i + 1`` and ``2 i + 2`` (53 bits each).
@@ -155,11 +181,47 @@ def position_hashes(n: int, device=None) -> torch.Tensor:
     Integer arithmetic only (int64 products wrap), so every rank and device computes the
     same bits; no generator state is involved.
     """
-    z = (torch.arange(2 * n, dtype=torch.int64, device=device) + 1) * _GOLDEN
-    z = (z ^ _shr(z, 30)) * _MIX1
-    z = (z ^ _shr(z, 27)) * _MIX2
-    z = z ^ _shr(z, 31)
+    z = _splitmix(torch.arange(2 * n, dtype=torch.int64, device=device) + 1)
     return (_shr(z, 11).to(torch.float64) * 2.0**-53).view(n, 2)
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_FINGERPRINT_BLOCK = 2**20  # elements hashed at a time (8 MiB of int64 per temporary)
+
+
+def tensor_fingerprint(x: torch.Tensor, salt: int) -> torch.Tensor:
+    """Two int64 hashes of ``x``'s values (their bits, so NaN, ``-inf`` and the sign of 0
+    count), exact and independent of summation order.
+
+    ``x`` is viewed as ``(rows, cols)`` (its first dim by the rest); with 64-bit
+    pseudo-random row and column hashes ``r, c`` (:func:`_splitmix`, streams picked by
+    ``salt``), each hash is ``sum_ij r_i c_j bits_ij`` in wrapping int64 arithmetic: equal
+    tensors give equal hashes on every rank and device, and a change anywhere (a value, an
+    order) changes them but with probability ~2^-64. One pass over ``x``, in blocks of rows.
+    Returns a ``(2,)`` int64 tensor on ``x``'s device.
+    """
+    device = x.device
+    rows = x.shape[0] if x.dim() else 1
+    cols = x.numel() // rows if rows else 0
+    bits = x.detach().contiguous().view(_BITS[x.element_size()]).reshape(rows, cols)
+    base = (salt + 1) << 40  # one stream of counters per salt
+    c = _splitmix(base + 4 * torch.arange(cols, dtype=torch.int64, device=device)[:, None]
+                  + torch.tensor([0, 1], device=device))  # (cols, 2)
+    out = torch.zeros(2, dtype=torch.int64, device=device)
+    step = max(1, _FINGERPRINT_BLOCK // max(cols, 1))
+    for lo in range(0, rows, step):
+        hi = min(lo + step, rows)
+        r = _splitmix(base + 4 * torch.arange(lo, hi, dtype=torch.int64, device=device)[:, None]
+                      + torch.tensor([2, 3], device=device))  # (n, 2)
+        row_sums = (bits[lo:hi, :, None].to(torch.int64) * c).sum(1)  # (n, 2), wrapping
+        out += (row_sums * r).sum(0)
+    return out
+
+
+def fingerprint_values(hashes: torch.Tensor) -> list[float]:
+    """A ``(2,)`` int64 fingerprint as two floats for the header (the low 52 bits of each,
+    exact in float64)."""
+    return (hashes & ((1 << 52) - 1)).to(torch.float64).tolist()
 
 
 def mask_fingerprint(weight: torch.Tensor | None, n: int) -> list[float]:

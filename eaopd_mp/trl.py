@@ -28,7 +28,7 @@ import inspect
 
 import torch
 
-from . import sharded
+from . import engines, layouts
 from .hf import check_same_transforms, gathered_heads, lm_head
 from .loss import fused_linear_eaopd_loss
 from .options import LossOptions
@@ -166,12 +166,12 @@ class EAOPDDistillationTrainer(DistillationTrainer):
                                                            attention_mask, keep, **extra)
                 heads = [m.get_output_embeddings()
                          for m in (unwrapped_student, unwrapped_teacher)]
-                with sharded.gathered(*(getattr(h, n, None) for h in heads
+                with engines.gathered(*(getattr(h, n, None) for h in heads
                                         for n in ("weight", "bias"))):
                     return self._fused_loss(hidden, [t_hidden], lm_head(unwrapped_student),
                                             [lm_head(unwrapped_teacher)], loss_mask)
 
-            loss, stats = sharded.run_frozen(self.teacher_model, teacher_part)
+            loss, stats = engines.run_frozen(self.teacher_model, teacher_part)
         n_valid = (loss_mask != 0).sum()
         if num_items_in_batch is None:
             loss = loss / n_valid.clamp(min=1)
@@ -189,9 +189,9 @@ class EAOPDDistillationTrainer(DistillationTrainer):
         fused call over every completion token, inside every teacher wrapper's forward
         (nested, teacher 0 outermost: FSDP2 / ZeRO-3 gather every head there). Every rank
         enters every teacher in the same order; a rank with no example for a sharded teacher
-        (:func:`eaopd_mp.sharded.is_sharded`: any FSDP2 unit, DTensor or ZeRO-3 parameter
+        (:func:`eaopd_mp.layouts.is_sharded`: any FSDP2 unit, DTensor or ZeRO-3 parameter
         in it) runs it on its first example and drops the result, so that the engine's collectives
-        match across ranks (see :func:`eaopd_mp.sharded.run_teachers_frozen`)."""
+        match across ranks (see :func:`eaopd_mp.engines.run_teachers_frozen`)."""
         if extra:
             raise ValueError("several teachers with multimodal inputs are not supported")
         unwrapped = [self.accelerator.unwrap_model(t) for t in self.teacher_models]
@@ -200,7 +200,7 @@ class EAOPDDistillationTrainer(DistillationTrainer):
         def step(j):
             teacher = self.teacher_models[j]
             rows = (index == j).nonzero().squeeze(1)
-            engine = sharded.is_sharded(teacher)  # collectives in its forward (any layer)
+            engine = layouts.is_sharded(teacher)  # collectives in its forward (any layer)
 
             def forward(take):
                 return self._get_last_hidden_state(unwrapped[j], input_ids[take],
@@ -211,7 +211,7 @@ class EAOPDDistillationTrainer(DistillationTrainer):
                 return w.new_zeros(0, keep, w.shape[1])
 
             def run():  # inside teacher j's wrapper forward (frozen)
-                t_hidden.append(sharded.routed_hidden(rows, engine, forward, empty))
+                t_hidden.append(engines.routed_hidden(rows, engine, forward, empty))
             return run
 
         def loss():  # every head gathered
@@ -221,7 +221,7 @@ class EAOPDDistillationTrainer(DistillationTrainer):
 
         for teacher in self.teacher_models:
             teacher.eval()
-        return sharded.run_teachers_frozen([[t] for t in self.teacher_models],
+        return engines.run_teachers_frozen([[t] for t in self.teacher_models],
                                            [step(j) for j in range(len(unwrapped))], loss)
 
     def _fused_loss(self, hidden, t_hidden, s_head, t_heads, loss_mask, index=None):

@@ -10,12 +10,16 @@ bfloat16 autocast at five sequence lengths (one static graph, then one dynamic o
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
 from torch._dynamo.utils import counters
 
 from eaopd_mp import fused_linear_eaopd_loss
+
+if __name__ == "__main__":  # no options: --help, and an unknown flag is refused
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
 
 torch.manual_seed(0)
 device = "cuda" if torch.cuda.is_available() else "cpu"

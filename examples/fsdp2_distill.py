@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -49,7 +50,10 @@ def shard(model, mesh):
     return model
 
 
-def batch(step: int, rank: int, world: int, device, rows: int = 8, seq: int = 24):
+ROWS = 8  # sequences per step, over all ranks
+
+
+def batch(step: int, rank: int, world: int, device, rows: int = ROWS, seq: int = 24):
     """This rank's rows of the step's global batch: 8-token prompts + 16-token completions."""
     g = torch.Generator().manual_seed(1000 + step % 4)  # 4 batches, revisited
     ids = torch.randint(3, VOCAB, (rows, seq), generator=g)
@@ -59,11 +63,39 @@ def batch(step: int, rank: int, world: int, device, rows: int = 8, seq: int = 24
     return ids[mine].to(device), completion[mine].to(device)
 
 
-def main():
-    parser = argparse.ArgumentParser()
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line from one process. torchrun starts several, and
+    each would print the message (and the usage) before the launcher's own report: rank 0
+    prints it and fails, the others leave quietly (status 0, so that the launcher waits
+    for rank 0 instead of stopping it before it prints)."""
+
+    def error(self, message: str):
+        if os.environ.get("RANK", "0") != "0":
+            sys.exit(0)
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def impossible(args: argparse.Namespace, world: int) -> str | None:
+    """Why these flags cannot run on ``world`` processes (one line), or None."""
+    if args.steps < 1:
+        return f"--steps must be at least 1, got {args.steps}"
+    if args.lr <= 0:
+        return f"--lr must be positive, got {args.lr}"
+    if world > ROWS:
+        return f"{world} processes for a batch of {ROWS} sequences: use at most {ROWS}"
+    if "RANK" not in os.environ:
+        return "run it with torchrun: torchrun --nproc-per-node 2 examples/fsdp2_distill.py"
+    return None
+
+
+def main(argv=None):
+    parser = Parser(prog="fsdp2_distill.py", description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=3e-3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if problem := impossible(args, int(os.environ.get("WORLD_SIZE", 1))):
+        parser.error(problem)
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

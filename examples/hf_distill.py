@@ -100,7 +100,7 @@ def with_trl(teacher, steps: int) -> None:
     """The same distillation through TRL's trainer: prompts in, TRL generates."""
     from datasets import Dataset
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast, PrinterCallback
     from trl import DistillationConfig
 
     from eaopd_mp.trl import EAOPDDistillationTrainer
@@ -122,6 +122,7 @@ def with_trl(teacher, steps: int) -> None:
             model=llama(32, 1), teacher_model=teacher, args=args, processing_class=tokenizer,
             train_dataset=Dataset.from_dict({"prompt": prompts}),
             loss_options={"gate": "linear"})
+        trainer.remove_callback(PrinterCallback)  # the summary lines below instead
         trainer.train()
     for log in trainer.state.log_history:
         if "loss" in log:
@@ -130,13 +131,17 @@ def with_trl(teacher, steps: int) -> None:
                   f"completion length {log['completions/mean_length']:.1f}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher-steps", type=int, default=150)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--trl-steps", type=int, default=3)
     parser.add_argument("--no-trl", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for flag, value, low in (("--teacher-steps", args.teacher_steps, 0),
+                             ("--steps", args.steps, 0), ("--trl-steps", args.trl_steps, 1)):
+        if value < low:
+            parser.error(f"{flag} must be at least {low}, got {value}")
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     teacher, student = llama(64, 2), llama(32, 1)

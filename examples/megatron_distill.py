@@ -82,9 +82,29 @@ from eaopd_mp.megatron import (  # noqa: E402
     uses_output_processor,
 )
 
+# The two models: (hidden size, layers per virtual stage, attention heads).
+TEACHER, STUDENT = (64, 2, 4), (32, 2, 2)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line from one process. torchrun starts several, and
+    each would print the message (and the usage) before the launcher's own report: rank 0
+    prints it and fails, the others leave quietly (status 0, so that the launcher waits
+    for rank 0 instead of stopping it before it prints)."""
+
+    def error(self, message: str):
+        if os.environ.get("RANK", "0") != "0":
+            sys.exit(0)
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    return parser().parse_args(argv)
+
+
+def parser() -> Parser:
+    p = Parser(prog="megatron_distill.py", description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=40, help="distillation steps")
     p.add_argument("--teacher-steps", type=int, default=200,
                    help="teacher pre-training steps")
@@ -118,7 +138,69 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "ids reach the loss (as from vLLM/SGLang), not its hidden states")
     p.add_argument("--topk-tail", choices=("bucket", "renormalize"), default="bucket",
                    help="the top-k loss's target (eaopd_mp's topk_tail)")
-    return p.parse_args(argv)
+    return p
+
+
+def impossible(args: argparse.Namespace, world: int) -> str | None:
+    """Why these flags cannot run on ``world`` processes (one line), or None: checked
+    before any process group or model exists, so that a bad flag is one clear message
+    instead of an error from deep inside megatron."""
+    heads = min(TEACHER[2], STUDENT[2])
+    at_least = {"--steps": (args.steps, 1), "--teacher-steps": (args.teacher_steps, 0),
+                "--tp": (args.tp, 1), "--pp": (args.pp, 1), "--cp": (args.cp, 1),
+                "--micro-batches": (args.micro_batches, 1),
+                "--batch-size": (args.batch_size, 1), "--prompt-len": (args.prompt_len, 1),
+                "--virtual-pipeline": (args.virtual_pipeline, 1),
+                "--teacher-topk": (args.teacher_topk, 1)}
+    for flag, (value, low) in at_least.items():
+        if value is not None and value < low:
+            return f"{flag} must be at least {low}, got {value}"
+    if args.lr <= 0:
+        return f"--lr must be positive, got {args.lr}"
+    if args.vocab_size < 8:
+        return f"--vocab-size must be at least 8 (the chain gives a token up to 8 " \
+               f"successors), got {args.vocab_size}"
+    if args.teacher_topk and args.teacher_topk > args.vocab_size:
+        return f"--teacher-topk {args.teacher_topk} exceeds the vocabulary " \
+               f"(--vocab-size {args.vocab_size})"
+    if heads % args.tp:
+        return f"--tp {args.tp} does not divide the models' attention heads ({heads} in the " \
+               "student): use --tp 1 or 2"
+    if STUDENT[1] % args.pp:
+        return f"--pp {args.pp} does not divide the models' {STUDENT[1]} layers (per " \
+               "virtual stage): use --pp 1 or 2"
+    if args.sequence_parallel and args.tp < 2:
+        return "--sequence-parallel needs --tp 2 (it splits the sequence over the " \
+               "tensor-parallel ranks)"
+    if args.virtual_pipeline and args.pp < 2:
+        return "--virtual-pipeline needs --pp 2"
+    if args.virtual_pipeline and args.micro_batches % args.pp:
+        return f"--micro-batches {args.micro_batches} must be a multiple of --pp {args.pp} " \
+               "with --virtual-pipeline (megatron's interleaved schedule)"
+    cp_chunks = 2 * args.cp if args.cp > 1 else 1
+    slices = args.tp if args.sequence_parallel else 1
+    if args.seq_len % (cp_chunks * slices):
+        what = " of ".join(w for w, n in (("2 x --cp chunks", cp_chunks),
+                                          ("--tp sequence-parallel slices", slices)) if n > 1)
+        return f"--seq-len {args.seq_len} must be a multiple of {cp_chunks * slices} ({what})"
+    if args.prompt_len >= args.seq_len:
+        return f"--prompt-len {args.prompt_len} must be below --seq-len {args.seq_len} " \
+               "(the student samples the rest)"
+    if (args.bf16 or args.distributed_optimizer) and not torch.cuda.is_available():
+        return "--bf16 and --distributed-optimizer need CUDA (megatron's distributed " \
+               "optimizer does not build on CPU)"
+    model_parallel = args.tp * args.pp * args.cp
+    if world % model_parallel:
+        return f"--tp {args.tp} x --pp {args.pp} x --cp {args.cp} = {model_parallel} does " \
+               f"not divide the {world} processes (torchrun --nproc-per-node)"
+    dp = world // model_parallel
+    if args.batch_size % (dp * args.micro_batches):
+        return f"--batch-size {args.batch_size} does not split into {dp} data-parallel " \
+               f"ranks x {args.micro_batches} micro-batches"
+    if "RANK" not in os.environ:
+        return "run it with torchrun: torchrun --nproc-per-node N " \
+               "examples/megatron_distill.py ..."
+    return None
 
 
 # ----------------------------------------------------------------------------- data
@@ -492,21 +574,12 @@ def topk_forward_step(served: list, *, sequence_parallel: bool, vocab_size: int,
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    model_parallel = args.tp * args.pp * args.cp
-    if world % model_parallel:
-        sys.exit(f"--tp {args.tp} x --pp {args.pp} x --cp {args.cp} does not divide {world} "
-                 "processes")
-    if args.virtual_pipeline and args.pp < 2:
-        sys.exit("--virtual-pipeline needs --pp >= 2")
-    if args.seq_len % (2 * args.cp * (args.tp if args.sequence_parallel else 1)):
-        sys.exit(f"--seq-len {args.seq_len} must divide into 2 x --cp chunks (of whole "
-                 "sequence-parallel slices)")
-    dp = world // model_parallel
-    if args.batch_size % (dp * args.micro_batches):
-        sys.exit(f"--batch-size {args.batch_size} does not split into {dp} data-parallel "
-                 f"ranks x {args.micro_batches} micro-batches")
+    if problem := impossible(args, world):
+        p.error(problem)
+    dp = world // (args.tp * args.pp * args.cp)
     args.local_batch = args.batch_size // dp
     device = init_parallel(args.tp, args.seed, pp_size=args.pp, cp_size=args.cp,
                            vp_size=args.virtual_pipeline)
@@ -523,7 +596,7 @@ def main(argv: list[str] | None = None) -> None:
     dp_rank = parallel_state.get_data_parallel_rank()
     data = torch.Generator().manual_seed(args.seed + 1 + dp_rank)
     sampling = torch.Generator().manual_seed(args.seed + 1001 + dp_rank)
-    teacher, optimizer = setup_training(build_model(args, padded, 64, 2, 4), args, lr=1e-2)
+    teacher, optimizer = setup_training(build_model(args, padded, *TEACHER), args, lr=1e-2)
     say(f"tp={args.tp} pp={args.pp} dp={dp} sequence_parallel={args.sequence_parallel} "
         f"cp={args.cp} packed={args.packed} "
         f"virtual_pipeline={args.virtual_pipeline} attention={not attention_free(args)} "
@@ -543,7 +616,7 @@ def main(argv: list[str] | None = None) -> None:
         f"({time.perf_counter() - start:.1f}s)")
 
     start = time.perf_counter()
-    student, optimizer = setup_training(build_model(args, padded, 32, 2, 2), args, args.lr)
+    student, optimizer = setup_training(build_model(args, padded, *STUDENT), args, args.lr)
     for step in range(1, args.steps + 1):
         prompts = sample_chain(chain, args.local_batch, args.prompt_len, data).to(device)
         tokens = generate(student, prompts, args, sampling)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -16,20 +17,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, fn, world, port, compile_, args):
+def _entry(rank, fn, world, port, compile_, timeout_s, args):
     os.environ["EAOPD_COMPILE"] = "1" if compile_ else "0"
     torch.set_num_threads(1)
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+                            world_size=world, timeout=timeout)
     try:
         fn(rank, world, *args)
     finally:
         dist.destroy_process_group()
 
 
-def spawn(fn, world: int, *args, compile_: bool = False) -> None:
-    """Run ``fn(rank, world, *args)`` in ``world`` gloo processes; re-raise any failure."""
-    mp.spawn(_entry, args=(fn, world, _free_port(), compile_, args), nprocs=world, join=True)
+def spawn(fn, world: int, *args, compile_: bool = False, timeout_s: float | None = None
+          ) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` gloo processes; re-raise any failure.
+    ``timeout_s``: the collectives' timeout (gloo's default is 30 minutes), so that a rank
+    left waiting for its peers fails the test instead of hanging it."""
+    mp.spawn(_entry, args=(fn, world, _free_port(), compile_, timeout_s, args), nprocs=world,
+             join=True)
 
 
 class CollectiveCounter:

@@ -16,10 +16,15 @@ Conventions (CONTRIBUTING.md, "The documentation"):
 * a Python block written as a console session (``>>>`` prompts) runs as a doctest: the
   outputs written in it are checked (``...`` matches anything);
 * a ```` ```text ```` block right after a Python block (blank lines between at most) is
-  that block's printed output, compared exactly (trailing spaces aside);
+  that block's printed output, compared exactly (trailing spaces and libraries' log
+  records aside: :data:`LOG_RECORD`);
 * a ```` ```console ```` block whose first line is ``$ <command>`` is a recorded run of an
   example (timings and all): ``--write --recorded`` runs the command again and replaces
-  the block with its output; the test checks that the script it names exists.
+  the block with its output, and ends the block with a ``# recorded:`` line naming the
+  machine, the load average, the wall time, the commit and the date; the test checks
+  that the script it names exists. A block that shows ``...`` in place of some lines keeps
+  doing so: the rerun keeps the output lines whose first two words are those of a line
+  the block shows (``step  10``, ``teacher:``) and puts ``...`` where it drops some.
 
 ``tests/test_docs.py`` runs this in ``make test``.
 """
@@ -28,12 +33,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import doctest
 import io
 import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,9 +163,17 @@ def run_doctest(block: Block, namespace: dict) -> None:
         raise RuntimeError(f"{block.where}: the session's outputs differ:\n{report.getvalue()}")
 
 
+# A log record a library writes to stdout (DeepSpeed, imported by accelerate and TRL):
+# ``[2026-12-07 18:21:37,589] [WARNING] [real_accelerator.py:213:get_accelerator] ...``.
+# Whether it lands in a block's output depends on what the process imported before.
+LOG_RECORD = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,.]+\] \[[A-Z]+\] ")
+
+
 def normalise(text: str) -> str:
-    """Text as compared: trailing spaces and trailing blank lines dropped."""
-    return "\n".join(line.rstrip() for line in text.rstrip().split("\n"))
+    """Text as compared: trailing spaces, trailing blank lines and libraries' log records
+    (:data:`LOG_RECORD`) dropped."""
+    lines = [line.rstrip() for line in text.rstrip().split("\n") if not LOG_RECORD.match(line)]
+    return "\n".join(lines)
 
 
 def stale(results) -> list[str]:
@@ -203,18 +218,71 @@ def command(block: Block) -> str:
     return block.code.split("\n", 1)[0][2:].strip()
 
 
+RECORDED = "# recorded: "  # the last line of a recorded run: machine, load, commit
+
+
 def rerun(path: Path, block: Block) -> None:
     """Run a recorded run's command again (from the repository root, this interpreter's
-    environment first on PATH) and put its output in the block."""
+    environment first on PATH) and put its output in the block, elided as the block was,
+    with a ``# recorded:`` line."""
     env = dict(os.environ, PYTHONPATH=str(ROOT),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    load, start = os.getloadavg()[0], time.monotonic()
     out = subprocess.run(command(block), shell=True, cwd=ROOT, env=env, check=True,
                          stdout=subprocess.PIPE, text=True, timeout=1800).stdout
+    wall = time.monotonic() - start
     lines = path.read_text().split("\n")
-    new = [f"$ {command(block)}"] + normalise(out).split("\n")
+    shown = block.code.rstrip("\n").split("\n")[1:]
+    new = [f"$ {command(block)}", *elide(normalise(out).lstrip("\n").split("\n"), shown),
+           RECORDED + provenance(load, os.getloadavg()[0], wall)]
     lines[block.start:block.end] = [block.indent + x if x else x for x in new]
     path.write_text("\n".join(lines))
     print(f"reran {block.where}: {command(block)}")
+
+
+def _key(line: str) -> tuple[str, ...]:
+    return tuple(line.split()[:2])
+
+
+def elide(output: list[str], shown: list[str]) -> list[str]:
+    """``output`` as a block that showed ``shown`` shows it: all of it if ``shown`` has no
+    ``...`` line; otherwise the lines whose first two words are those of a shown line,
+    with ``...`` for each run of dropped lines."""
+    shown = [x for x in shown if not x.startswith(RECORDED)]
+    if "..." not in (x.strip() for x in shown):
+        return output
+    keep = {_key(x) for x in shown if x.strip() != "..."}
+    out: list[str] = []
+    for line in output:
+        if _key(line) in keep:
+            out.append(line)
+        elif not out or out[-1] != "...":
+            out.append("...")
+    return out
+
+
+def provenance(load_start: float, load_end: float, wall: float) -> str:
+    """Where and when a recorded run ran: CPU, cores, load average (1 min) at its start
+    and end, wall time, torch, commit (``+``: with uncommitted changes to the code a run
+    runs, ``eaopd_mp/`` or ``examples/``) and date."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((x.split(":", 1)[1].strip() for x in f if x.startswith("model name")), cpu)
+    git = ["git", "-C", str(ROOT)]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "eaopd_mp", "examples"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", ""
+    return (f"{cpu}, {os.cpu_count()} cores, load average {load_start:.1f} at the start and "
+            f"{load_end:.1f} at the end, wall {wall:.0f} s; torch {torch.__version__}, "
+            f"commit {commit}{'+' if dirty else ''}, {datetime.date.today().isoformat()}")
 
 
 def main(argv=None) -> int:

@@ -74,7 +74,7 @@ def test_startup_and_cpu_bf16_dry_runs(capsys):
 
 def test_topk_dry_run(capsys):
     """The topk suite plans the dense fused loss, both top-k sizes and both floors at
-    issue 2's CPU shapes."""
+    the acceptance suite's CPU shapes."""
     out = _dry_run(capsys, "--suite", "topk")
     for tokens, hidden in ((2048, 512), (4096, 128)):
         for impl in ("eaopd_fused", "eaopd_fused_topk32", "eaopd_fused_topk256",
@@ -180,7 +180,7 @@ def test_long_suite_dry_run_and_logits_table(capsys):
 
 
 def test_real_suite_dry_run(capsys):
-    """Issue 28's real-model suite: SmolLM2's H = 576, V = 49152 on CPU fp32, the fused loss
+    """The real-model suite: SmolLM2's H = 576, V = 49152 on CPU fp32, the fused loss
     against the two full-logits losses and the floor at N = 1k, 4k, 16k under its stated
     8 GiB budget: the fused loss runs at every point with a flat estimate, the logits paths
     are skipped where their estimate passes the budget."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from eaopd_mp import core, entropy_aware_opd_loss, fused_linear_eaopd_loss
+from eaopd_mp import EntropyAwareOPDLoss, core, entropy_aware_opd_loss, fused_linear_eaopd_loss
 from formulas import close
 
 
@@ -105,7 +105,8 @@ def test_a_user_error_never_switches_the_process_to_eager(monkeypatch):
     h, th = torch.randn(4, 8), torch.randn(4, 6)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback would warn
-        with pytest.raises(ValueError, match=r"student_weight is empty \(shape \(0, 8\)\)"):
+        with pytest.raises(ValueError, match=r"student_weight has an empty vocabulary dim "
+                           r"\(shape \(0, 8\)\)"):
             fused_linear_eaopd_loss(h, torch.randn(0, 8), teacher_hidden=th,
                                     teacher_weight=torch.randn(0, 6))
         with pytest.raises(ValueError, match="student_logits has an empty vocabulary dim"):
@@ -164,3 +165,39 @@ def test_split_kernels_agree_with_the_one_pass_statistics(monkeypatch, kind, inv
     assert torch.isnan(fused[3, :core.A]).all() and torch.isnan(core.token_loss(fused)[3:5]).all()
     assert torch.isfinite(fused[[0, 5, 6, 7, 8]]).all()
     assert fused[1, core.KL_FWD] == float("inf") and fused[2, core.KL_REV] == float("inf")
+
+
+BAD_ARGUMENTS = [
+    # (call, exception type, the start of its message)
+    (lambda n: entropy_aware_opd_loss(torch.randn(n, 10), torch.randn(n, 10),
+                                      labels=torch.ones(n - 1)),
+     ValueError, "labels shape ({m},) != token shape ({n},)"),
+    (lambda n: fused_linear_eaopd_loss(torch.randn(n, 8), torch.randn(10, 8),
+                                       teacher_hidden=torch.randn(n, 6),
+                                       teacher_weight=torch.randn(10, 7)),
+     ValueError, "teacher_hidden width 6 (shape ({n}, 6)) != teacher_weight width 7"),
+    (lambda n: entropy_aware_opd_loss(torch.randn(n, 10), torch.randn(n, 10),
+                                      temperature=-1.0),
+     ValueError, "temperature must be finite and > 0, got -1.0"),
+    (lambda n: EntropyAwareOPDLoss()(torch.randn(n, 10), [torch.randn(n, 10)]),
+     TypeError, "teacher_logits must be a torch.Tensor, got list"),
+]
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("case", range(len(BAD_ARGUMENTS)))
+def test_bad_argument_under_fullgraph_compile_is_readable(dynamic, case):
+    """A bad argument inside torch.compile(fullgraph=True) is a TorchRuntimeError (what
+    PyTorch's own ops give) whose message starts with the eager error's type and text, with
+    this call's concrete sizes also under dynamic=True; the eager error is its cause."""
+    call, kind, start = BAD_ARGUMENTS[case]
+    torch._dynamo.reset()
+    step = torch.compile(call, fullgraph=True, dynamic=dynamic)
+    with pytest.raises(kind) as eager:
+        call(5)
+    with pytest.raises(torch._dynamo.exc.TorchRuntimeError) as err:
+        step(5)
+    message = str(err.value)
+    assert message.startswith(f"{kind.__name__}: {start.format(n=5, m=4)}"), message
+    assert type(err.value.__cause__) is kind
+    assert str(err.value.__cause__) == str(eager.value)

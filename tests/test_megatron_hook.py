@@ -186,7 +186,7 @@ def test_teacher_routing_layouts(monkeypatch):
     """Every teacher_index layout becomes this context-parallel rank's ``[b, s]``: per
     sequence, per token of this rank, per token of the whole sequence (megatron's
     zig-zag chunks: rank 1 of 2 holds positions 2..5 of 8), per packed sequence."""
-    monkeypatch.setattr(em, "context_parallel_layout", lambda group=None: (2, 1))
+    monkeypatch.setattr(em.layouts, "context_parallel_layout", lambda group=None: (2, 1))
     b, s = 2, 4
     route = lambda index, packed=None: teacher_routing(  # noqa: E731
         read_batch(_same, _mapping(index, b, s, packed)), 3)
@@ -203,7 +203,7 @@ def test_teacher_routing_layouts(monkeypatch):
 
 
 def test_teacher_routing_refuses_bad_input(monkeypatch):
-    monkeypatch.setattr(em, "context_parallel_layout", lambda group=None: (2, 0))
+    monkeypatch.setattr(em.layouts, "context_parallel_layout", lambda group=None: (2, 0))
     batch = lambda index: read_batch(_same, _mapping(index))  # noqa: E731
     with pytest.raises(ValueError, match=r"teacher_index values must be in \[0, 2\) \(2 "
                        r"teachers\), got \[2, 5\]"):
@@ -219,8 +219,8 @@ def test_teacher_routing_refuses_bad_input(monkeypatch):
 
 
 def test_batches_and_teacher_lists_are_checked_before_any_work(monkeypatch):
-    monkeypatch.setattr(em, "_model_parallel_groups", lambda: [])  # no megatron import
-    monkeypatch.setattr(em, "context_parallel_layout", lambda group=None: (1, 0))
+    monkeypatch.setattr(em.teachers, "_model_parallel_groups", lambda: [])  # no megatron import
+    monkeypatch.setattr(em.layouts, "context_parallel_layout", lambda group=None: (1, 0))
     with pytest.raises(ValueError, match=r"mapping without position_ids, loss_mask"):
         read_batch(_same, dict(tokens=torch.zeros(1, 2)))
     with pytest.raises(ValueError, match="got 6 values"):
@@ -262,7 +262,7 @@ def test_routed_rows_in_token_order():
     index = torch.tensor([[0, 1], [1, 1], [0, 1]])  # [s, b]
     t = [HookedGPT(None) for _ in range(3)]
     h0, h1 = torch.randn(s, b, 5), torch.randn(s, b, 7)
-    rows, gather = em._routed_teacher_hidden([h0, h1, None], index, [[x] for x in t],
+    rows, gather = em.teachers._routed_teacher_hidden([h0, h1, None], index, [[x] for x in t],
                                              False, None, 0)
     assert not gather
     torch.testing.assert_close(rows[0], torch.stack([h0[0, 0], h0[2, 0]]))
@@ -271,16 +271,17 @@ def test_routed_rows_in_token_order():
     assert rows[2].shape == (0, H)
     with pytest.raises(RuntimeError, match="teacher 1 has no hidden states for micro-batch 4 "
                        "but get_batch routes 4 tokens to it"):
-        em._routed_teacher_hidden([h0, None, None], index, [[x] for x in t], False, None, 4)
+        em.teachers._routed_teacher_hidden([h0, None, None], index, [[x] for x in t], False,
+                                           None, 4)
 
 
 def test_several_served_teachers_are_not_cut_again(monkeypatch):
     """Under context parallelism a served teacher's whole-sequence tensor is cut to this
     rank's chunks; several teachers' lists (their routed rows of this rank) pass as given."""
-    monkeypatch.setattr(em, "context_parallel_layout", lambda group=None: (2, 1))
+    monkeypatch.setattr(em.layouts, "context_parallel_layout", lambda group=None: (2, 1))
     lp = torch.arange(8.0).view(8, 1, 1)
     rows = [torch.zeros(3, 2), None]
-    out = em._slice_served_teacher(dict(teacher_topk_logprobs=lp, teacher_entropy=rows,
+    out = em.loss._slice_served_teacher(dict(teacher_topk_logprobs=lp, teacher_entropy=rows,
                                         temperature=2.0), 4, None, None)
     assert out["teacher_topk_logprobs"].view(-1).tolist() == [2.0, 3.0, 4.0, 5.0]
     assert out["teacher_entropy"] is rows and out["temperature"] == 2.0

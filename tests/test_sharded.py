@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import spawn
-from eaopd_mp import entropy_aware_opd_loss, fused_linear_eaopd_loss, hf, sharded
+from eaopd_mp import engines, entropy_aware_opd_loss, fused_linear_eaopd_loss, hf, layouts
 from formulas import close
 
 COMMON = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
@@ -225,8 +225,8 @@ def layers_only_case(rank, world, routing, ref):
     teachers = [t.requires_grad_(False) for t in _teachers()]
     for layer in teachers[1].model.layers:
         fully_shard(layer, mesh=mesh)
-    assert not sharded.owners(teachers[1], teachers[1].lm_head)  # root and head: plain
-    assert sharded.is_sharded(teachers[1]) and not sharded.is_sharded(teachers[0])
+    assert not engines.owners(teachers[1], teachers[1].lm_head)  # root and head: plain
+    assert layouts.is_sharded(teachers[1]) and not layouts.is_sharded(teachers[0])
     ids, attn, comp = _batch()
     n = len(ids) // world
     rows = slice(rank * n, (rank + 1) * n)
@@ -270,7 +270,7 @@ class _Tiny(torch.nn.Module):
 
 
 def helper_case(rank, world, mesh, head_unit):
-    """sharded.head_eaopd_loss on a user's own FSDP2 model: the head in the root's group, or
+    """engines.head_eaopd_loss on a user's own FSDP2 model: the head in the root's group, or
     its own FSDP unit that stays gathered (NeMo Automodel's layout)."""
     from torch.distributed.fsdp import fully_shard
 
@@ -292,7 +292,7 @@ def helper_case(rank, world, mesh, head_unit):
         fully_shard(m, mesh=mesh)
     n = len(x) // world
     rows = slice(rank * n, (rank + 1) * n)
-    loss = sharded.head_eaopd_loss(student.head, student(x[rows]), model=student,
+    loss = engines.head_eaopd_loss(student.head, student(x[rows]), model=student,
                                    teacher_head=teacher.head, teacher_hidden=teacher(x[rows]),
                                    teacher_model=teacher, labels=labels[rows], reduction="sum",
                                    chunk_size=2)
@@ -683,7 +683,7 @@ def _fsdp_tp(rank, world):
         student, teacher = models
         dp = mesh["dp"].get_local_rank()
         rows = slice(dp * 2, dp * 2 + 2)
-        loss = sharded.head_eaopd_loss(
+        loss = engines.head_eaopd_loss(
             student.head, student(x[rows]), model=student, teacher_head=teacher.head,
             teacher_hidden=teacher(x[rows]), teacher_model=teacher,
             **dict(kw, labels=labels[rows]))
@@ -725,7 +725,7 @@ def _fsdp_tp(rank, world):
         dp = mesh["dp"].get_local_rank()
         rows = slice(dp * 2, dp * 2 + 2)
         mine = index[rows]
-        loss = sharded.head_eaopd_loss(
+        loss = engines.head_eaopd_loss(
             student.head, student(x[rows]), model=student,
             teacher_head=[t.head for t in teachers],
             teacher_hidden=[t(x[rows])[mine == j] for j, t in enumerate(teachers)],
@@ -772,10 +772,10 @@ def test_fsdp1_flat_param_is_named():
 def test_plain_models_unchanged():
     """Unsharded models take no redirection: run_in_forward is the plain call."""
     model = torch.nn.Linear(2, 2)
-    assert sharded.run_in_forward(model, lambda a: a + 1, 1) == 2
-    assert sharded.owners(model, model) == []
-    assert not sharded.is_sharded(model) and not sharded.is_sharded(None)
-    assert not sharded.any_dtensor(torch.randn(2), None)
+    assert engines.run_in_forward(model, lambda a: a + 1, 1) == 2
+    assert engines.owners(model, model) == []
+    assert not layouts.is_sharded(model) and not layouts.is_sharded(None)
+    assert not layouts.any_dtensor(torch.randn(2), None)
     assert entropy_aware_opd_loss is not None
 
 
@@ -788,14 +788,14 @@ def test_head_loss_teacher_lists_must_match():
     for head in (t0.head, None):
         with pytest.raises(ValueError, match=r"teacher_model is a list of 2 entries but "
                            r"teacher_head is (one head|None)"):
-            sharded.head_eaopd_loss(student.head, student(x), teacher_head=head,
+            engines.head_eaopd_loss(student.head, student(x), teacher_head=head,
                                     teacher_hidden=t0(x), teacher_model=[t0, t1], **kw)
     with pytest.raises(ValueError, match=r"teacher_hidden is a list of 2 entries but "
                        r"teacher_head is one head"):
-        sharded.head_eaopd_loss(student.head, student(x), teacher_head=t0.head,
+        engines.head_eaopd_loss(student.head, student(x), teacher_head=t0.head,
                                 teacher_hidden=[t0(x), t1(x)], **kw)
     with pytest.raises(ValueError, match=r"teacher_head has 2 entries, teacher_hidden 2 and "
                        r"teacher_model 3"):
-        sharded.head_eaopd_loss(student.head, student(x), teacher_head=[t0.head, t1.head],
+        engines.head_eaopd_loss(student.head, student(x), teacher_head=[t0.head, t1.head],
                                 teacher_hidden=[t0(x), t1(x)], teacher_model=[t0, t1, t1],
                                 **kw)

@@ -526,6 +526,42 @@ def test_served_logprobs_are_validated(eager, fused):
     assert torch.isfinite(loss)
 
 
+def _lm_like_logits(n: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    """``(n, vocab)`` float64 logits shaped like a language model's: a Zipfian base over a
+    shuffled vocabulary, per-token noise, and sharpness varying over the tokens (teacher
+    entropies from ~0 to ~11 nats), offset like raw logits (max around 10-30)."""
+    g = torch.Generator().manual_seed(seed)
+    base = -1.1 * torch.arange(1, vocab + 1, dtype=torch.float64).log()
+    logits = base[torch.randperm(vocab, generator=g)] + \
+        torch.randn(n, vocab, generator=g, dtype=torch.float64) * 1.5
+    return logits * torch.linspace(0.5, 3.0, n, dtype=torch.float64)[:, None] + 12.0
+
+
+@pytest.mark.parametrize("server_dtype", [torch.bfloat16, torch.float16])
+def test_16bit_served_logprobs_as_float32_are_accepted(eager, server_dtype):
+    """A server whose log_softmax ran in bfloat16 / float16 sends JSON floats that a client
+    turns into a float32 tensor: at V = 128,256 their top-k sums exceed 1 by up to 7.7e-3
+    (bf16) / 6.6e-4 (fp16), far above float32 rounding. They are accepted as float32 (the
+    tolerance follows the coarsest precision a server computes in, bfloat16; here the worst
+    token exceeds 1 by 4.4e-3 / 6.0e-4), while logits
+    (log sum exp >= 10 here) and probabilities (>= log k for k >= 2) are still refused."""
+    vocab, n = 128256, 48
+    logits = _lm_like_logits(n, vocab)
+    z = torch.randn(n, vocab) * 0.1
+    for k in (20, 64, 256):
+        lp, ids = torch.log_softmax(logits.to(server_dtype), -1).topk(k)
+        lp = lp.float()  # what json -> torch.tensor gives
+        assert torch.logsumexp(lp.double(), -1).max() > 3e-4  # far above float32 rounding
+        loss = entropy_aware_opd_loss(z, **_lp_kw(lp, ids))
+        assert torch.isfinite(loss)
+        lse = torch.logsumexp(logits.float().gather(-1, ids).double(), -1)
+        with pytest.raises(ValueError, match="teacher_topk_logprobs must be log-prob"):
+            entropy_aware_opd_loss(z, **_lp_kw(logits.float().gather(-1, ids), ids))
+        assert lse.min() > 10.0
+        with pytest.raises(ValueError, match="teacher_topk_logprobs must be log-prob"):
+            entropy_aware_opd_loss(z, **_lp_kw(lp.exp(), ids))  # probabilities, k >= 2
+
+
 @pytest.mark.parametrize("tail", TAILS)
 def test_infinite_logprob_gives_nan(eager, tail):
     """+inf (or NaN) in a kept token's served log-probs: that token's loss is NaN on the

@@ -1,9 +1,8 @@
 """DeepSpeed ZeRO-3, one rank: eaopd_mp.hf.eaopd_loss on engines whose parameters are
 partitioned to ``numel() == 0``, against the unsharded computation (fp32, rtol 1e-5).
 
-Skipped where DeepSpeed is not importable (it is not in the dev extra: its install builds
-against the local torch). ``make gpu-check`` runs the cuda case (bench/gpu_check.sh); the cpu
-case runs on gloo with ``DS_ACCELERATOR=cpu``.
+DeepSpeed is in the dev extra, so ``make test`` runs the cpu case (gloo, ``DS_ACCELERATOR=cpu``);
+``make gpu-check`` runs the cuda case (bench/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -29,6 +28,11 @@ def _zero3(rank, world, device):
 
     from eaopd_mp import hf
 
+    if device == "cpu":
+        # DeepSpeed's CPU accelerator compiles a shared-memory all-reduce (C++, minutes on 2
+        # cores) at init; one rank never reduces across processes, and gloo is exact.
+        # (importlib: the package's attribute "torch" is torch itself, not the submodule)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
     ids, attn, comp = (x.to(device) for x in T._batch())
     g = torch.linspace(0.5, 1.5, 4 * 8, device=device).view(4, 8)
