@@ -64,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # smollm2.py, beside t
 
 import smollm2  # noqa: E402
 
-from eaopd_mp import hf  # noqa: E402
+from eaopd_mp import fused_linear_eaopd_loss, hf  # noqa: E402
 
 # ----------------------------------------------------------------------------- problems
 
@@ -259,28 +259,40 @@ def concat(parts: list[Batch], pad: int) -> Batch:
 
 @torch.no_grad()
 def token_stats(student, teacher, batch: Batch, rows: int = 16, chunk: int = 512) -> dict:
-    """Per-token statistics on the completion positions (flattened), float32, from logits:
-    the student's and the teacher's entropy, KL(teacher||student) and KL(student||teacher).
+    """Per-token statistics on the completion positions (flattened), float32.
 
-    Each model's last hidden states are taken at the trained positions only and turned into
-    logits ``chunk`` rows at a time, so no ``(B, T, V)`` tensor is made.
+    The teacher's entropy, KL(teacher||student) and KL(student||teacher) are the loss's own
+    (``return_stats="token"`` of :func:`eaopd_mp.fused_linear_eaopd_loss` on both models'
+    last hidden states and heads); the student's entropy, which the loss does not report,
+    comes from its logits, ``chunk`` positions at a time (no ``(B, T, V)`` tensor).
     """
     out = {k: [] for k in ("student_entropy", "teacher_entropy", "kl_fwd", "kl_rev")}
-    ws, wt = hf.lm_head(student).weight, hf.lm_head(teacher).weight
+    s_head, t_head = hf.lm_head(student), hf.lm_head(teacher)
     for lo in range(0, batch.ids.shape[0], rows):
         part = _rows(batch, list(range(lo, min(lo + rows, batch.ids.shape[0]))))
-        keep = hf.next_token_mask(part.ids, part.attention_mask, part.completion_mask).bool()
-        hs = hf.last_hidden_state(student, part.ids, part.attention_mask)[:, :-1][keep]
-        ht = hf.last_hidden_state(teacher, part.ids, part.attention_mask)[:, :-1][keep]
-        for c in range(0, hs.shape[0], chunk):
-            ls = torch.log_softmax(hs[c:c + chunk] @ ws.t(), -1)
-            lt = torch.log_softmax(ht[c:c + chunk] @ wt.t(), -1)
-            ps, pt = ls.exp(), lt.exp()
-            out["student_entropy"].append(-(ps * ls).sum(-1))
-            out["teacher_entropy"].append(-(pt * lt).sum(-1))
-            out["kl_fwd"].append((pt * (lt - ls)).sum(-1))
-            out["kl_rev"].append((ps * (ls - lt)).sum(-1))
+        labels = hf.next_token_mask(part.ids, part.attention_mask, part.completion_mask)
+        hs = hf.last_hidden_state(student, part.ids, part.attention_mask)[:, :-1]
+        ht = hf.last_hidden_state(teacher, part.ids, part.attention_mask)[:, :-1]
+        _, stats = fused_linear_eaopd_loss(
+            hs, s_head.weight, student_bias=s_head.bias, teacher_hidden=ht,
+            teacher_weight=t_head.weight, teacher_bias=t_head.bias, labels=labels,
+            vocab_size=min(s_head.vocab_size, t_head.vocab_size), reduction="sum",
+            return_stats="token")
+        keep = labels.bool()
+        for name in ("teacher_entropy", "kl_fwd", "kl_rev"):
+            out[name].append(stats["token"][name][keep])
+        h = hs[keep]
+        for c in range(0, h.shape[0], chunk):
+            logits = torch.nn.functional.linear(h[c:c + chunk], s_head.weight, s_head.bias)
+            logp = torch.log_softmax(logits.float(), -1)
+            out["student_entropy"].append(-(logp.exp() * logp).sum(-1))
     return {k: torch.cat(v) for k, v in out.items()}
+
+
+def high_entropy_mean(values: torch.Tensor, entropy: torch.Tensor) -> float:
+    """Mean of ``values`` over the tokens whose ``entropy`` is in the top fifth."""
+    high = entropy >= torch.quantile(entropy, 1.0 - HIGH_ENTROPY)
+    return float(values[high].mean())
 
 
 def evaluate(student, teacher, tokenizer, held_out: list[Problem], k: int, args,
@@ -300,7 +312,6 @@ def evaluate(student, teacher, tokenizer, held_out: list[Problem], k: int, args,
     stats = token_stats(student, teacher, _rows(batch, [r for r in range(len(batch.texts))
                                                         if r % k < args.stats_samples]))
     h = stats["teacher_entropy"]
-    high = h >= torch.quantile(h, 1.0 - HIGH_ENTROPY)
     return {
         "pass@1": sum(correct) / len(correct),
         "pass@k": sum(any(c for _, c in p) for p in per_problem) / len(per_problem),
@@ -308,9 +319,9 @@ def evaluate(student, teacher, tokenizer, held_out: list[Problem], k: int, args,
         "token_entropy": float(stats["student_entropy"].mean()),
         "teacher_entropy": float(h.mean()),
         "fkl": float(stats["kl_fwd"].mean()),
-        "fkl_high_entropy": float(stats["kl_fwd"][high].mean()),
+        "fkl_high_entropy": high_entropy_mean(stats["kl_fwd"], h),
         "rkl": float(stats["kl_rev"].mean()),
-        "high_entropy_threshold": float(h[high].min()),
+        "high_entropy_threshold": float(torch.quantile(h, 1.0 - HIGH_ENTROPY)),
         "completion_tokens": batch.tokens() / len(batch.texts),
         "finished": sum(batch.finished) / len(batch.finished),
         "examples": [t for t, _ in zip(batch.texts, range(3), strict=False)],
@@ -339,10 +350,11 @@ def gate_options(teacher_entropy: torch.Tensor, args) -> dict[str, dict]:
 
 def train_step(student, teacher, optimizer, batch: Batch, options: dict) -> dict:
     """One AdamW step on the mean per-token loss of ``batch``'s completion tokens; the
-    gradient norm is clipped to 1. Returns the loss and the loss's statistics (means)."""
+    gradient norm is clipped to 1. Returns the loss, the loss's statistics (means) and the
+    forward KL on the batch's top-fifth teacher-entropy tokens (from its per-token ones)."""
     student.train()
     loss, stats = hf.eaopd_loss(student, teacher, batch.ids, batch.attention_mask,
-                                batch.completion_mask, reduction="sum", return_stats=True,
+                                batch.completion_mask, reduction="sum", return_stats="token",
                                 **options)
     tokens = float(stats["tokens"])
     (loss / tokens).backward()
@@ -350,9 +362,14 @@ def train_step(student, teacher, optimizer, batch: Batch, options: dict) -> dict
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     student.eval()
-    return {"loss": float(loss.detach()) / tokens, "grad_norm": float(grad_norm), "tokens": tokens,
+    keep = hf.next_token_mask(batch.ids, batch.attention_mask, batch.completion_mask).bool()
+    per_token = {k: v[keep] for k, v in stats["token"].items()}
+    return {"loss": float(loss.detach()) / tokens, "grad_norm": float(grad_norm),
+            "tokens": tokens,
             **{k: float(stats[k]) for k in ("teacher_entropy", "fkl_weight", "kl_fwd",
-                                            "kl_rev")}}
+                                            "kl_rev")},
+            "fkl_high_entropy": high_entropy_mean(per_token["kl_fwd"],
+                                                  per_token["teacher_entropy"])}
 
 
 def run_objective(name: str, options: dict, student, initial: dict, teacher, tokenizer,
@@ -595,6 +612,8 @@ def main(argv=None) -> dict:
                             f"of 0-{teacher.config.num_hidden_layers - 1}",
                     "vocab_size": vocab, **_pick(before), "wall_s": before["wall_s"]},
         "objectives": {name: {**options[name], **_pick(h["final"]), "steps": args.steps,
+                              "mean_fkl_weight": round(sum(r["fkl_weight"] for r in h["steps"])
+                                                       / len(h["steps"]), 4),
                               "wall_s": h["wall_s"]} for name, h in histories.items()},
         "gates": {"teacher_entropy_on_student_samples": quantiles,
                   "tokens": int(entropy.numel()), "quantile": GATE_QUANTILE},

@@ -175,3 +175,29 @@ def test_one_step_changes_the_student(models, eager):
         in changed, changed
     assert all(torch.equal(p, teacher_before[n]) for n, p in teacher.named_parameters())
     assert loss() < start
+
+
+def test_evaluation_statistics_equal_the_logits_formulas(models, eager):
+    """The example's per-token evaluation statistics (the loss's ``return_stats="token"``
+    and the student's entropy from its head) equal float64 formulas on the models' own
+    ``.logits`` at the completion positions, in the same order."""
+    teacher, student, tokenizer = models
+    batch = fixed_batch(tokenizer)
+    stats = real_opd.token_stats(student, teacher, batch, rows=2)
+    keep = (batch.completion_mask[:, 1:] * batch.attention_mask[:, 1:]
+            * batch.attention_mask[:, :-1]).bool()
+    with torch.no_grad():
+        logp_s = torch.log_softmax(student(input_ids=batch.ids, attention_mask=batch.attention_mask)
+                                   .logits[:, :-1][keep].double(), -1)
+        logp_t = torch.log_softmax(teacher(input_ids=batch.ids, attention_mask=batch.attention_mask)
+                                   .logits[:, :-1][keep].double(), -1)
+    p_s, p_t = logp_s.exp(), logp_t.exp()
+    expected = {"student_entropy": -(p_s * logp_s).sum(-1),
+                "teacher_entropy": -(p_t * logp_t).sum(-1),
+                "kl_fwd": (p_t * (logp_t - logp_s)).sum(-1),
+                "kl_rev": (p_s * (logp_s - logp_t)).sum(-1)}
+    assert set(stats) == set(expected)
+    for name, want in expected.items():
+        assert stats[name].shape == (int(keep.sum()),), name
+        torch.testing.assert_close(stats[name].double(), want, rtol=1e-4, atol=1e-5,
+                                   msg=name)
