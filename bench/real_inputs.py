@@ -1,8 +1,8 @@
 """A real model's inputs for the ``real`` suite: SmolLM2-135M-Instruct's hidden states and head.
 
 The teacher is SmolLM2-135M-Instruct (``examples/smollm2.py``: V = 49,152, H = 576, tied
-embeddings), the student its 10-layer copy of ``examples/real_opd.py`` (decoder layers
-0, 3, ..., 27). Both read the same real text, this repository's own Markdown
+embeddings), the student the untrained 24-layer copy ``examples/real_opd.py`` starts from
+(its decoder layers 0-11 and 18-29). Both read the same real text, this repository's own Markdown
 (``README.md``, ``CONTRIBUTING.md``, ``docs/**/*.md`` in sorted order, tokenized and cut into
 512-token windows), and the last hidden states of every position (after the final norm:
 what the head multiplies) are the inputs: ``hs`` the student's, ``ht`` the teacher's. The
@@ -22,7 +22,7 @@ from cases import Case, Inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 WINDOW = 512
-STUDENT_LAYERS = list(range(0, 30, 3))
+STUDENT_LAYERS = "0-11,18-29"  # real_opd's default --layers
 
 
 def corpus_files() -> list[Path]:
@@ -39,7 +39,8 @@ def _models():
 
     teacher, tokenizer = smollm2.load()
     teacher.requires_grad_(False)
-    student = real_opd.make_student(teacher, STUDENT_LAYERS).requires_grad_(False)
+    layers = real_opd.parse_layers(STUDENT_LAYERS)
+    student = real_opd.make_student(teacher, layers).requires_grad_(False)
     return teacher, student, tokenizer
 
 

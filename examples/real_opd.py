@@ -460,6 +460,42 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def seeds_table(summaries: list[dict]) -> str:
+    """Runs of several seeds as one markdown table: per row the mean over the seeds, then
+    each seed's value (in the order given); the last two rows are the paired differences
+    ``eaopd - opd`` and ``eaopd_threshold - opd`` (same seed, same problems, same start)."""
+    k = {s["config"]["samples"] for s in summaries}
+    if len(k) != 1:
+        raise ValueError(f"runs with different --samples {sorted(k)} do not share pass@k")
+    k = k.pop()
+    keys = (("pass@1", "pass@1"), ("pass@k", f"pass@{k}"), ("token_entropy", "token entropy"),
+            ("fkl_high_entropy", "fwd KL (high-H)"), ("rkl", "rev KL"))
+
+    def cell(values: list[float]) -> str:
+        return (f"{sum(values) / len(values):.3f} ("
+                + " / ".join(f"{v:.3f}" for v in values) + ")")
+
+    def rows(pick) -> list[list[float]]:
+        return [[pick(s)[key] for s in summaries] for key, _ in keys]
+
+    seeds = ", ".join(str(s["config"]["seed"]) for s in summaries)
+    lines = [f"| model (mean over seeds {seeds}) | " + " | ".join(h for _, h in keys) + " |",
+             "|---|" + "---|" * len(keys)]
+    named = [("teacher", lambda s: s["teacher"]), ("student (start)", lambda s: s["student"])]
+    named += [(n, lambda s, n=n: s["objectives"][n]) for n in OBJECTIVES
+              if all(n in s["objectives"] for s in summaries)]
+    for name, pick in named:
+        lines.append(f"| {name} | " + " | ".join(cell(v) for v in rows(pick)) + " |")
+    for name in ("eaopd", "eaopd_threshold"):
+        if not all({name, "opd"} <= set(s["objectives"]) for s in summaries):
+            continue
+        diff = [[a - b for a, b in zip(x, y, strict=True)] for x, y in zip(
+            rows(lambda s, n=name: s["objectives"][n]),
+            rows(lambda s: s["objectives"]["opd"]), strict=True)]
+        lines.append(f"| {name} - opd | " + " | ".join(cell(v) for v in diff) + " |")
+    return "\n".join(lines)
+
+
 def _commit() -> str:
     root = Path(__file__).resolve().parent.parent
     try:
@@ -517,7 +553,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=8, help="k: completions per held-out "
                    "problem (pass@k)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="where summary.json, history.json and "
+                   "curves.png go (required unless --summarize)")
+    p.add_argument("--summarize", type=Path, nargs="+", metavar="DIR",
+                   help="print the table of earlier runs' DIR/summary.json (several seeds: "
+                   "means, each seed, the paired differences to opd) and exit")
     p.add_argument("--batch", type=int, default=8, help="training prompts per step")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -540,19 +580,38 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="training prompts whose teacher entropies set h_max/gate_threshold")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
-    args.layers = parse_layers(args.layers)
+    if args.summarize is None and args.out is None:
+        p.error("--out is required (or --summarize DIR ...)")
+    try:
+        args.layers = parse_layers(args.layers)
+    except ValueError:
+        p.error(f"--layers {args.layers!r}: give ranges of layer numbers, e.g. 0-11,18-29")
+    if not args.layers or args.layers != sorted(set(args.layers)) or args.layers[0] < 0:
+        p.error(f"--layers {layers_text(args.layers) if args.layers else '(none)'}: give "
+                "increasing layer numbers from 0, each once")
     args.objectives = args.objectives.split(",")
     unknown = sorted(set(args.objectives) - set(OBJECTIVES))
     if unknown:
         p.error(f"unknown objective(s) {unknown}: choose from {OBJECTIVES}")
-    for name in ("steps", "problems", "samples", "batch", "max_new_tokens", "eval_every"):
+    for name in ("steps", "problems", "samples", "batch", "max_new_tokens", "eval_every",
+                 "stats_samples", "calibration_prompts"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.stats_samples > args.samples:
+        p.error(f"--stats-samples {args.stats_samples} exceeds --samples {args.samples}")
+    for name in ("lr", "temperature", "fkl_coef", "h_max", "gate_threshold"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     return args
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> dict | None:
     args = parse_args(argv)
+    if args.summarize:
+        summaries = [json.loads((d / "summary.json").read_text()) for d in args.summarize]
+        print(table(summaries[0]) if len(summaries) == 1 else seeds_table(summaries))
+        return None
     if args.threads:
         torch.set_num_threads(args.threads)
     from tqdm import tqdm
@@ -561,6 +620,9 @@ def main(argv=None) -> dict:
     meta = machine()
     args.out.mkdir(parents=True, exist_ok=True)
     teacher, tokenizer = smollm2.load()
+    if args.layers[-1] >= teacher.config.num_hidden_layers:
+        raise SystemExit(f"real_opd.py: error: --layers {layers_text(args.layers)}: the "
+                         f"teacher has layers 0-{teacher.config.num_hidden_layers - 1}")
     teacher.requires_grad_(False)
     tokenizer.padding_side = "left"
     student = make_student(teacher, args.layers)

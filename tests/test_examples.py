@@ -73,6 +73,18 @@ CASES = [
      "multi_teacher.py: error: --steps must be at least 1, got 0"),
     ("served_opd", "load", ["--batch", "99"], 1,
      "served_opd.py: error: --batch 99: there are 8 prompts"),
+    ("real_opd", "machine", ["--out", "x", "--steps", "0"], 1,
+     "real_opd.py: error: --steps must be at least 1, got 0"),
+    ("real_opd", "machine", ["--out", "x", "--samples", "2", "--stats-samples", "3"], 1,
+     "real_opd.py: error: --stats-samples 3 exceeds --samples 2"),
+    ("real_opd", "machine", ["--out", "x", "--layers", "3-1"], 1,
+     "real_opd.py: error: --layers (none): give increasing layer numbers from 0, each once"),
+    ("real_opd", "machine", ["--out", "x", "--layers", "a-b"], 1,
+     "real_opd.py: error: --layers 'a-b': give ranges of layer numbers, e.g. 0-11,18-29"),
+    ("real_opd", "machine", ["--out", "x", "--lr", "0"], 1,
+     "real_opd.py: error: --lr must be positive, got 0.0"),
+    ("real_opd", "machine", [], 1,
+     "real_opd.py: error: --out is required (or --summarize DIR ...)"),
 ]
 
 
@@ -129,3 +141,32 @@ def test_under_torchrun_the_line_appears_once(name, argv, line):
     assert f"examples/{name}.py\", line" not in out, out[-3000:]
     # rank 0 alone failed (the others left with status 0, or were stopped after it failed)
     assert out.count("exitcode  : 2") == 1 and "local_rank: 0" in out, out[-3000:]
+
+
+def _summary(seed: int, values: dict[str, float]) -> dict:
+    """A summary.json as real_opd writes it, every model's five numbers from ``values``."""
+    keys = ("pass@1", "pass@k", "token_entropy", "fkl_high_entropy", "rkl")
+    row = {name: dict(zip(keys, (v,) * 5, strict=True)) for name, v in values.items()}
+    return {"config": {"seed": seed, "samples": 8}, "teacher": row.pop("teacher"),
+            "student": row.pop("student"), "objectives": row}
+
+
+def test_real_opd_seeds_table(monkeypatch):
+    """``--summarize`` over two seeds: each cell is the mean, then the seeds' values; the
+    paired rows are per-seed differences to ``opd`` (values chosen by hand)."""
+    real_opd = _example("real_opd", monkeypatch)
+    runs = [_summary(0, {"teacher": 0.5, "student": 0.0, "opd": 0.25, "eaopd": 0.5,
+                         "eaopd_threshold": 0.125}),
+            _summary(3, {"teacher": 0.75, "student": 0.25, "opd": 0.5, "eaopd": 0.5,
+                         "eaopd_threshold": 0.75})]
+    lines = real_opd.seeds_table(runs).splitlines()
+    assert lines[0].startswith("| model (mean over seeds 0, 3) | pass@1 | pass@8 |")
+    cells = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in lines[2:]}
+    assert cells == {"teacher": "0.625 (0.500 / 0.750)", "student (start)": "0.125 (0.000 / 0.250)",
+                     "opd": "0.375 (0.250 / 0.500)", "eaopd": "0.500 (0.500 / 0.500)",
+                     "eaopd_threshold": "0.438 (0.125 / 0.750)",
+                     "eaopd - opd": "0.125 (0.250 / 0.000)",
+                     "eaopd_threshold - opd": "0.062 (-0.125 / 0.250)"}
+    runs[1]["config"]["samples"] = 4
+    with pytest.raises(ValueError, match="different --samples"):
+        real_opd.seeds_table(runs)
