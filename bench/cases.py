@@ -75,13 +75,12 @@ def make_inputs(case: Case, seed: int = 0, device: str | None = None) -> Inputs:
 
     Logits have a standard deviation of about 2 (student) and 3 (teacher); each teacher
     token is scaled by a random factor in [0.25, 2] so that the teacher entropy, and
-    with it the gate, spreads over the whole [0, 1] range instead of one value. A case
-    of ``source="smollm2"`` takes a real model's instead (``real_inputs.py``; no seed).
+    with it the gate, spreads over the whole [0, 1] range instead of one value. A case of
+    another ``source`` is refused: ``real_inputs.inputs_for`` makes every case's inputs.
     """
-    if case.source == "smollm2":
-        from real_inputs import smollm2_inputs
-
-        return smollm2_inputs(case, device)
+    if case.source != "random":
+        raise ValueError(f"make_inputs makes random inputs, not {case.source!r} ones: "
+                         "use real_inputs.inputs_for")
     gen = torch.Generator().manual_seed(seed)
     n, h, v = case.tokens, case.hidden, case.vocab
 

@@ -17,10 +17,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-from cases import Case, make_inputs
+from cases import Case
 from check import errors, reference_outputs
 from impls import IMPLS, TP_IMPL, Impl, LocalRunner
 from memory import GIB, MIB
+from real_inputs import inputs_for
 from tqdm import tqdm
 
 
@@ -110,7 +111,7 @@ class Bench:
     def run_case(self, case: Case) -> list[dict]:
         """Measure every implementation of ``case``; one record each."""
         s = self.settings
-        inputs = make_inputs(case, s.seed)
+        inputs = inputs_for(case, s.seed)
         reference = reference_outputs(inputs) if s.check else None
         records, runners = {}, {}
         for name in case.impls:

@@ -18,7 +18,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
-from cases import Case, Inputs
+from cases import Case, Inputs, make_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 WINDOW = 512
@@ -84,3 +84,11 @@ def smollm2_inputs(case: Case, device: str | None = None) -> Inputs:
         return t.to(device=dev, dtype=dtype).requires_grad_(grad)
 
     return Inputs(place(hs, True), place(ws, True), place(ht), place(wt))
+
+
+def inputs_for(case: Case, seed: int = 0, device: str | None = None) -> Inputs:
+    """Any case's inputs: a real model's for ``source="smollm2"`` (no seed), else
+    :func:`cases.make_inputs`' random ones."""
+    if case.source == "smollm2":
+        return smollm2_inputs(case, device)
+    return make_inputs(case, seed, device)
