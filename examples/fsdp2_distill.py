@@ -25,6 +25,9 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from eaopd_mp import hf
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torchrun_args import Parser  # noqa: E402
+
 VOCAB = 128
 
 
@@ -61,19 +64,6 @@ def batch(step: int, rank: int, world: int, device, rows: int = ROWS, seq: int =
     completion[:, 8:] = 1
     mine = slice(rank * rows // world, (rank + 1) * rows // world)
     return ids[mine].to(device), completion[mine].to(device)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line from one process. torchrun starts several, and
-    each would print the message (and the usage) before the launcher's own report: rank 0
-    prints it and fails, the others leave quietly (status 0, so that the launcher waits
-    for rank 0 instead of stopping it before it prints)."""
-
-    def error(self, message: str):
-        if os.environ.get("RANK", "0") != "0":
-            sys.exit(0)
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
-        sys.exit(2)
 
 
 def impossible(args: argparse.Namespace, world: int) -> str | None:

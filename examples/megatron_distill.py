@@ -45,7 +45,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# megatron_cpu first: it filters megatron's environment warnings before they are raised.
+from torchrun_args import Parser  # noqa: E402
+
+# megatron_cpu before megatron: it filters megatron's environment warnings before they are
+# raised.
 from megatron_cpu import (  # noqa: E402
     broadcast_tp,
     causal_mask,
@@ -84,19 +87,6 @@ from eaopd_mp.megatron import (  # noqa: E402
 
 # The two models: (hidden size, layers per virtual stage, attention heads).
 TEACHER, STUDENT = (64, 2, 4), (32, 2, 2)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line from one process. torchrun starts several, and
-    each would print the message (and the usage) before the launcher's own report: rank 0
-    prints it and fails, the others leave quietly (status 0, so that the launcher waits
-    for rank 0 instead of stopping it before it prints)."""
-
-    def error(self, message: str):
-        if os.environ.get("RANK", "0") != "0":
-            sys.exit(0)
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
-        sys.exit(2)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
