@@ -47,8 +47,10 @@ def _models():
 _WINDOWS: list[tuple[torch.Tensor, torch.Tensor]] = []  # (student, teacher) hidden, per window
 
 
-def _token_windows(tokenizer) -> torch.Tensor:
-    """``(windows, WINDOW)`` token ids of the corpus."""
+@cache
+def _token_windows() -> torch.Tensor:
+    """``(windows, WINDOW)`` token ids of the corpus (read and tokenized once)."""
+    tokenizer = _models()[2]
     text = "\n\n".join(p.read_text() for p in corpus_files())
     ids = torch.tensor(tokenizer(text).input_ids)
     available = len(ids) // WINDOW
@@ -60,8 +62,8 @@ def _hidden(tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
     the windows computed so far are kept, so a sweep runs each model once per window."""
     from eaopd_mp import hf
 
-    teacher, student, tokenizer = _models()
-    rows = _token_windows(tokenizer)
+    teacher, student, _ = _models()
+    rows = _token_windows()
     with torch.no_grad():
         while len(_WINDOWS) * WINDOW < tokens:
             row = rows[len(_WINDOWS) % len(rows)][None]
